@@ -1,0 +1,5 @@
+"""`python -m sesemi` runs the open_sesemi command."""
+
+from sesemi.cli import main
+
+main()

@@ -1,0 +1,260 @@
+"""Structured-config dataclasses: the schema of every sesemi run, with the spec's names and defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, Optional
+
+from omegaconf import MISSING
+
+
+class RunMode(Enum):
+    """What a run does with the learner: train it, or evaluate it on the val or test loader."""
+
+    FIT = "FIT"
+    VALIDATE = "VALIDATE"
+    TEST = "TEST"
+
+
+@dataclass
+class RunConfig:
+    """The run configuration.
+
+    Attributes:
+        seed: An optional random seed used on initialization.
+        num_epochs: The number of training epochs to train. Cannot be set with `num_iterations`.
+        num_iterations: The number of training iterations to run. Cannot be set with `num_epochs`.
+        gpus: Either an integer specifying the number of GPUs to use, a list of GPU integer IDs, a
+            comma-separated list of GPU IDs, or None to train on the CPU. Setting this to -1 uses
+            all GPUs (or the CPU, with a warning, when there is none) and 0 uses the CPU.
+        num_nodes: The number of nodes to use during training (defaults to 1).
+        accelerator: The multi-device strategy: "ddp" (the default when several devices are used)
+            or any Lightning 2 strategy name. The old "dp" is mapped to "ddp" with a warning.
+        batch_size_per_gpu: An optional default batch size per device for every data loader.
+        data_root: The parent of relative dataset roots (see `DatasetConfig`); a relative
+            data_root is taken from the directory `open_sesemi` was launched in.
+        id: The identifier to use for the run.
+        dir: The directory to store run outputs (logs, configurations, checkpoints).
+        mode: The run's mode.
+        resume_from_checkpoint: An optional checkpoint path to restore the full trainer state, or
+            "last" for the newest `last.ckpt` of this run id.
+        pretrained_checkpoint_path: An optional checkpoint path to load model weights only.
+    """
+
+    seed: Optional[int] = None
+    num_epochs: Optional[int] = None
+    num_iterations: Optional[int] = None
+    gpus: Any = -1
+    num_nodes: int = 1
+    accelerator: Optional[str] = None
+    batch_size_per_gpu: Optional[int] = None
+    data_root: Optional[str] = "./data"
+    id: str = "default"
+    dir: str = "./runs"
+    mode: RunMode = RunMode.FIT
+    resume_from_checkpoint: Optional[str] = None
+    pretrained_checkpoint_path: Optional[str] = None
+
+
+@dataclass
+class DatasetConfig:
+    """A dataset built by `sesemi.dataset`.
+
+    Attributes:
+        name: The registered dataset name (e.g. "image_folder").
+        root: The dataset root; relative roots are joined to `run.data_root`, and a null root is
+            `run.data_root` itself.
+        subset: A subfolder name, a list of them (concatenated with one class index), or null for
+            every subfolder.
+        image_transform: The image transform, usually a `_target_` node.
+        kwargs: Any other keyword arguments for the dataset builder.
+    """
+
+    name: str = MISSING
+    root: Optional[str] = None
+    subset: Any = None
+    image_transform: Any = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataLoaderConfig:
+    """A `torch.utils.data.DataLoader` over one dataset; fields mirror the DataLoader's arguments.
+
+    Attributes:
+        dataset: The dataset configuration.
+        batch_size: The batch size per device; defaults to `run.batch_size_per_gpu`.
+        shuffle: Whether to reshuffle every epoch.
+        sampler: An optional sampler node; a `_partial_: true` node is called with the dataset.
+        batch_sampler: An optional batch sampler node, treated like `sampler`.
+        num_workers: The number of loading processes (0 loads in the main process).
+        collate_fn: An optional collation node, e.g. `sesemi.collation.RotationTransformer`.
+        pin_memory: Whether to copy batches into pinned memory.
+        drop_last: Whether to drop the last incomplete batch.
+        timeout: Seconds to wait for a batch from a worker (0 waits forever).
+        worker_init_fn: An optional worker initialization node.
+        prefetch_factor: Batches loaded in advance by each worker.
+        persistent_workers: Whether workers survive between epochs.
+    """
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    batch_size: Optional[int] = None
+    shuffle: bool = False
+    sampler: Any = None
+    batch_sampler: Any = None
+    num_workers: Optional[int] = 0
+    collate_fn: Any = None
+    pin_memory: bool = False
+    drop_last: Optional[bool] = False
+    timeout: float = 0
+    worker_init_fn: Any = None
+    prefetch_factor: Optional[int] = None
+    persistent_workers: bool = False
+
+
+@dataclass
+class DataConfig:
+    """The data group configuration.
+
+    Attributes:
+        train: An optional dictionary of data loader configurations. This configuration is
+            directly mapped into dictionaries of data batches.
+        val: An optional data loader configuration to use during validation.
+        test: An optional data loader configuration to use for testing.
+    """
+
+    train: Optional[Dict[str, DataLoaderConfig]] = None
+    val: Optional[DataLoaderConfig] = None
+    test: Optional[DataLoaderConfig] = None
+
+
+@dataclass
+class LossCallableConfig:
+    """A loss callable with its weighting.
+
+    Attributes:
+        callable: The loss node (e.g. `torch.nn.CrossEntropyLoss`); built with `reduction="none"`
+            when it accepts one, so the learner sees per-sample losses.
+        scheduler: An optional weight scheduler: a callable of the global step returning a factor.
+        reduction: How per-sample losses are reduced: "mean" or "sum".
+        scale_factor: A constant weight multiplied with the scheduler's factor.
+    """
+
+    callable: Any = MISSING
+    scheduler: Any = None
+    reduction: str = "mean"
+    scale_factor: float = 1.0
+
+
+@dataclass
+class LossHeadConfig:
+    """A regularization loss head with its weighting (see `LossCallableConfig`).
+
+    Attributes:
+        head: The loss head node, a `sesemi.models.heads.LossHead`.
+        scheduler: An optional weight scheduler of the global step.
+        reduction: How the head's per-sample losses are reduced: "mean" or "sum".
+        scale_factor: A constant weight multiplied with the scheduler's factor.
+    """
+
+    head: Any = MISSING
+    scheduler: Any = None
+    reduction: str = "mean"
+    scale_factor: float = 1.0
+
+
+@dataclass
+class ClassifierModelConfig:
+    """The classifier's model.
+
+    Attributes:
+        backbone: The backbone node, e.g. `sesemi.PyTorchImageModels`.
+        supervised_loss: The supervised loss on the "supervised" training batches.
+        regularization_loss_heads: Named regularization loss heads on other batches.
+    """
+
+    backbone: Any = MISSING
+    supervised_loss: LossCallableConfig = field(default_factory=LossCallableConfig)
+    regularization_loss_heads: Optional[Dict[str, LossHeadConfig]] = None
+
+
+@dataclass
+class LRSchedulerConfig:
+    """A learning-rate scheduler and how Lightning steps it.
+
+    Attributes:
+        scheduler: The scheduler node; it is built with `optimizer=` the learner's optimizer.
+        frequency: Step the scheduler every `frequency` intervals.
+        interval: "step" (per optimizer step, the default) or "epoch".
+        monitor: The metric for schedulers such as ReduceLROnPlateau.
+    """
+
+    scheduler: Any = MISSING
+    frequency: int = 1
+    interval: str = "step"
+    monitor: Optional[str] = None
+
+
+@dataclass
+class ClassifierHParams:
+    """The classifier's hyperparameters.
+
+    Attributes:
+        num_classes: The number of classes in the labeled data.
+        model: The model configuration.
+        optimizer: The optimizer node; it is built with the learner's parameters.
+        lr_scheduler: An optional learning-rate scheduler configuration.
+    """
+
+    num_classes: int = MISSING
+    model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
+    optimizer: Any = MISSING
+    lr_scheduler: Optional[LRSchedulerConfig] = None
+
+
+@dataclass
+class LearnerConfig:
+    """A base learner configuration."""
+
+    _target_: str = MISSING
+
+
+@dataclass
+class ClassifierConfig(LearnerConfig):
+    """The classifier configuration.
+
+    Attributes:
+        hparams: The classifier's hyperparameters.
+    """
+
+    hparams: ClassifierHParams = field(default_factory=ClassifierHParams)
+    _target_: str = "sesemi.Classifier"
+
+
+@dataclass
+class SESEMIBaseConfig:
+    """The full SESEMI configuration before a learner is chosen.
+
+    Attributes:
+        run: The run config.
+        data: The data config.
+        learner: The learner config.
+        trainer: Optional additional parameters that can be passed to a PyTorch Lightning Trainer
+            object; `callbacks` and `logger` entries are instantiated.
+
+    References:
+        * https://lightning.ai/docs/pytorch/stable/common/trainer.html#trainer-class-api
+    """
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    learner: Any = MISSING
+    trainer: Any = None
+
+
+@dataclass
+class SESEMIConfig(SESEMIBaseConfig):
+    """The full SESEMI configuration with a classifier learner."""
+
+    learner: LearnerConfig = field(default_factory=ClassifierConfig)

@@ -1,0 +1,146 @@
+"""The data module: datasets and loaders built from `data:` config, and the per-process epoch length."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate, to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from sesemi.datasets import dataset as build_dataset_by_name
+
+# DataLoader arguments passed through as they are when set in a DataLoaderConfig.
+_PLAIN_ARGS = ("shuffle", "num_workers", "pin_memory", "drop_last", "timeout", "persistent_workers")
+
+
+def resolve_root(root: Optional[str], data_root: Optional[str]) -> str:
+    """Joins a relative dataset root to `data_root`; a relative `data_root` is launch-relative."""
+    base = to_absolute_path(data_root) if data_root else os.getcwd()
+    if root is None:
+        return base
+    return root if os.path.isabs(root) else os.path.join(base, root)
+
+
+def build_dataset(node: Mapping[str, Any], data_root: Optional[str]) -> Dataset:
+    """Builds a dataset from a `DatasetConfig` node."""
+    transform = node.get("image_transform")
+    return build_dataset_by_name(
+        node["name"],
+        root=resolve_root(node.get("root"), data_root),
+        subset=node.get("subset"),
+        image_transform=instantiate(transform) if transform is not None else None,
+        **(node.get("kwargs") or {}),
+    )
+
+
+def _maybe_call(node: Any, dataset: Dataset) -> Any:
+    # A `_partial_: true` sampler node needs the dataset it samples from.
+    if node is None:
+        return None
+    built = instantiate(node)
+    return built(dataset) if isinstance(built, functools.partial) else built
+
+
+class LoaderSpec:
+    """One configured loader: its dataset and the keyword arguments of its DataLoader."""
+
+    def __init__(self, where: str, node: Mapping[str, Any], data_root: Optional[str], default_bs):
+        self.where = where
+        self.dataset = build_dataset(node["dataset"], data_root)
+        self.batch_size = node.get("batch_size") or default_bs
+        if self.batch_size is None:
+            raise ValueError(f"{where}: set its batch_size or run.batch_size_per_gpu")
+        self.node = node
+
+    def loader(self) -> DataLoader:
+        """Builds the DataLoader (Lightning adds a DistributedSampler under DDP)."""
+        node = self.node
+        kwargs = {k: node[k] for k in _PLAIN_ARGS if node.get(k) is not None}
+        if not kwargs.get("num_workers"):
+            kwargs.pop("persistent_workers", None)
+        elif node.get("prefetch_factor") is not None:
+            kwargs["prefetch_factor"] = node["prefetch_factor"]
+        batch_sampler = _maybe_call(node.get("batch_sampler"), self.dataset)
+        if batch_sampler is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("shuffle", "drop_last")}
+            kwargs["batch_sampler"] = batch_sampler
+        else:
+            kwargs["batch_size"] = self.batch_size
+            kwargs["sampler"] = _maybe_call(node.get("sampler"), self.dataset)
+            if kwargs["sampler"] is not None:
+                kwargs.pop("shuffle", None)
+        if node.get("collate_fn") is not None:
+            kwargs["collate_fn"] = instantiate(node["collate_fn"])
+        if node.get("worker_init_fn") is not None:
+            kwargs["worker_init_fn"] = instantiate(node["worker_init_fn"])
+        return DataLoader(self.dataset, **kwargs)
+
+    def batches_per_epoch(self, world_size: int) -> int:
+        """Batches each of `world_size` processes draws per epoch (DistributedSampler pads)."""
+        per_process = math.ceil(len(self.dataset) / world_size)
+        if self.node.get("drop_last"):
+            return per_process // self.batch_size
+        return math.ceil(per_process / self.batch_size)
+
+
+class SESEMIDataModule(pl.LightningDataModule):
+    """Builds every configured dataset up front, so bad paths fail before training starts.
+
+    `train_dataloader` returns a dict of loaders; Lightning combines them so that each batch is a
+    dict with the same names, the longest loader sets the epoch and shorter ones restart.
+    """
+
+    def __init__(
+        self,
+        data: DictConfig | Mapping[str, Any],
+        data_root: Optional[str],
+        batch_size_per_gpu: Optional[int] = None,
+        stages: tuple[str, ...] = ("train", "val", "test"),
+    ) -> None:
+        """Initializes the data module.
+
+        Args:
+            data: A `DataConfig`-shaped mapping.
+            data_root: The parent of relative dataset roots.
+            batch_size_per_gpu: The default batch size of loaders without one.
+            stages: Which of train, val and test to build.
+        """
+        super().__init__()
+        if isinstance(data, DictConfig):
+            data = OmegaConf.to_container(data, resolve=True)
+        bs = batch_size_per_gpu
+        train = data.get("train") or {} if "train" in stages else {}
+        self.train = {k: LoaderSpec(f"data.train.{k}", v, data_root, bs) for k, v in train.items()}
+        self.val = self._spec("val", data, data_root, bs, stages)
+        self.test = self._spec("test", data, data_root, bs, stages)
+
+    @staticmethod
+    def _spec(stage, data, data_root, bs, stages) -> Optional[LoaderSpec]:
+        if stage not in stages or not data.get(stage):
+            return None
+        return LoaderSpec(f"data.{stage}", data[stage], data_root, bs)
+
+    def iterations_per_epoch(self, world_size: int = 1, accumulate_grad_batches: int = 1) -> int:
+        """Optimizer steps per epoch on each process: the longest train loader's batch count."""
+        if not self.train:
+            raise ValueError("no data.train loaders are configured")
+        batches = max(spec.batches_per_epoch(world_size) for spec in self.train.values())
+        return math.ceil(batches / accumulate_grad_batches)
+
+    def train_dataloader(self) -> dict[str, DataLoader]:
+        """Returns the named training loaders."""
+        return {name: spec.loader() for name, spec in self.train.items()}
+
+    def val_dataloader(self) -> DataLoader:
+        """Returns the validation loader."""
+        return self.val.loader() if self.val else []
+
+    def test_dataloader(self) -> DataLoader:
+        """Returns the test loader."""
+        return self.test.loader() if self.test else []

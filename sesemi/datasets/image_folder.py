@@ -1,0 +1,146 @@
+"""The `image_folder` dataset: class-per-subfolder images, subsets of them, or unlabeled folders."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
+
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+
+from sesemi.datasets._registry import register_dataset
+
+UNLABELED = -1  # The target of images in a folder without class subfolders.
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _scan(path: str) -> tuple[list[str], list[str]]:
+    """Returns the sorted subfolder names and image file names directly under `path`."""
+    dirs, images = [], []
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                dirs.append(entry.name)
+            elif _is_image(entry.name):
+                images.append(entry.name)
+    return sorted(dirs), sorted(images)
+
+
+class UnlabeledImageFolder(Dataset):
+    """Images directly inside one folder, each with target `UNLABELED` (-1)."""
+
+    def __init__(self, root: str, transform: Optional[Callable] = None) -> None:
+        """Initializes the dataset by scanning file names only (no image is opened).
+
+        Args:
+            root: The folder holding the images.
+            transform: The image transform.
+        """
+        self.root = root
+        self.transform = transform
+        self.samples = [(os.path.join(root, f), UNLABELED) for f in _scan(root)[1]]
+        self.targets = [UNLABELED] * len(self.samples)
+        self.classes: list[str] = []
+        self.class_to_idx: dict[str, int] = {}
+        if not self.samples:
+            raise FileNotFoundError(f"no images found in '{root}'")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image: Image.Image = default_loader(self.samples[index][0])
+        return (self.transform(image) if self.transform else image), UNLABELED
+
+
+class ImageFolderSubsets(ConcatDataset):
+    """Several image folders concatenated under one class index."""
+
+    def __init__(self, datasets: Sequence[Dataset], classes: list[str]) -> None:
+        super().__init__(datasets)
+        self.classes = classes
+        self.class_to_idx = {c: i for i, c in enumerate(classes)}
+        self.targets = [t for d in datasets for t in d.targets]
+
+
+def _folder(path: str, transform: Optional[Callable]) -> Dataset:
+    """One folder: class subfolders make an ImageFolder, loose images an unlabeled set."""
+    dirs, images = _scan(path)
+    if not dirs:
+        return UnlabeledImageFolder(path, transform)
+    empty = [d for d in dirs if not any(_is_image(f) for _, _, fs in os.walk(os.path.join(path, d)) for f in fs)]
+    if empty:
+        raise FileNotFoundError(
+            f"class folder(s) {', '.join(empty)} in '{path}' hold no images "
+            f"(extensions {', '.join(IMG_EXTENSIONS)}); add images or remove the folder(s)"
+        )
+    return ImageFolder(path, transform=transform)
+
+
+def _is_class_folder_root(root: str, dirs: list[str]) -> bool:
+    # A root whose subfolders hold images directly is itself one labeled folder (classes);
+    # otherwise its subfolders are subsets (train, val, ...).
+    return any(_scan(os.path.join(root, d))[1] for d in dirs)
+
+
+@register_dataset
+def image_folder(
+    root: str,
+    subset: Optional[Union[str, Sequence[str]]] = None,
+    image_transform: Optional[Callable] = None,
+    **kwargs: Any,
+) -> Dataset:
+    """Builds a dataset from folders of images, one subfolder per class.
+
+    Args:
+        root: The dataset folder.
+        subset: One subfolder of `root` (e.g. "train"), a list of them (concatenated with one
+            shared class index; their class lists must agree), or None for all of them. With
+            None, a root whose subfolders hold images directly is used as one class folder.
+        image_transform: The transform applied to each PIL image.
+        **kwargs: Not used; an error if given.
+
+    Returns:
+        The dataset; its samples are `(image, target)` with target -1 for unlabeled folders.
+    """
+    if kwargs:
+        raise TypeError(f"image_folder got unexpected argument(s): {', '.join(kwargs)}")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"dataset folder '{root}' does not exist; check run.data_root")
+    if subset is None:
+        dirs, _ = _scan(root)
+        if not dirs or _is_class_folder_root(root, dirs):
+            return _folder(root, image_transform)
+        subsets: list[str] = dirs
+    else:
+        subsets = [subset] if isinstance(subset, str) else list(subset)
+    parts = []
+    for name in subsets:
+        path = os.path.join(root, name)
+        if not os.path.isdir(path):
+            found = ", ".join(_scan(root)[0]) or "none"
+            raise FileNotFoundError(
+                f"subset folder '{path}' does not exist (subfolders of {root}: {found}); "
+                "fix the dataset's subset or root"
+            )
+        parts.append(_folder(path, image_transform))
+    if len(parts) == 1:
+        return parts[0]
+    labeled = [(n, p) for n, p in zip(subsets, parts) if p.classes]
+    classes = labeled[0][1].classes if labeled else []
+    for n, p in labeled[1:]:
+        if p.classes != classes:
+            diff = sorted(set(p.classes) ^ set(classes))
+            raise ValueError(
+                f"subsets '{labeled[0][0]}' and '{n}' of '{root}' have different classes "
+                f"(differing: {', '.join(diff)}); give them the same class folders"
+            )
+    return ImageFolderSubsets(parts, classes)

@@ -1,0 +1,117 @@
+"""Maps the spec's `run.gpus` / `run.accelerator` options onto Lightning 2 Trainer arguments."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Logs a warning the first time `key` is seen in this process."""
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
+
+
+@dataclass
+class DevicePlan:
+    """Trainer arguments for devices and strategy, and how many GPUs they use."""
+
+    accelerator: str
+    devices: Union[int, list[int], str]
+    strategy: str
+    num_gpus: int
+    num_nodes: int
+
+    @property
+    def world_size(self) -> int:
+        """The number of training processes over all nodes."""
+        per_node = self.num_gpus if self.accelerator == "gpu" else int(self.devices)
+        return max(per_node, 1) * self.num_nodes
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """Returns the `pl.Trainer` keyword arguments of this plan."""
+        return {
+            "accelerator": self.accelerator,
+            "devices": self.devices,
+            "strategy": self.strategy,
+            "num_nodes": self.num_nodes,
+        }
+
+
+def _parse_gpus(gpus: Any) -> Union[int, list[int]]:
+    if gpus is None:
+        return 0
+    if isinstance(gpus, str):
+        text = gpus.strip()
+        if text.lstrip("-").isdigit():
+            return int(text)
+        try:
+            return [int(g) for g in text.split(",") if g.strip()]
+        except ValueError:
+            raise ValueError(f"run.gpus='{gpus}' is not a GPU count or a list like '0,1'") from None
+    if isinstance(gpus, bool):
+        raise ValueError("run.gpus must be a number or a list of GPU ids, not a boolean")
+    if isinstance(gpus, int):
+        return gpus
+    return [int(g) for g in gpus]
+
+
+def _strategy(accelerator: Any, multi_process: bool) -> str:
+    if accelerator in (None, "", "auto"):
+        return "ddp" if multi_process else "auto"
+    if accelerator == "dp":
+        warn_once(
+            "dp",
+            "run.accelerator=dp: DataParallel was removed in Lightning 2; using "
+            + ("DistributedDataParallel ('ddp') instead" if multi_process else "a single device"),
+        )
+        return "ddp" if multi_process else "auto"
+    if accelerator == "ddp" and not multi_process:
+        return "auto"
+    return str(accelerator)
+
+
+def plan_devices(gpus: Any, accelerator: Any = None, num_nodes: int = 1) -> DevicePlan:
+    """Turns the spec's run options into a device plan.
+
+    Args:
+        gpus: -1 for every GPU, 0 or None for the CPU, a count, a list of ids, or "0,1".
+        accelerator: "ddp", the old "dp" (mapped to ddp with a warning), or a Lightning strategy.
+        num_nodes: The number of nodes.
+
+    Returns:
+        The plan. Asking for GPUs on a machine without one falls back to the CPU with one
+        warning; asking for more GPUs than exist is an error.
+    """
+    wanted = _parse_gpus(gpus)
+    available = torch.cuda.device_count()
+    if wanted == 0 or wanted == []:
+        return DevicePlan("cpu", 1, _strategy(accelerator, num_nodes > 1), 0, num_nodes)
+    if available == 0:
+        warn_once("no-gpu", f"run.gpus={gpus} but no GPU is available; training on the CPU")
+        return DevicePlan("cpu", 1, _strategy(accelerator, num_nodes > 1), 0, num_nodes)
+    if isinstance(wanted, int):
+        count = available if wanted == -1 else wanted
+        if wanted < -1 or count > available:
+            raise ValueError(
+                f"run.gpus={gpus} asks for more GPUs than the {available} available; "
+                "use run.gpus=-1 for all of them"
+            )
+        devices: Union[int, list[int]] = count
+    else:
+        missing = [g for g in wanted if not 0 <= g < available]
+        if missing:
+            raise ValueError(
+                f"run.gpus={gpus}: GPU id(s) {missing} do not exist (ids 0..{available - 1})"
+            )
+        devices, count = wanted, len(wanted)
+    multi = count * num_nodes > 1
+    return DevicePlan("gpu", devices, _strategy(accelerator, multi), count, num_nodes)

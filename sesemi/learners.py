@@ -1,0 +1,206 @@
+"""The `Classifier` LightningModule: run the supervised loss and the loss heads, weight, sum, log."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from sesemi.models.heads.base import HeadInputs, LossHead
+
+log = logging.getLogger(__name__)
+
+SUPERVISED = "supervised"  # The data.train loader the supervised loss reads.
+
+
+def _build_loss(node: Any) -> Callable[[Tensor, Tensor], Tensor]:
+    # Per-sample losses let the learner own reduction and weighting for every term alike.
+    try:
+        return instantiate(node, reduction="none")
+    except TypeError:
+        return instantiate(node)
+
+
+def _reduce(losses: Tensor, reduction: str) -> Tensor:
+    if losses.ndim == 0:
+        return losses
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum()
+    raise ValueError(f"unknown loss reduction '{reduction}'; use 'mean' or 'sum'")
+
+
+class WeightedTerm:
+    """A loss term's reduction and weight: `scale_factor * scheduler(step)` (scheduler optional)."""
+
+    def __init__(self, reduction: str, scale_factor: float, scheduler: Optional[Callable]) -> None:
+        self.reduction = reduction
+        self.scale_factor = scale_factor
+        self.scheduler = scheduler
+
+    def weight(self, step: int) -> float:
+        """Returns the term's weight at the global step."""
+        factor = self.scheduler(step) if self.scheduler is not None else 1.0
+        return self.scale_factor * factor
+
+    def reduce(self, losses: Tensor) -> Tensor:
+        """Reduces per-sample losses to a scalar."""
+        return _reduce(losses, self.reduction)
+
+
+def _term(node: Mapping[str, Any]) -> WeightedTerm:
+    scheduler = instantiate(node["scheduler"]) if node.get("scheduler") is not None else None
+    return WeightedTerm(node.get("reduction", "mean"), float(node.get("scale_factor", 1.0)), scheduler)
+
+
+class Classifier(pl.LightningModule):
+    """An image classifier trained with a supervised loss plus weighted regularization heads.
+
+    Each training batch is a dict with one entry per `data.train` loader; the "supervised" entry
+    holds `(images (B, C, H, W), targets (B,))` and each head reads its own entry. The loss is
+    `sum_t w_t(step) * reduce_t(per-sample losses of term t)` over the supervised term and the
+    heads. `forward` returns class probabilities `(B, num_classes)`.
+    """
+
+    def __init__(self, hparams: Mapping[str, Any]) -> None:
+        """Builds the backbone, classifier, losses and heads from the hyperparameters.
+
+        Args:
+            hparams: A `ClassifierHParams`-shaped mapping (num_classes, model, optimizer,
+                lr_scheduler), with interpolations already resolved.
+        """
+        super().__init__()
+        if isinstance(hparams, DictConfig):
+            hparams = OmegaConf.to_container(hparams, resolve=True)
+        self.save_hyperparameters({"hparams": dict(hparams)})
+        hp = self.hparams["hparams"]
+        model = hp["model"]
+        self.num_classes = int(hp["num_classes"])
+        self.backbone: nn.Module = instantiate(model["backbone"])
+        self.supervised_head = nn.Linear(self.backbone.out_features, self.num_classes)
+        self.supervised_loss = _build_loss(model["supervised_loss"]["callable"])
+        self.supervised_term = _term(model["supervised_loss"])
+        heads = model.get("regularization_loss_heads") or {}
+        self.regularization_heads = nn.ModuleDict()
+        self.regularization_terms: dict[str, WeightedTerm] = {}
+        for name, node in heads.items():
+            head = instantiate(node["head"])
+            if not isinstance(head, LossHead):
+                raise TypeError(
+                    f"regularization_loss_heads.{name}.head must build a "
+                    f"sesemi.models.heads.LossHead, got {type(head).__name__}"
+                )
+            head.build(self.backbones, self.heads)
+            self.regularization_heads[name] = head
+            self.regularization_terms[name] = _term(node)
+        self.train_top1 = MulticlassAccuracy(self.num_classes, average="micro")
+        self.val_top1 = MulticlassAccuracy(self.num_classes, average="micro")
+        self.test_top1 = MulticlassAccuracy(self.num_classes, average="micro")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.val_top1_best = MaxMetric()
+
+    @property
+    def backbones(self) -> dict[str, nn.Module]:
+        """The feature extractors heads may name (see `HeadInputs.backbones`)."""
+        return {"backbone": self.backbone}
+
+    @property
+    def heads(self) -> dict[str, nn.Module]:
+        """The prediction heads heads may name (see `HeadInputs.heads`)."""
+        return {"supervised_head": self.supervised_head}
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Returns class probabilities `(B, num_classes)` for images `(B, C, H, W)`."""
+        return torch.softmax(self.supervised_head(self.backbone(images)), dim=-1)
+
+    def _check_finite(self, name: str, loss: Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss term '{name}' is {loss.item()} at step {self.global_step}; lower the "
+                "learning rate or check the data and the term's weight"
+            )
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        """Computes the weighted sum of all loss terms on one multi-loader batch."""
+        step = self.global_step
+        images, targets = batch[SUPERVISED]
+        features = self.backbone(images)
+        logits = self.supervised_head(features)
+        loss = self.supervised_term.reduce(self.supervised_loss(logits, targets))
+        self._check_finite(SUPERVISED, loss)
+        weight = self.supervised_term.weight(step)
+        total = weight * loss
+        logs = {"train/supervised_loss": loss, "train/supervised_weight": weight}
+        inputs = HeadInputs(
+            data=batch,
+            backbones=self.backbones,
+            heads=self.heads,
+            features={"supervised_backbone": features, "supervised_logits": logits},
+            step=step,
+        )
+        for name, head in self.regularization_heads.items():
+            term = self.regularization_terms[name]
+            head_loss = term.reduce(head(inputs))
+            self._check_finite(name, head_loss)
+            total = total + term.weight(step) * head_loss
+            logs[f"train/{name}_loss"] = head_loss
+            logs[f"train/{name}_weight"] = term.weight(step)
+            logs.update({f"train/{name}/{k}": v for k, v in head.log_values.items()})
+        self.train_top1(logits, targets)
+        logs["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=len(targets))
+        self.log("train/loss", total, prog_bar=True, batch_size=len(targets))
+        self.log("train/top1", self.train_top1, on_step=True, on_epoch=False, prog_bar=True)
+        return total
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        images, targets = batch
+        logits = self.supervised_head(self.backbone(images))
+        loss_metric, top1 = (self.val_loss, self.val_top1) if stage == "val" else (
+            self.test_loss, self.test_top1
+        )
+        loss_metric(torch.nn.functional.cross_entropy(logits, targets), len(targets))
+        top1(logits, targets)
+        self.log(f"{stage}/loss", loss_metric, batch_size=len(targets))
+        self.log(f"{stage}/top1", top1, prog_bar=True, batch_size=len(targets))
+
+    def on_train_start(self) -> None:
+        """Forgets the best val top-1 seen in the sanity check."""
+        self.val_top1_best.reset()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Accumulates val loss and top-1 on one `(images, targets)` batch."""
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        """Logs the best val top-1 so far."""
+        self.val_top1_best(self.val_top1.compute())
+        self.log("val/top1_best", self.val_top1_best.compute(), prog_bar=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Accumulates test loss and top-1 on one `(images, targets)` batch."""
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self) -> Any:
+        """Builds the optimizer over trainable parameters and the per-step LR scheduler."""
+        hp = self.hparams["hparams"]
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = instantiate(hp["optimizer"], params=params)
+        sched = hp.get("lr_scheduler")
+        if not sched:
+            return optimizer
+        scheduler = instantiate(sched["scheduler"], optimizer=optimizer)
+        config = {"scheduler": scheduler, "interval": sched.get("interval", "step")}
+        config["frequency"] = sched.get("frequency", 1)
+        if sched.get("monitor"):
+            config["monitor"] = sched["monitor"]
+        return {"optimizer": optimizer, "lr_scheduler": config}

@@ -1,0 +1,1 @@
+"""Models: backbones and loss heads."""

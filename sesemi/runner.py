@@ -1,0 +1,211 @@
+"""Runs a composed config: validate, build data and learner, then fit / validate / test, summarize."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate, to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+from sesemi.config.resolvers import SESEMIConfigAttributes, set_attributes
+from sesemi.config.structs import RunMode
+from sesemi.data import SESEMIDataModule
+from sesemi.devices import DevicePlan, plan_devices
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a run produced, for the summary and for callers."""
+
+    mode: RunMode
+    run_dir: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    best_checkpoint: Optional[str] = None
+    last_checkpoint: Optional[str] = None
+    seconds: float = 0.0
+
+
+def check_run_config(run: DictConfig) -> RunMode:
+    """Checks run options that must agree with each other; returns the mode."""
+    mode = RunMode[run.mode] if isinstance(run.mode, str) else run.mode
+    if run.num_epochs is not None and run.num_iterations is not None:
+        raise ValueError("set run.num_epochs or run.num_iterations, not both")
+    if mode == RunMode.FIT and run.num_epochs is None and run.num_iterations is None:
+        raise ValueError("training needs a length: set run.num_epochs or run.num_iterations")
+    for key in ("num_epochs", "num_iterations"):
+        if run[key] is not None and run[key] < 1:
+            raise ValueError(f"run.{key} must be at least 1, got {run[key]}")
+    return mode
+
+
+def find_checkpoint(path: str, key: str, run: DictConfig) -> str:
+    """Resolves a checkpoint option; "last" is the newest last.ckpt of this run id."""
+    if path == "last":
+        pattern = os.path.join(to_absolute_path(run.dir), run.id, "*", "checkpoints", "last.ckpt")
+        found = sorted(glob.glob(pattern), key=os.path.getmtime)
+        if not found:
+            raise FileNotFoundError(f"run.{key}=last: no {pattern} exists yet")
+        return found[-1]
+    path = to_absolute_path(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"run.{key}: checkpoint '{path}' does not exist")
+    return path
+
+
+def load_pretrained_weights(model: torch.nn.Module, path: str) -> None:
+    """Loads weights only (on the CPU), skipping tensors whose shapes differ, with a warning."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ValueError(f"'{path}' is not a readable PyTorch checkpoint ({e})") from e
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"'{path}' holds no state_dict")
+    own = model.state_dict()
+    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if skipped:
+        log.warning("pretrained weights: skipping %s (shapes differ, e.g. class count)", skipped)
+    state = {k: v for k, v in state.items() if k not in skipped}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        log.warning("pretrained weights: missing %s, unexpected %s", missing, unexpected)
+
+
+def _callbacks(trainer_cfg: dict[str, Any], run_dir: str, monitor: Optional[str]) -> list:
+    callbacks = [instantiate(c) for c in trainer_cfg.pop("callbacks", None) or []]
+    checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+    if not checkpoints:
+        checkpoints = [ModelCheckpoint(monitor=monitor, mode="max", save_last=True)]
+        callbacks += checkpoints
+    for c in checkpoints:
+        if c.dirpath is None:
+            c.dirpath = os.path.join(run_dir, "checkpoints")
+    return callbacks
+
+
+def _loggers(trainer_cfg: dict[str, Any], run_dir: str) -> Any:
+    if "logger" in trainer_cfg:
+        node = trainer_cfg.pop("logger")
+        if isinstance(node, (list, tuple)):
+            return [instantiate(n) for n in node]
+        return instantiate(node) if isinstance(node, dict) else node
+    return [
+        TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False),
+        CSVLogger(run_dir, name="", version=""),
+    ]
+
+
+def build_trainer(
+    cfg: DictConfig, plan: DevicePlan, run_dir: str, has_val: bool
+) -> tuple[pl.Trainer, list]:
+    """Builds the Trainer from run options plus the free-form `trainer:` section (which wins)."""
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.trainer else {}
+    callbacks = _callbacks(trainer_cfg, run_dir, "val/top1" if has_val else None)
+    kwargs: dict[str, Any] = {
+        **plan.trainer_kwargs(),
+        "default_root_dir": run_dir,
+        "logger": _loggers(trainer_cfg, run_dir),
+        "callbacks": callbacks,
+        "log_every_n_steps": 10,
+    }
+    if cfg.run.num_epochs is not None:
+        kwargs["max_epochs"] = cfg.run.num_epochs
+    elif cfg.run.num_iterations is not None:
+        kwargs.update(max_epochs=-1, max_steps=cfg.run.num_iterations)
+    kwargs.update(trainer_cfg)
+    return pl.Trainer(**kwargs), callbacks
+
+
+def _attributes(
+    cfg: DictConfig, data: SESEMIDataModule, plan: DevicePlan
+) -> SESEMIConfigAttributes:
+    attributes = SESEMIConfigAttributes(num_gpus=plan.num_gpus, num_nodes=plan.num_nodes)
+    if data.train:
+        accumulate = (cfg.trainer or {}).get("accumulate_grad_batches", 1) or 1
+        per_epoch = data.iterations_per_epoch(plan.world_size, accumulate)
+        if per_epoch == 0:
+            raise ValueError(
+                "the training loaders give 0 iterations per epoch: the batch size is larger than "
+                "the dataset with drop_last; lower the batch size or set drop_last: false"
+            )
+        attributes.iterations_per_epoch = per_epoch
+        epochs, iterations = cfg.run.num_epochs, cfg.run.num_iterations
+        attributes.max_iterations = iterations if iterations else (epochs or 0) * per_epoch
+    return attributes
+
+
+def run(cfg: DictConfig, run_dir: str) -> RunResult:
+    """Runs the configured job and returns its result.
+
+    Args:
+        cfg: The composed `SESEMIConfig`.
+        run_dir: Where outputs (logs, checkpoints) go.
+    """
+    start = time.time()
+    mode = check_run_config(cfg.run)
+    if cfg.run.seed is not None:
+        pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    plan = plan_devices(cfg.run.gpus, cfg.run.accelerator, cfg.run.num_nodes)
+    stages = {RunMode.FIT: ("train", "val"), RunMode.VALIDATE: ("val",), RunMode.TEST: ("test",)}
+    data = SESEMIDataModule(cfg.data, cfg.run.data_root, cfg.run.batch_size_per_gpu, stages[mode])
+    if mode == RunMode.FIT and "supervised" not in data.train:
+        raise ValueError("data.train needs a 'supervised' loader of labeled images to train on")
+    if mode != RunMode.FIT and getattr(data, "val" if mode == RunMode.VALIDATE else "test") is None:
+        raise ValueError(f"run.mode={mode.value} needs data.{'val' if mode == RunMode.VALIDATE else 'test'}")
+    set_attributes(_attributes(cfg, data, plan))
+    learner = instantiate(cfg.learner, _recursive_=False)
+    resume = cfg.run.resume_from_checkpoint
+    ckpt_path = find_checkpoint(resume, "resume_from_checkpoint", cfg.run) if resume else None
+    if cfg.run.pretrained_checkpoint_path:
+        path = find_checkpoint(cfg.run.pretrained_checkpoint_path, "pretrained_checkpoint_path", cfg.run)
+        load_pretrained_weights(learner, path)
+    trainer, callbacks = build_trainer(cfg, plan, run_dir, data.val is not None)
+    if mode == RunMode.FIT:
+        trainer.fit(learner, datamodule=data, ckpt_path=ckpt_path)
+    elif mode == RunMode.VALIDATE:
+        trainer.validate(learner, datamodule=data, ckpt_path=ckpt_path)
+    else:
+        trainer.test(learner, datamodule=data, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    return RunResult(
+        mode=mode,
+        run_dir=run_dir,
+        metrics=metrics,
+        best_checkpoint=(checkpoint.best_model_path or None) if checkpoint else None,
+        last_checkpoint=(checkpoint.last_model_path or None) if checkpoint else None,
+        seconds=time.time() - start,
+    )
+
+
+def format_summary(result: RunResult, config_name: str = "") -> str:
+    """A short end-of-run summary: metrics, where things are, time, and a next command."""
+    m = result.metrics
+    lines = [f"sesemi {result.mode.value} finished in {result.seconds:.0f}s"]
+    for key in ("val/top1", "val/top1_best", "test/top1", "val/loss", "test/loss"):
+        if key in m:
+            lines.append(f"  {key:<14} {m[key]:.4f}")
+    lines.append(f"  outputs        {result.run_dir}")
+    if result.best_checkpoint:
+        lines.append(f"  best ckpt      {result.best_checkpoint}")
+    if result.last_checkpoint:
+        lines.append(f"  last ckpt      {result.last_checkpoint}")
+    if result.mode == RunMode.FIT and (result.best_checkpoint or result.last_checkpoint):
+        ckpt = result.best_checkpoint or result.last_checkpoint
+        cn = f"-cn {config_name} " if config_name else ""
+        lines.append(
+            f"  next: open_sesemi {cn}run.mode=VALIDATE run.pretrained_checkpoint_path={ckpt}"
+        )
+    lines.append(f"  metrics: tensorboard --logdir {result.run_dir}  (or metrics.csv there)")
+    return "\n".join(lines)

@@ -1,0 +1,47 @@
+"""Loss-weight schedules: callables of the global step returning a factor for a loss term."""
+
+from __future__ import annotations
+
+import math
+
+
+class SigmoidRampupScheduler:
+    """Ramps a weight up as exp(-5 (1 - t)^2), t = step / stop_rampup, then holds it.
+
+    Reference: Laine & Aila, "Temporal Ensembling for Semi-Supervised Learning", arXiv:1610.02242.
+    """
+
+    def __init__(self, weight: float = 1.0, stop_rampup: int = 0) -> None:
+        """Initializes the schedule.
+
+        Args:
+            weight: The weight reached at `stop_rampup`.
+            stop_rampup: The step where the ramp-up ends (0 disables it).
+        """
+        self.weight = weight
+        self.stop_rampup = stop_rampup
+
+    def __call__(self, step: int) -> float:
+        if self.stop_rampup <= 0 or step >= self.stop_rampup:
+            return self.weight
+        t = max(step, 0) / self.stop_rampup
+        return self.weight * math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+class LinearRampupScheduler:
+    """Ramps a weight up linearly from 0 at step 0 to `weight` at `stop_rampup`, then holds it."""
+
+    def __init__(self, weight: float = 1.0, stop_rampup: int = 0) -> None:
+        """Initializes the schedule.
+
+        Args:
+            weight: The weight reached at `stop_rampup`.
+            stop_rampup: The step where the ramp-up ends (0 disables it).
+        """
+        self.weight = weight
+        self.stop_rampup = stop_rampup
+
+    def __call__(self, step: int) -> float:
+        if self.stop_rampup <= 0 or step >= self.stop_rampup:
+            return self.weight
+        return self.weight * max(step, 0) / self.stop_rampup

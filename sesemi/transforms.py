@@ -1,0 +1,103 @@
+"""Named image-transform recipes that configs point at (`sesemi.transforms.train_transforms`, ...)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def interpolation_mode(name: str) -> InterpolationMode:
+    """Looks up a torchvision interpolation mode by name ("bilinear", "bicubic", ...)."""
+    try:
+        return InterpolationMode[name.upper()]
+    except KeyError:
+        known = ", ".join(m.value for m in InterpolationMode)
+        raise ValueError(f"unknown interpolation '{name}'; choose one of: {known}") from None
+
+
+def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    # PIL image -> (C, H, W) float32 in [0, 1] -> standardized per channel.
+    return [
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(mean), std=list(std)),
+    ]
+
+
+def train_transforms(
+    input_h: int = 224,
+    input_w: int = 224,
+    scale: Sequence[float] = (0.35, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    interpolation: str = "bilinear",
+    p_hflip: float = 0.5,
+    norm_mean: Sequence[float] = IMAGENET_MEAN,
+    norm_std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """Random-resized-crop training augmentation.
+
+    Args:
+        input_h: Output height in pixels.
+        input_w: Output width in pixels.
+        scale: Range of the crop's area as a fraction of the image's.
+        ratio: Range of the crop's aspect ratio.
+        interpolation: Resampling by name ("nearest", "bilinear", "bicubic", ...).
+        p_hflip: Probability of a horizontal flip.
+        norm_mean: Per-channel mean subtracted after scaling to [0, 1].
+        norm_std: Per-channel standard deviation divided by.
+
+    Returns:
+        A transform from a PIL image to a normalized `(3, input_h, input_w)` float tensor.
+    """
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(
+                (input_h, input_w),
+                scale=tuple(scale),
+                ratio=tuple(ratio),
+                interpolation=interpolation_mode(interpolation),
+                antialias=True,
+            ),
+            v2.RandomHorizontalFlip(p_hflip),
+            *_to_normalized_tensor(norm_mean, norm_std),
+        ]
+    )
+
+
+def center_crop_transforms(
+    input_h: int = 224,
+    input_w: int = 224,
+    crop_pct: float = 0.875,
+    interpolation: str = "bilinear",
+    norm_mean: Sequence[float] = IMAGENET_MEAN,
+    norm_std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """Deterministic evaluation preprocessing: resize the short side, then center crop.
+
+    Args:
+        input_h: Output height in pixels.
+        input_w: Output width in pixels.
+        crop_pct: The crop's share of the resized image (0.875 resizes 224 crops to 256).
+        interpolation: Resampling by name.
+        norm_mean: Per-channel mean subtracted after scaling to [0, 1].
+        norm_std: Per-channel standard deviation divided by.
+
+    Returns:
+        A transform from a PIL image to a normalized `(3, input_h, input_w)` float tensor.
+    """
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    resize = round(max(input_h, input_w) / crop_pct)
+    return v2.Compose(
+        [
+            v2.Resize(resize, interpolation=interpolation_mode(interpolation), antialias=True),
+            v2.CenterCrop((input_h, input_w)),
+            *_to_normalized_tensor(norm_mean, norm_std),
+        ]
+    )
