@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import sys
+import warnings
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 import sesemi.config  # noqa: F401  (registers the schema and the ${sesemi:...} resolver)
+
+# Mistakes a user can make in a config or on disk; they get one line, not a traceback.
+USER_ERRORS = (
+    ValueError,
+    KeyError,
+    TypeError,
+    FileNotFoundError,
+    FileExistsError,
+    FloatingPointError,
+    OmegaConfBaseException,
+)
+
+
+def _next_command(argv: list[str]) -> str:
+    # The user's own invocation minus options the summary's suggestion replaces.
+    drop = ("run.mode=", "run.pretrained_checkpoint_path=", "run.resume_from_checkpoint=")
+    kept = [a for a in argv if not a.startswith(drop)]
+    return shlex.join(["open_sesemi", *kept])
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="sesemi_config")
@@ -16,13 +40,24 @@ def cli(cfg: DictConfig) -> None:
 
     from sesemi.runner import format_summary, run
 
-    hydra_cfg = HydraConfig.get()
-    result = run(cfg, hydra_cfg.runtime.output_dir)
-    rank_zero_only(print)(format_summary(result, hydra_cfg.job.config_name or ""))
+    warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*pin_memory.*no accelerator.*")
+    try:
+        result = run(cfg, HydraConfig.get().runtime.output_dir)
+    except USER_ERRORS as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        message = str(e).strip().strip("'\"").splitlines()[0]
+        print(f"open_sesemi: error: {message}", file=sys.stderr)
+        sys.exit(1)
+    rank_zero_only(print)(format_summary(result, _next_command(sys.argv[1:])))
 
 
 def main() -> None:
     """Console-script entry point."""
+    # The spec's own experiment configs (`defaults: [base]`) omit `_self_`; Hydra's default of
+    # applying the file last is what they mean, so the upgrade notice is noise for users.
+    warnings.filterwarnings("ignore", message=r".*Defaults list is missing `_self_`.*")
     cli()
 
 

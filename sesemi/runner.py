@@ -161,15 +161,22 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     data = SESEMIDataModule(cfg.data, cfg.run.data_root, cfg.run.batch_size_per_gpu, stages[mode])
     if mode == RunMode.FIT and "supervised" not in data.train:
         raise ValueError("data.train needs a 'supervised' loader of labeled images to train on")
-    if mode != RunMode.FIT and getattr(data, "val" if mode == RunMode.VALIDATE else "test") is None:
-        raise ValueError(f"run.mode={mode.value} needs data.{'val' if mode == RunMode.VALIDATE else 'test'}")
+    if mode != RunMode.FIT:
+        stage = "val" if mode == RunMode.VALIDATE else "test"
+        if getattr(data, stage) is None:
+            raise ValueError(
+                f"run.mode={mode.value} needs a data.{stage} loader; add one to the config "
+                "(shaped like data.val, e.g. with subset: test)"
+            )
+        # Evaluation steps no optimizer, and its schedule may name training-only attributes.
+        cfg.learner.hparams.lr_scheduler = None
     set_attributes(_attributes(cfg, data, plan))
     learner = instantiate(cfg.learner, _recursive_=False)
     resume = cfg.run.resume_from_checkpoint
     ckpt_path = find_checkpoint(resume, "resume_from_checkpoint", cfg.run) if resume else None
     if cfg.run.pretrained_checkpoint_path:
-        path = find_checkpoint(cfg.run.pretrained_checkpoint_path, "pretrained_checkpoint_path", cfg.run)
-        load_pretrained_weights(learner, path)
+        key = "pretrained_checkpoint_path"
+        load_pretrained_weights(learner, find_checkpoint(cfg.run[key], key, cfg.run))
     trainer, callbacks = build_trainer(cfg, plan, run_dir, data.val is not None)
     if mode == RunMode.FIT:
         trainer.fit(learner, datamodule=data, ckpt_path=ckpt_path)
@@ -189,7 +196,7 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     )
 
 
-def format_summary(result: RunResult, config_name: str = "") -> str:
+def format_summary(result: RunResult, command: str = "open_sesemi") -> str:
     """A short end-of-run summary: metrics, where things are, time, and a next command."""
     m = result.metrics
     lines = [f"sesemi {result.mode.value} finished in {result.seconds:.0f}s"]
@@ -203,9 +210,6 @@ def format_summary(result: RunResult, config_name: str = "") -> str:
         lines.append(f"  last ckpt      {result.last_checkpoint}")
     if result.mode == RunMode.FIT and (result.best_checkpoint or result.last_checkpoint):
         ckpt = result.best_checkpoint or result.last_checkpoint
-        cn = f"-cn {config_name} " if config_name else ""
-        lines.append(
-            f"  next: open_sesemi {cn}run.mode=VALIDATE run.pretrained_checkpoint_path={ckpt}"
-        )
+        lines.append(f"  next: {command} run.mode=VALIDATE run.pretrained_checkpoint_path={ckpt}")
     lines.append(f"  metrics: tensorboard --logdir {result.run_dir}  (or metrics.csv there)")
     return "\n".join(lines)

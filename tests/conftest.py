@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny synthetic image folders and a small experiment config, all in tmp_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY_CONFIG = """\
+defaults:
+  - base
+  - _self_
+run:
+  seed: 0
+  gpus: 0
+  num_epochs: 1
+  id: tiny
+  data_root: {data_root}
+  dir: {runs}
+  batch_size_per_gpu: 4
+data:
+  train:
+    supervised:
+      num_workers: 0
+      pin_memory: false
+      dataset:
+        image_transform: {{_target_: sesemi.transforms.train_transforms, input_h: 32, input_w: 32}}
+    rotation_prediction:
+      num_workers: 0
+      pin_memory: false
+      dataset:
+        image_transform: {{_target_: sesemi.transforms.train_transforms, input_h: 32, input_w: 32}}
+  val:
+    num_workers: 0
+    pin_memory: false
+    dataset:
+      image_transform: {{_target_: sesemi.transforms.center_crop_transforms, input_h: 32, input_w: 32}}
+  test:
+    num_workers: 0
+    batch_size: 4
+    dataset:
+      name: image_folder
+      subset: val
+      image_transform: {{_target_: sesemi.transforms.center_crop_transforms, input_h: 32, input_w: 32}}
+learner:
+  hparams:
+    num_classes: 2
+    model:
+      backbone:
+        name: test_resnet
+    lr_scheduler:
+      scheduler:
+        warmup_epochs: 0
+"""
+
+
+def write_images(folder: Path, count: int, seed: int, bright_left: bool = False) -> None:
+    """Writes `count` random 40x48 RGB PNGs; `bright_left` whitens the left half (a learnable cue)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        pixels = rng.integers(0, 200, (40, 48, 3), dtype=np.uint8)
+        if bright_left:
+            pixels[:, :24] = 255
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+
+
+def make_image_folder(
+    root: Path,
+    splits: dict[str, int] | None = None,
+    classes: tuple[str, ...] = ("cat", "dog"),
+) -> Path:
+    """Makes `root/<split>/<class>/NNN.png` with `splits[split]` images per class."""
+    splits = splits or {"train": 8, "val": 4}
+    for s, (split, count) in enumerate(splits.items()):
+        for c, name in enumerate(classes):
+            write_images(root / split / name, count, seed=100 * s + c, bright_left=(c == 1))
+    return root
+
+
+@pytest.fixture
+def image_root(tmp_path: Path) -> Path:
+    """A two-class image folder with train (8 per class) and val (4 per class) subsets."""
+    return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture
+def experiment(tmp_path: Path, image_root: Path) -> Path:
+    """The spec's experiment layout: `configs/custom.yaml` (defaults: [base]) tuned to be tiny."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    text = TINY_CONFIG.format(data_root=image_root, runs=tmp_path / "runs")
+    (configs / "custom.yaml").write_text(text)
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests never touch a GPU or the network.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PYTHONHASHSEED", "0")
