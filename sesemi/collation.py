@@ -42,7 +42,7 @@ class RotationTransformer:
             batch: A list of `(image, label)` samples or bare images, images `(C, H, W)`.
 
         Returns:
-            Rotated images `(B * num_rotations, C, H, W)` and rotation labels `(B * num_rotations,)`.
+            Rotated images `(B * R, C, H, W)` and rotation labels `(B * R,)`, R = num_rotations.
         """
         images = torch.stack(_images(batch))  # (B, C, H, W)
         rotated = torch.stack(

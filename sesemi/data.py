@@ -1,4 +1,4 @@
-"""The data module: datasets and loaders built from `data:` config, and the per-process epoch length."""
+"""The data module: datasets and loaders built from `data:`, and the per-process epoch length."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import functools
 import math
 import os
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate, to_absolute_path
@@ -19,7 +19,7 @@ from sesemi.datasets import dataset as build_dataset_by_name
 _PLAIN_ARGS = ("shuffle", "num_workers", "pin_memory", "drop_last", "timeout", "persistent_workers")
 
 
-def resolve_root(root: Optional[str], data_root: Optional[str]) -> str:
+def resolve_root(root: str | None, data_root: str | None) -> str:
     """Joins a relative dataset root to `data_root`; a relative `data_root` is launch-relative."""
     base = to_absolute_path(data_root) if data_root else os.getcwd()
     if root is None:
@@ -27,7 +27,7 @@ def resolve_root(root: Optional[str], data_root: Optional[str]) -> str:
     return root if os.path.isabs(root) else os.path.join(base, root)
 
 
-def build_dataset(node: Mapping[str, Any], data_root: Optional[str]) -> Dataset:
+def build_dataset(node: Mapping[str, Any], data_root: str | None) -> Dataset:
     """Builds a dataset from a `DatasetConfig` node."""
     transform = node.get("image_transform")
     return build_dataset_by_name(
@@ -50,7 +50,7 @@ def _maybe_call(node: Any, dataset: Dataset) -> Any:
 class LoaderSpec:
     """One configured loader: its dataset and the keyword arguments of its DataLoader."""
 
-    def __init__(self, where: str, node: Mapping[str, Any], data_root: Optional[str], default_bs):
+    def __init__(self, where: str, node: Mapping[str, Any], data_root: str | None, default_bs):
         self.where = where
         self.dataset = build_dataset(node["dataset"], data_root)
         self.batch_size = node.get("batch_size") or default_bs
@@ -99,8 +99,8 @@ class SESEMIDataModule(pl.LightningDataModule):
     def __init__(
         self,
         data: DictConfig | Mapping[str, Any],
-        data_root: Optional[str],
-        batch_size_per_gpu: Optional[int] = None,
+        data_root: str | None,
+        batch_size_per_gpu: int | None = None,
         stages: tuple[str, ...] = ("train", "val", "test"),
     ) -> None:
         """Initializes the data module.
@@ -121,7 +121,7 @@ class SESEMIDataModule(pl.LightningDataModule):
         self.test = self._spec("test", data, data_root, bs, stages)
 
     @staticmethod
-    def _spec(stage, data, data_root, bs, stages) -> Optional[LoaderSpec]:
+    def _spec(stage, data, data_root, bs, stages) -> LoaderSpec | None:
         if stage not in stages or not data.get(stage):
             return None
         return LoaderSpec(f"data.{stage}", data[stage], data_root, bs)

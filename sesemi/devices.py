@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -25,7 +25,7 @@ class DevicePlan:
     """Trainer arguments for devices and strategy, and how many GPUs they use."""
 
     accelerator: str
-    devices: Union[int, list[int], str]
+    devices: int | list[int] | str
     strategy: str
     num_gpus: int
     num_nodes: int
@@ -46,7 +46,7 @@ class DevicePlan:
         }
 
 
-def _parse_gpus(gpus: Any) -> Union[int, list[int]]:
+def _parse_gpus(gpus: Any) -> int | list[int]:
     if gpus is None:
         return 0
     if isinstance(gpus, str):
@@ -105,7 +105,7 @@ def plan_devices(gpus: Any, accelerator: Any = None, num_nodes: int = 1) -> Devi
                 f"run.gpus={gpus} asks for more GPUs than the {available} available; "
                 "use run.gpus=-1 for all of them"
             )
-        devices: Union[int, list[int]] = count
+        devices: int | list[int] = count
     else:
         missing = [g for g in wanted if not 0 <= g < available]
         if missing:

@@ -1,10 +1,10 @@
-"""The `Classifier` LightningModule: run the supervised loss and the loss heads, weight, sum, log."""
+"""The `Classifier` LightningModule: run the supervised loss and loss heads, weight, sum, log."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -42,7 +42,7 @@ def _reduce(losses: Tensor, reduction: str) -> Tensor:
 class WeightedTerm:
     """A loss term's reduction and weight: `scale_factor * scheduler(step)` (scheduler optional)."""
 
-    def __init__(self, reduction: str, scale_factor: float, scheduler: Optional[Callable]) -> None:
+    def __init__(self, reduction: str, scale_factor: float, scheduler: Callable | None) -> None:
         self.reduction = reduction
         self.scale_factor = scale_factor
         self.scheduler = scheduler
@@ -59,7 +59,9 @@ class WeightedTerm:
 
 def _term(node: Mapping[str, Any]) -> WeightedTerm:
     scheduler = instantiate(node["scheduler"]) if node.get("scheduler") is not None else None
-    return WeightedTerm(node.get("reduction", "mean"), float(node.get("scale_factor", 1.0)), scheduler)
+    return WeightedTerm(
+        node.get("reduction", "mean"), float(node.get("scale_factor", 1.0)), scheduler
+    )
 
 
 class Classifier(pl.LightningModule):
@@ -122,24 +124,32 @@ class Classifier(pl.LightningModule):
         """Returns class probabilities `(B, num_classes)` for images `(B, C, H, W)`."""
         return torch.softmax(self.supervised_head(self.backbone(images)), dim=-1)
 
-    def _check_finite(self, name: str, loss: Tensor) -> None:
+    @staticmethod
+    def _check_finite(name: str, loss: Tensor, step: int) -> None:
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"loss term '{name}' is {loss.item()} at step {self.global_step}; lower the "
+                f"loss term '{name}' is {loss.item()} at step {step}; lower the "
                 "learning rate or check the data and the term's weight"
             )
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        """Computes the weighted sum of all loss terms on one multi-loader batch."""
-        step = self.global_step
+    def compute_losses(self, batch: Mapping[str, Any], step: int) -> tuple[Tensor, dict[str, Any]]:
+        """The weighted total loss of one multi-loader batch, and the values to log.
+
+        Args:
+            batch: One entry per `data.train` loader; "supervised" is `(images, targets)`.
+            step: The global step the weight schedules are evaluated at.
+
+        Returns:
+            `sum_t w_t(step) * reduce_t(losses_t)` and a dict of each term's loss and weight.
+        """
         images, targets = batch[SUPERVISED]
         features = self.backbone(images)
         logits = self.supervised_head(features)
         loss = self.supervised_term.reduce(self.supervised_loss(logits, targets))
-        self._check_finite(SUPERVISED, loss)
+        self._check_finite(SUPERVISED, loss, step)
         weight = self.supervised_term.weight(step)
         total = weight * loss
-        logs = {"train/supervised_loss": loss, "train/supervised_weight": weight}
+        logs: dict[str, Any] = {"supervised_loss": loss, "supervised_weight": weight}
         inputs = HeadInputs(
             data=batch,
             backbones=self.backbones,
@@ -150,12 +160,19 @@ class Classifier(pl.LightningModule):
         for name, head in self.regularization_heads.items():
             term = self.regularization_terms[name]
             head_loss = term.reduce(head(inputs))
-            self._check_finite(name, head_loss)
-            total = total + term.weight(step) * head_loss
-            logs[f"train/{name}_loss"] = head_loss
-            logs[f"train/{name}_weight"] = term.weight(step)
-            logs.update({f"train/{name}/{k}": v for k, v in head.log_values.items()})
+            self._check_finite(name, head_loss, step)
+            weight = term.weight(step)
+            total = total + weight * head_loss
+            logs[f"{name}_loss"], logs[f"{name}_weight"] = head_loss, weight
+            logs.update({f"{name}/{k}": v for k, v in head.log_values.items()})
+        return total, {"logits": logits.detach(), "targets": targets, **logs}
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        """Computes, logs and returns the weighted loss of one multi-loader batch."""
+        total, logs = self.compute_losses(batch, self.global_step)
+        logits, targets = logs.pop("logits"), logs.pop("targets")
         self.train_top1(logits, targets)
+        logs = {f"train/{k}": v for k, v in logs.items()}
         logs["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=len(targets))
         self.log("train/loss", total, prog_bar=True, batch_size=len(targets))
@@ -165,8 +182,8 @@ class Classifier(pl.LightningModule):
     def _evaluate(self, batch: Any, stage: str) -> None:
         images, targets = batch
         logits = self.supervised_head(self.backbone(images))
-        loss_metric, top1 = (self.val_loss, self.val_top1) if stage == "val" else (
-            self.test_loss, self.test_top1
+        loss_metric, top1 = (
+            (self.val_loss, self.val_top1) if stage == "val" else (self.test_loss, self.test_top1)
         )
         loss_metric(torch.nn.functional.cross_entropy(logits, targets), len(targets))
         top1(logits, targets)

@@ -1,4 +1,4 @@
-"""Runs a composed config: validate, build data and learner, then fit / validate / test, summarize."""
+"""Runs a composed config: check, build data and learner, fit / validate / test, summarize."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -31,8 +31,8 @@ class RunResult:
     mode: RunMode
     run_dir: str
     metrics: dict[str, float] = field(default_factory=dict)
-    best_checkpoint: Optional[str] = None
-    last_checkpoint: Optional[str] = None
+    best_checkpoint: str | None = None
+    last_checkpoint: str | None = None
     seconds: float = 0.0
 
 
@@ -82,7 +82,7 @@ def load_pretrained_weights(model: torch.nn.Module, path: str) -> None:
         log.warning("pretrained weights: missing %s, unexpected %s", missing, unexpected)
 
 
-def _callbacks(trainer_cfg: dict[str, Any], run_dir: str, monitor: Optional[str]) -> list:
+def _callbacks(trainer_cfg: dict[str, Any], run_dir: str, monitor: str | None) -> list:
     callbacks = [instantiate(c) for c in trainer_cfg.pop("callbacks", None) or []]
     checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
     if not checkpoints:
@@ -107,7 +107,7 @@ def _loggers(trainer_cfg: dict[str, Any], run_dir: str) -> Any:
 
 
 def build_trainer(
-    cfg: DictConfig, plan: DevicePlan, run_dir: str, has_val: bool
+    cfg: DictConfig, plan: DevicePlan, run_dir: str, has_val: bool, steps_per_epoch: int | None
 ) -> tuple[pl.Trainer, list]:
     """Builds the Trainer from run options plus the free-form `trainer:` section (which wins)."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.trainer else {}
@@ -117,7 +117,8 @@ def build_trainer(
         "default_root_dir": run_dir,
         "logger": _loggers(trainer_cfg, run_dir),
         "callbacks": callbacks,
-        "log_every_n_steps": 10,
+        # Short epochs still log their training curves.
+        "log_every_n_steps": max(1, min(10, steps_per_epoch or 10)),
     }
     if cfg.run.num_epochs is not None:
         kwargs["max_epochs"] = cfg.run.num_epochs
@@ -170,14 +171,17 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
             )
         # Evaluation steps no optimizer, and its schedule may name training-only attributes.
         cfg.learner.hparams.lr_scheduler = None
-    set_attributes(_attributes(cfg, data, plan))
+    attributes = _attributes(cfg, data, plan)
+    set_attributes(attributes)
     learner = instantiate(cfg.learner, _recursive_=False)
     resume = cfg.run.resume_from_checkpoint
     ckpt_path = find_checkpoint(resume, "resume_from_checkpoint", cfg.run) if resume else None
     if cfg.run.pretrained_checkpoint_path:
         key = "pretrained_checkpoint_path"
         load_pretrained_weights(learner, find_checkpoint(cfg.run[key], key, cfg.run))
-    trainer, callbacks = build_trainer(cfg, plan, run_dir, data.val is not None)
+    trainer, callbacks = build_trainer(
+        cfg, plan, run_dir, data.val is not None, attributes.iterations_per_epoch
+    )
     if mode == RunMode.FIT:
         trainer.fit(learner, datamodule=data, ckpt_path=ckpt_path)
     elif mode == RunMode.VALIDATE:

@@ -1,12 +1,11 @@
-"""Named image-transform recipes that configs point at (`sesemi.transforms.train_transforms`, ...)."""
+"""Named image-transform recipes that configs point at (`train_transforms`, ...)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -37,14 +37,15 @@ data:
     num_workers: 0
     pin_memory: false
     dataset:
-      image_transform: {{_target_: sesemi.transforms.center_crop_transforms, input_h: 32, input_w: 32}}
+      image_transform: &eval
+        {{_target_: sesemi.transforms.center_crop_transforms, input_h: 32, input_w: 32}}
   test:
     num_workers: 0
     batch_size: 4
     dataset:
       name: image_folder
       subset: val
-      image_transform: {{_target_: sesemi.transforms.center_crop_transforms, input_h: 32, input_w: 32}}
+      image_transform: *eval
 learner:
   hparams:
     num_classes: 2
@@ -58,7 +59,7 @@ learner:
 
 
 def write_images(folder: Path, count: int, seed: int, bright_left: bool = False) -> None:
-    """Writes `count` random 40x48 RGB PNGs; `bright_left` whitens the left half (a learnable cue)."""
+    """Writes `count` random 40x48 RGB PNGs; `bright_left` whitens the left half (a cue)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):

@@ -1,9 +1,9 @@
-"""The `${sesemi:name}` resolver: run-time facts (iterations per epoch, devices) for config files."""
+"""The `${sesemi:name}` resolver: run-time facts (iterations per epoch, devices) for configs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -44,10 +44,10 @@ class SESEMIConfigAttributes(AttributeResolver):
         num_nodes: The number of compute nodes that will be used.
     """
 
-    iterations_per_epoch: Optional[int] = None
-    max_iterations: Optional[int] = None
-    num_gpus: Optional[int] = None
-    num_nodes: Optional[int] = None
+    iterations_per_epoch: int | None = None
+    max_iterations: int | None = None
+    num_gpus: int | None = None
+    num_nodes: int | None = None
 
 
 _ATTRIBUTES = SESEMIConfigAttributes()

@@ -1,10 +1,10 @@
-"""Structured-config dataclasses: the schema of every sesemi run, with the spec's names and defaults."""
+"""Structured-config dataclasses: the schema of every run, with the spec's names and defaults."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -42,19 +42,19 @@ class RunConfig:
         pretrained_checkpoint_path: An optional checkpoint path to load model weights only.
     """
 
-    seed: Optional[int] = None
-    num_epochs: Optional[int] = None
-    num_iterations: Optional[int] = None
+    seed: int | None = None
+    num_epochs: int | None = None
+    num_iterations: int | None = None
     gpus: Any = -1
     num_nodes: int = 1
-    accelerator: Optional[str] = None
-    batch_size_per_gpu: Optional[int] = None
-    data_root: Optional[str] = "./data"
+    accelerator: str | None = None
+    batch_size_per_gpu: int | None = None
+    data_root: str | None = "./data"
     id: str = "default"
     dir: str = "./runs"
     mode: RunMode = RunMode.FIT
-    resume_from_checkpoint: Optional[str] = None
-    pretrained_checkpoint_path: Optional[str] = None
+    resume_from_checkpoint: str | None = None
+    pretrained_checkpoint_path: str | None = None
 
 
 @dataclass
@@ -72,10 +72,10 @@ class DatasetConfig:
     """
 
     name: str = MISSING
-    root: Optional[str] = None
+    root: str | None = None
     subset: Any = None
     image_transform: Any = None
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,17 +99,17 @@ class DataLoaderConfig:
     """
 
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    batch_size: Optional[int] = None
+    batch_size: int | None = None
     shuffle: bool = False
     sampler: Any = None
     batch_sampler: Any = None
-    num_workers: Optional[int] = 0
+    num_workers: int | None = 0
     collate_fn: Any = None
     pin_memory: bool = False
-    drop_last: Optional[bool] = False
+    drop_last: bool | None = False
     timeout: float = 0
     worker_init_fn: Any = None
-    prefetch_factor: Optional[int] = None
+    prefetch_factor: int | None = None
     persistent_workers: bool = False
 
 
@@ -124,9 +124,9 @@ class DataConfig:
         test: An optional data loader configuration to use for testing.
     """
 
-    train: Optional[Dict[str, DataLoaderConfig]] = None
-    val: Optional[DataLoaderConfig] = None
-    test: Optional[DataLoaderConfig] = None
+    train: dict[str, DataLoaderConfig] | None = None
+    val: DataLoaderConfig | None = None
+    test: DataLoaderConfig | None = None
 
 
 @dataclass
@@ -176,7 +176,7 @@ class ClassifierModelConfig:
 
     backbone: Any = MISSING
     supervised_loss: LossCallableConfig = field(default_factory=LossCallableConfig)
-    regularization_loss_heads: Optional[Dict[str, LossHeadConfig]] = None
+    regularization_loss_heads: dict[str, LossHeadConfig] | None = None
 
 
 @dataclass
@@ -193,7 +193,7 @@ class LRSchedulerConfig:
     scheduler: Any = MISSING
     frequency: int = 1
     interval: str = "step"
-    monitor: Optional[str] = None
+    monitor: str | None = None
 
 
 @dataclass
@@ -210,7 +210,7 @@ class ClassifierHParams:
     num_classes: int = MISSING
     model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
     optimizer: Any = MISSING
-    lr_scheduler: Optional[LRSchedulerConfig] = None
+    lr_scheduler: LRSchedulerConfig | None = None
 
 
 @dataclass

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any, Optional, Union
+from typing import Any
 
 from torch.utils.data import Dataset, IterableDataset
 
-DatasetBuilder = Callable[..., Union[Dataset, IterableDataset]]
+DatasetBuilder = Callable[..., Dataset | IterableDataset]
 
 _BUILDERS: dict[str, DatasetBuilder] = {}
 
@@ -20,9 +20,7 @@ def _origin(fn: Callable) -> str:
         return getattr(fn, "__module__", "?")
 
 
-def register_dataset(
-    builder: Optional[DatasetBuilder] = None, *, name: Optional[str] = None
-) -> Any:
+def register_dataset(builder: DatasetBuilder | None = None, *, name: str | None = None) -> Any:
     """Registers a dataset builder under `name` (default: the function's name).
 
     Use as `@register_dataset` or `@register_dataset(name="my_data")`. The builder is called as
@@ -53,10 +51,10 @@ def list_datasets() -> list[str]:
 def dataset(
     name: str,
     root: str,
-    subset: Optional[Union[str, list[str]]] = None,
-    image_transform: Optional[Callable] = None,
+    subset: str | list[str] | None = None,
+    image_transform: Callable | None = None,
     **kwargs: Any,
-) -> Union[Dataset, IterableDataset]:
+) -> Dataset | IterableDataset:
     """Builds a dataset.
 
     Args:

@@ -205,3 +205,30 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+class PrepareDigits:
+    """A Hydra callback that prepares the digits folder before a job starts (see `demo.yaml`).
+
+    Named under `hydra.callbacks`, it runs once per job before any data is read; it is a no-op
+    when the folder is already prepared with the same parameters.
+    """
+
+    def __init__(self, root: str, **kwargs: object) -> None:
+        """Initializes the callback.
+
+        Args:
+            root: The folder to prepare (relative to the launch directory).
+            **kwargs: Any other `prepare_digits` argument (labels_per_class, seed, ...).
+        """
+        self.root = root
+        self.kwargs = kwargs
+
+    def on_job_start(self, config: object, **kwargs: object) -> None:
+        """Prepares the folder; Hydra calls this before the job's function."""
+        prepare_digits(self.root, **self.kwargs)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str):  # the other Hydra callback hooks do nothing
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, Optional, Union
+from typing import Any
 
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
@@ -17,7 +17,8 @@ UNLABELED = -1  # The target of images in a folder without class subfolders.
 
 
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
+    # Hidden files (".DS_Store", macOS "._x.png" resource forks) are never images.
+    return not os.path.basename(name).startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
 def _scan(path: str) -> tuple[list[str], list[str]]:
@@ -37,7 +38,7 @@ def _scan(path: str) -> tuple[list[str], list[str]]:
 class UnlabeledImageFolder(Dataset):
     """Images directly inside one folder, each with target `UNLABELED` (-1)."""
 
-    def __init__(self, root: str, transform: Optional[Callable] = None) -> None:
+    def __init__(self, root: str, transform: Callable | None = None) -> None:
         """Initializes the dataset by scanning file names only (no image is opened).
 
         Args:
@@ -61,6 +62,14 @@ class UnlabeledImageFolder(Dataset):
         return (self.transform(image) if self.transform else image), UNLABELED
 
 
+class _ClassFolder(ImageFolder):
+    """An ImageFolder that, like `_scan`, skips hidden folders (".ipynb_checkpoints") as classes."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = _scan(directory)[0]
+        return classes, {c: i for i, c in enumerate(classes)}
+
+
 class ImageFolderSubsets(ConcatDataset):
     """Several image folders concatenated under one class index."""
 
@@ -71,18 +80,22 @@ class ImageFolderSubsets(ConcatDataset):
         self.targets = [t for d in datasets for t in d.targets]
 
 
-def _folder(path: str, transform: Optional[Callable]) -> Dataset:
+def _folder(path: str, transform: Callable | None) -> Dataset:
     """One folder: class subfolders make an ImageFolder, loose images an unlabeled set."""
     dirs, images = _scan(path)
     if not dirs:
         return UnlabeledImageFolder(path, transform)
-    empty = [d for d in dirs if not any(_is_image(f) for _, _, fs in os.walk(os.path.join(path, d)) for f in fs)]
+    empty = [
+        d
+        for d in dirs
+        if not any(_is_image(f) for _, _, fs in os.walk(os.path.join(path, d)) for f in fs)
+    ]
     if empty:
         raise FileNotFoundError(
             f"class folder(s) {', '.join(empty)} in '{path}' hold no images "
             f"(extensions {', '.join(IMG_EXTENSIONS)}); add images or remove the folder(s)"
         )
-    return ImageFolder(path, transform=transform)
+    return _ClassFolder(path, transform=transform, is_valid_file=_is_image)
 
 
 def _is_class_folder_root(root: str, dirs: list[str]) -> bool:
@@ -94,8 +107,8 @@ def _is_class_folder_root(root: str, dirs: list[str]) -> bool:
 @register_dataset
 def image_folder(
     root: str,
-    subset: Optional[Union[str, Sequence[str]]] = None,
-    image_transform: Optional[Callable] = None,
+    subset: str | Sequence[str] | None = None,
+    image_transform: Callable | None = None,
     **kwargs: Any,
 ) -> Dataset:
     """Builds a dataset from folders of images, one subfolder per class.
@@ -134,7 +147,7 @@ def image_folder(
         parts.append(_folder(path, image_transform))
     if len(parts) == 1:
         return parts[0]
-    labeled = [(n, p) for n, p in zip(subsets, parts) if p.classes]
+    labeled = [(n, p) for n, p in zip(subsets, parts, strict=True) if p.classes]
     classes = labeled[0][1].classes if labeled else []
     for n, p in labeled[1:]:
         if p.classes != classes:

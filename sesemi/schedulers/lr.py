@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import warnings
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -31,9 +31,9 @@ class PolynomialLR(LRScheduler):
         self,
         optimizer: Optimizer,
         max_iters: int,
-        warmup_epochs: Optional[int] = None,
-        warmup_iters: Optional[int] = None,
-        iters_per_epoch: Optional[int] = None,
+        warmup_epochs: int | None = None,
+        warmup_iters: int | None = None,
+        iters_per_epoch: int | None = None,
         warmup_lr: float = 0.0,
         lr_pow: float = 0.5,
         last_epoch: int = -1,
@@ -62,17 +62,24 @@ class PolynomialLR(LRScheduler):
         self.warmup_lr = float(warmup_lr)
         self.lr_pow = float(lr_pow)
         if self.warmup_iters > self.max_iters:
-            raise ValueError(
+            warnings.warn(
                 f"PolynomialLR: warm-up ({self.warmup_iters} iterations) is longer than the run "
-                f"({self.max_iters}); shorten warmup_epochs/warmup_iters"
+                f"({self.max_iters}); shortened to the whole run",
+                stacklevel=2,
             )
+            self.warmup_iters = self.max_iters
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
         """Returns each parameter group's rate at the current step (closed form, resumable)."""
         return [
             polynomial_lr(
-                self.last_epoch, base, self.warmup_iters, self.warmup_lr, self.lr_pow, self.max_iters
+                self.last_epoch,
+                base,
+                self.warmup_iters,
+                self.warmup_lr,
+                self.lr_pow,
+                self.max_iters,
             )
             for base in self.base_lrs
         ]

@@ -60,14 +60,18 @@ class PyTorchImageModels(nn.Module):
             ) from e
         self.name = name
         self.freeze = freeze
-        self.out_features: int = self.model.num_features
+        # Models with a pre-logits MLP (e.g. MambaOut) return `head_hidden_size` features, not
+        # `num_features`, even with num_classes=0.
+        self.out_features: int = getattr(self.model, "head_hidden_size", None) or (
+            self.model.num_features
+        )
         self.pretrained_cfg: dict[str, Any] = dict(getattr(self.model, "pretrained_cfg", {}))
         if freeze:
             self.model.requires_grad_(False)
             self.model.eval()
 
     def train(self, mode: bool = True) -> PyTorchImageModels:
-        """Sets training mode; a frozen backbone stays in eval mode so BatchNorm stats stay fixed."""
+        """Sets training mode; a frozen backbone stays in eval mode (BatchNorm stats stay fixed)."""
         super().train(mode)
         if self.freeze:
             self.model.eval()

@@ -1,0 +1,138 @@
+"""The open_sesemi CLI end to end, in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.cli
+
+
+def open_sesemi(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs `python -m sesemi ARGS` in `cwd` and returns the finished process."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "sesemi", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _custom(experiment: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return open_sesemi("-cd", "configs", "-cn", "custom", *overrides, cwd=experiment)
+
+
+def test_help_prints_groups_and_default_config(tmp_path):
+    out = open_sesemi("-h", cwd=tmp_path)
+    assert out.returncode == 0
+    assert "learner: classifier" in out.stdout
+    for line in ("num_classes: ???", "backbone: ???", "batch_size_per_gpu: null", "trainer: null"):
+        assert line in out.stdout
+    assert "_target_: sesemi.Classifier" in out.stdout
+
+
+def test_info_shows_the_custom_config(experiment):
+    out = _custom(experiment, "--info", "config")
+    assert out.returncode == 0, out.stderr
+    assert "name: test_resnet" in out.stdout and "id: tiny" in out.stdout
+
+
+def test_fit_then_validate_test_and_resume(experiment):
+    fit = _custom(experiment, "run.num_iterations=6", "run.num_epochs=null")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "sesemi FIT finished" in fit.stdout and "val/top1" in fit.stdout
+    (run_dir,) = glob.glob(str(experiment / "runs" / "tiny" / "*"))
+    run_dir = Path(run_dir)
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "metrics.csv").is_file() and glob.glob(str(run_dir / "events.out.tfevents*"))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 6
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0]
+    for column in (
+        "train/loss",
+        "train/rotation_prediction_loss",
+        "lr",
+        "val/top1",
+        "val/top1_best",
+    ):
+        assert column in header
+
+    validate = _custom(experiment, "run.mode=VALIDATE", f"run.pretrained_checkpoint_path={last}")
+    assert validate.returncode == 0, validate.stderr[-3000:]
+    assert "sesemi VALIDATE finished" in validate.stdout and "val/top1" in validate.stdout
+
+    test = _custom(experiment, "run.mode=TEST", f"run.pretrained_checkpoint_path={last}")
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert "test/top1" in test.stdout
+
+    # Resume the killed-or-finished run to a longer budget: it continues from step 6.
+    resume = _custom(
+        experiment,
+        "run.num_iterations=10",
+        "run.num_epochs=null",
+        "run.resume_from_checkpoint=last",
+    )
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    newest = max(
+        glob.glob(str(experiment / "runs/tiny/*/checkpoints/last.ckpt")), key=os.path.getmtime
+    )
+    resumed = torch.load(newest, map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 10
+    # The LR scheduler continued (10 steps taken in all), it did not restart.
+    assert resumed["lr_schedulers"][0]["last_epoch"] == 10
+
+
+def test_multirun_runs_each_job(experiment):
+    out = _custom(experiment, "-m", "run.num_iterations=2", "run.num_epochs=null", "run.seed=1,2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("sesemi FIT finished") == 2
+
+
+def test_experiment_src_code_is_instantiable(experiment):
+    src = experiment / "src"
+    src.mkdir()
+    (src / "__init__.py").write_text("")
+    (src / "losses.py").write_text(
+        "import torch\n\nclass SmoothCE(torch.nn.CrossEntropyLoss):\n"
+        "    def __init__(self, reduction='mean'):\n"
+        "        super().__init__(reduction=reduction, label_smoothing=0.1)\n"
+    )
+    out = _custom(
+        experiment,
+        "run.num_iterations=2",
+        "run.num_epochs=null",
+        "learner.hparams.model.supervised_loss.callable._target_=src.losses.SmoothCE",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["run.num_epoch=3"], "num_epoch"),
+        (["run.num_epochs=abc"], "num_epochs"),
+        (["run.data_root=/does/not/exist"], "/does/not/exist"),
+        (["run.num_iterations=3"], "not both"),
+        (["run.num_epochs=null"], "num_epochs or run.num_iterations"),
+        (["learner.hparams.model.backbone.name=resnet5O"], "resnet50"),
+        (["data.train.supervised.dataset.name=nope"], "image_folder"),
+        (["run.pretrained_checkpoint_path=/missing.ckpt"], "/missing.ckpt"),
+    ],
+)
+def test_bad_input_is_one_clear_line(experiment, overrides, expected):
+    out = _custom(experiment, *overrides)
+    assert out.returncode != 0
+    assert expected in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not glob.glob(str(experiment / "runs/tiny/*/checkpoints"))

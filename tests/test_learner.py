@@ -1,0 +1,155 @@
+"""The Classifier: loss weighting, probabilities, non-finite losses, and optimizer wiring."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sesemi.collation import RotationTransformer
+from sesemi.learners import Classifier
+from sesemi.models.heads.base import HeadInputs, LossHead
+from sesemi.schedulers.lr import PolynomialLR
+
+
+class ConstantHead(LossHead):
+    """A head whose per-sample losses are fixed numbers, to check weighting and reduction."""
+
+    def __init__(self, input_data: str, values: list[float]) -> None:
+        super().__init__(input_data)
+        self.values = torch.tensor(values)
+
+    def forward(self, inputs: HeadInputs) -> Tensor:
+        return self.values
+
+
+def _hparams(heads=None, num_classes=3):
+    return {
+        "num_classes": num_classes,
+        "model": {
+            "backbone": {"_target_": "sesemi.PyTorchImageModels", "name": "test_resnet"},
+            "supervised_loss": {"callable": {"_target_": "torch.nn.CrossEntropyLoss"}},
+            "regularization_loss_heads": heads,
+        },
+        "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9},
+        "lr_scheduler": {
+            "scheduler": {"_target_": "sesemi.PolynomialLR", "warmup_iters": 2, "max_iters": 10}
+        },
+    }
+
+
+def _batch(n=4, num_classes=3):
+    torch.manual_seed(0)
+    images = torch.randn(n, 3, 32, 32)
+    return {"supervised": (images, torch.arange(n) % num_classes)}
+
+
+def test_total_is_weighted_sum_of_reduced_terms():
+    heads = {
+        "const": {
+            "head": {
+                "_target_": "test_learner.ConstantHead",
+                "input_data": "x",
+                "values": [1.0, 3.0],
+            },
+            "scale_factor": 0.5,
+            "reduction": "mean",
+            "scheduler": {
+                "_target_": "sesemi.schedulers.weight.LinearRampupScheduler",
+                "stop_rampup": 10,
+            },
+        },
+        "summed": {
+            "head": {
+                "_target_": "test_learner.ConstantHead",
+                "input_data": "x",
+                "values": [1.0, 3.0],
+            },
+            "reduction": "sum",
+        },
+    }
+    learner = Classifier(_hparams(heads)).eval()
+    batch = _batch()
+    total, logs = learner.compute_losses(batch, step=4)
+    images, targets = batch["supervised"]
+    supervised = F.cross_entropy(learner.supervised_head(learner.backbone(images)), targets)
+    # const: mean 2.0 weighted 0.5 * 4/10; summed: 4.0 weighted 1.
+    expected = supervised + 0.5 * 0.4 * 2.0 + 1.0 * 4.0
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert logs["const_weight"] == pytest.approx(0.2)
+    assert logs["summed_loss"].item() == pytest.approx(4.0)
+
+
+def test_rotation_head_is_built_on_backbone_width():
+    heads = {
+        "rotation_prediction": {
+            "head": {
+                "_target_": "sesemi.models.heads.loss.RotationPredictionLossHead",
+                "input_data": "rotation_prediction",
+                "input_backbone": "backbone",
+            }
+        }
+    }
+    learner = Classifier(_hparams(heads))
+    head = learner.regularization_heads["rotation_prediction"]
+    assert head.fc.in_features == learner.backbone.out_features and head.fc.out_features == 4
+    batch = _batch()
+    batch["rotation_prediction"] = RotationTransformer()(
+        [(img, 0) for img in batch["supervised"][0]]
+    )
+    total, logs = learner.compute_losses(batch, step=0)
+    total.backward()
+    assert head.fc.weight.grad is not None and logs["rotation_prediction_loss"] > 0
+
+
+def test_forward_returns_probabilities():
+    learner = Classifier(_hparams()).eval()
+    probs = learner(torch.randn(5, 3, 32, 32))
+    assert probs.shape == (5, 3)
+    assert torch.allclose(probs.sum(dim=1), torch.ones(5), atol=1e-6) and (probs >= 0).all()
+
+
+def test_non_finite_loss_names_term_and_step():
+    heads = {
+        "bad": {
+            "head": {
+                "_target_": "test_learner.ConstantHead",
+                "input_data": "x",
+                "values": [math.nan],
+            }
+        }
+    }
+    learner = Classifier(_hparams(heads))
+    with pytest.raises(FloatingPointError, match=r"'bad'.*step 7"):
+        learner.compute_losses(_batch(), step=7)
+
+
+def test_head_must_be_a_loss_head():
+    heads = {"oops": {"head": {"_target_": "torch.nn.Identity"}}}
+    with pytest.raises(TypeError, match="regularization_loss_heads.oops.head"):
+        Classifier(_hparams(heads))
+
+
+def test_optimizer_and_scheduler_are_wired():
+    learner = Classifier(_hparams())
+    config = learner.configure_optimizers()
+    optimizer, sched = config["optimizer"], config["lr_scheduler"]
+    assert isinstance(optimizer, torch.optim.SGD) and isinstance(sched["scheduler"], PolynomialLR)
+    assert sched["interval"] == "step"
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)  # warm-up starts at warmup_lr
+
+
+def test_hparams_round_trip_through_checkpoint(tmp_path):
+    import pytorch_lightning as pl
+
+    learner = Classifier(_hparams())
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(learner)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = Classifier.load_from_checkpoint(path, map_location="cpu")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(loaded.eval()(x), learner.eval()(x))
