@@ -126,6 +126,10 @@ class SESEMIDataModule(pl.LightningDataModule):
             return None
         return LoaderSpec(f"data.{stage}", data[stage], data_root, bs)
 
+    def specs(self) -> list[LoaderSpec]:
+        """Every configured loader: train loaders by name, then val and test."""
+        return [*self.train.values(), *(s for s in (self.val, self.test) if s is not None)]
+
     def iterations_per_epoch(self, world_size: int = 1, accumulate_grad_batches: int = 1) -> int:
         """Optimizer steps per epoch on each process: the longest train loader's batch count."""
         if not self.train:

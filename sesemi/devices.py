@@ -79,13 +79,17 @@ def _strategy(accelerator: Any, multi_process: bool) -> str:
     return str(accelerator)
 
 
-def plan_devices(gpus: Any, accelerator: Any = None, num_nodes: int = 1) -> DevicePlan:
+def plan_devices(
+    gpus: Any, accelerator: Any = None, num_nodes: int = 1, cpu_devices: Any = None
+) -> DevicePlan:
     """Turns the spec's run options into a device plan.
 
     Args:
         gpus: -1 for every GPU, 0 or None for the CPU, a count, a list of ids, or "0,1".
         accelerator: "ddp", the old "dp" (mapped to ddp with a warning), or a Lightning strategy.
         num_nodes: The number of nodes.
+        cpu_devices: Processes per node when training on the CPU (`trainer.devices`), e.g. 2 for
+            a two-process DDP run on one machine.
 
     Returns:
         The plan. Asking for GPUs on a machine without one falls back to the CPU with one
@@ -93,11 +97,12 @@ def plan_devices(gpus: Any, accelerator: Any = None, num_nodes: int = 1) -> Devi
     """
     wanted = _parse_gpus(gpus)
     available = torch.cuda.device_count()
-    if wanted == 0 or wanted == []:
-        return DevicePlan("cpu", 1, _strategy(accelerator, num_nodes > 1), 0, num_nodes)
-    if available == 0:
+    if wanted not in (0, []) and available == 0:
         warn_once("no-gpu", f"run.gpus={gpus} but no GPU is available; training on the CPU")
-        return DevicePlan("cpu", 1, _strategy(accelerator, num_nodes > 1), 0, num_nodes)
+    if wanted in (0, []) or available == 0:
+        procs = int(cpu_devices) if isinstance(cpu_devices, int) and cpu_devices > 0 else 1
+        strategy = _strategy(accelerator, procs * num_nodes > 1)
+        return DevicePlan("cpu", procs, strategy, 0, num_nodes)
     if isinstance(wanted, int):
         count = available if wanted == -1 else wanted
         if wanted < -1 or count > available:

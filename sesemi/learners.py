@@ -201,7 +201,8 @@ class Classifier(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         """Logs the best val top-1 so far."""
         self.val_top1_best(self.val_top1.compute())
-        self.log("val/top1_best", self.val_top1_best.compute(), prog_bar=True)
+        # val_top1.compute() is already reduced over processes, so every rank logs the same value.
+        self.log("val/top1_best", self.val_top1_best.compute(), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Accumulates test loss and top-1 on one `(images, targets)` batch."""

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
+from sesemi.callbacks import LastCheckpoint
 from sesemi.config.resolvers import SESEMIConfigAttributes, set_attributes
 from sesemi.config.structs import RunMode
 from sesemi.data import SESEMIDataModule
@@ -47,6 +48,37 @@ def check_run_config(run: DictConfig) -> RunMode:
         if run[key] is not None and run[key] < 1:
             raise ValueError(f"run.{key} must be at least 1, got {run[key]}")
     return mode
+
+
+def check_classes(data: SESEMIDataModule, num_classes: int) -> None:
+    """Checks that labeled loaders agree with each other and with `num_classes`."""
+    labeled = [
+        (s.where, s.dataset.classes) for s in data.specs() if getattr(s.dataset, "classes", None)
+    ]
+    for where, classes in labeled:
+        if len(classes) != num_classes:
+            raise ValueError(
+                f"learner.hparams.num_classes={num_classes} but {where} has {len(classes)} "
+                f"classes ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}); "
+                f"set learner.hparams.num_classes={len(classes)}"
+            )
+    for where, classes in labeled[1:]:
+        if classes != labeled[0][1]:
+            diff = sorted(set(classes) ^ set(labeled[0][1]))
+            raise ValueError(
+                f"{where} and {labeled[0][0]} have different classes (differing: "
+                f"{', '.join(diff)}); give them the same class folders"
+            )
+
+
+def check_fresh_run_dir(run_dir: str) -> None:
+    """Refuses to write into a run directory that already holds checkpoints."""
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+        raise FileExistsError(
+            f"'{checkpoints}' already holds checkpoints of another run; wait a second and "
+            "launch again, or choose another run.id"
+        )
 
 
 def find_checkpoint(path: str, key: str, run: DictConfig) -> str:
@@ -86,12 +118,14 @@ def _callbacks(trainer_cfg: dict[str, Any], run_dir: str, monitor: str | None) -
     callbacks = [instantiate(c) for c in trainer_cfg.pop("callbacks", None) or []]
     checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
     if not checkpoints:
-        checkpoints = [ModelCheckpoint(monitor=monitor, mode="max", save_last=True)]
+        checkpoints = [ModelCheckpoint(monitor=monitor, mode="max")]
         callbacks += checkpoints
     for c in checkpoints:
         if c.dirpath is None:
             c.dirpath = os.path.join(run_dir, "checkpoints")
-    return callbacks
+        # LastCheckpoint owns last.ckpt: Lightning's save_last goes stale between improvements.
+        c.save_last = False
+    return [*callbacks, LastCheckpoint(checkpoints[0].dirpath)]
 
 
 def _loggers(trainer_cfg: dict[str, Any], run_dir: str) -> Any:
@@ -134,12 +168,14 @@ def _attributes(
     attributes = SESEMIConfigAttributes(num_gpus=plan.num_gpus, num_nodes=plan.num_nodes)
     if data.train:
         accumulate = (cfg.trainer or {}).get("accumulate_grad_batches", 1) or 1
+        for spec in data.train.values():
+            if spec.batches_per_epoch(plan.world_size) == 0:
+                raise ValueError(
+                    f"{spec.where} gives 0 iterations per epoch: batch_size {spec.batch_size} "
+                    f"is larger than its {len(spec.dataset)} images per process with drop_last; "
+                    "lower the batch size or set drop_last: false"
+                )
         per_epoch = data.iterations_per_epoch(plan.world_size, accumulate)
-        if per_epoch == 0:
-            raise ValueError(
-                "the training loaders give 0 iterations per epoch: the batch size is larger than "
-                "the dataset with drop_last; lower the batch size or set drop_last: false"
-            )
         attributes.iterations_per_epoch = per_epoch
         epochs, iterations = cfg.run.num_epochs, cfg.run.num_iterations
         attributes.max_iterations = iterations if iterations else (epochs or 0) * per_epoch
@@ -157,7 +193,8 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     mode = check_run_config(cfg.run)
     if cfg.run.seed is not None:
         pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
-    plan = plan_devices(cfg.run.gpus, cfg.run.accelerator, cfg.run.num_nodes)
+    cpu_devices = (cfg.trainer or {}).get("devices")
+    plan = plan_devices(cfg.run.gpus, cfg.run.accelerator, cfg.run.num_nodes, cpu_devices)
     stages = {RunMode.FIT: ("train", "val"), RunMode.VALIDATE: ("val",), RunMode.TEST: ("test",)}
     data = SESEMIDataModule(cfg.data, cfg.run.data_root, cfg.run.batch_size_per_gpu, stages[mode])
     if mode == RunMode.FIT and "supervised" not in data.train:
@@ -171,6 +208,8 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
             )
         # Evaluation steps no optimizer, and its schedule may name training-only attributes.
         cfg.learner.hparams.lr_scheduler = None
+    check_classes(data, cfg.learner.hparams.num_classes)
+    check_fresh_run_dir(run_dir)
     attributes = _attributes(cfg, data, plan)
     set_attributes(attributes)
     learner = instantiate(cfg.learner, _recursive_=False)
@@ -190,12 +229,13 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
         trainer.test(learner, datamodule=data, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    last = next(c for c in callbacks if isinstance(c, LastCheckpoint))
     return RunResult(
         mode=mode,
         run_dir=run_dir,
         metrics=metrics,
         best_checkpoint=(checkpoint.best_model_path or None) if checkpoint else None,
-        last_checkpoint=(checkpoint.last_model_path or None) if checkpoint else None,
+        last_checkpoint=last.path if os.path.isfile(last.path) else None,
         seconds=time.time() - start,
     )
 

@@ -128,6 +128,9 @@ def test_experiment_src_code_is_instantiable(experiment):
         (["learner.hparams.model.backbone.name=resnet5O"], "resnet50"),
         (["data.train.supervised.dataset.name=nope"], "image_folder"),
         (["run.pretrained_checkpoint_path=/missing.ckpt"], "/missing.ckpt"),
+        (["learner.hparams.num_classes=3"], "set learner.hparams.num_classes=2"),
+        (["data.train.supervised.batch_size=64"], "0 iterations per epoch"),
+        (["data.val.dataset.subset=nope"], "nope"),
     ],
 )
 def test_bad_input_is_one_clear_line(experiment, overrides, expected):
@@ -136,3 +139,21 @@ def test_bad_input_is_one_clear_line(experiment, overrides, expected):
     assert expected in out.stderr
     assert "Traceback" not in out.stderr
     assert not glob.glob(str(experiment / "runs/tiny/*/checkpoints"))
+
+
+def test_ddp_two_processes_on_cpu(experiment):
+    # 16 labeled images and 24 rotation images over 2 processes at batch 4 (drop_last): the
+    # longest loader gives ceil(24 / 2) // 4 = 3 steps per epoch on each process.
+    out = _custom(
+        experiment,
+        "run.accelerator=ddp",
+        "+trainer.devices=2",
+        "run.num_epochs=2",
+        "+trainer.enable_progress_bar=false",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (last,) = glob.glob(str(experiment / "runs/tiny/*/checkpoints/last.ckpt"))
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2 * 3
+    scheduler = checkpoint["lr_schedulers"][0]
+    assert scheduler["last_epoch"] == 6 and scheduler["max_iters"] == 6
