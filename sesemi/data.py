@@ -116,7 +116,11 @@ class SESEMIDataModule(pl.LightningDataModule):
             data = OmegaConf.to_container(data, resolve=True)
         bs = batch_size_per_gpu
         train = data.get("train") or {} if "train" in stages else {}
-        self.train = {k: LoaderSpec(f"data.train.{k}", v, data_root, bs) for k, v in train.items()}
+        self.train = {
+            k: LoaderSpec(f"data.train.{k}", v, data_root, bs)
+            for k, v in train.items()
+            if v is not None  # a null entry switches an inherited loader off
+        }
         self.val = self._spec("val", data, data_root, bs, stages)
         self.test = self._spec("test", data, data_root, bs, stages)
 

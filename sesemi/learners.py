@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from sesemi.models.ema import EMATeacher
 from sesemi.models.heads.base import HeadInputs, LossHead
 
 log = logging.getLogger(__name__)
@@ -89,12 +90,16 @@ class Classifier(pl.LightningModule):
         self.num_classes = int(hp["num_classes"])
         self.backbone: nn.Module = instantiate(model["backbone"])
         self.supervised_head = nn.Linear(self.backbone.out_features, self.num_classes)
+        ema = model.get("ema")
+        self.ema = EMATeacher(self.backbone, self.supervised_head, ema["decay"]) if ema else None
         self.supervised_loss = _build_loss(model["supervised_loss"]["callable"])
         self.supervised_term = _term(model["supervised_loss"])
         heads = model.get("regularization_loss_heads") or {}
         self.regularization_heads = nn.ModuleDict()
         self.regularization_terms: dict[str, WeightedTerm] = {}
         for name, node in heads.items():
+            if node is None:  # switched off, e.g. regularization_loss_heads.rotation=null
+                continue
             head = instantiate(node["head"])
             if not isinstance(head, LossHead):
                 raise TypeError(
@@ -109,16 +114,24 @@ class Classifier(pl.LightningModule):
         self.test_top1 = MulticlassAccuracy(self.num_classes, average="micro")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_top1_best = MaxMetric()
+        self.val_ema_top1 = MulticlassAccuracy(self.num_classes, average="micro")
 
     @property
     def backbones(self) -> dict[str, nn.Module]:
         """The feature extractors heads may name (see `HeadInputs.backbones`)."""
-        return {"backbone": self.backbone}
+        if self.ema is None:
+            return {"backbone": self.backbone}
+        return {"backbone": self.backbone, "teacher_backbone": self.ema.backbone}
 
     @property
     def heads(self) -> dict[str, nn.Module]:
         """The prediction heads heads may name (see `HeadInputs.heads`)."""
-        return {"supervised_head": self.supervised_head}
+        if self.ema is None:
+            return {"supervised_head": self.supervised_head}
+        return {
+            "supervised_head": self.supervised_head,
+            "teacher_supervised_head": self.ema.supervised_head,
+        }
 
     def forward(self, images: Tensor) -> Tensor:
         """Returns class probabilities `(B, num_classes)` for images `(B, C, H, W)`."""
@@ -189,6 +202,14 @@ class Classifier(pl.LightningModule):
         top1(logits, targets)
         self.log(f"{stage}/loss", loss_metric, batch_size=len(targets))
         self.log(f"{stage}/top1", top1, prog_bar=True, batch_size=len(targets))
+        if stage == "val" and self.ema is not None:
+            self.val_ema_top1(self.ema(images), targets)
+            self.log("val/ema/top1", self.val_ema_top1, batch_size=len(targets))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Moves the EMA teacher after each optimizer step."""
+        if self.ema is not None:
+            self.ema.update(self.backbone, self.supervised_head)
 
     def on_train_start(self) -> None:
         """Forgets the best val top-1 seen in the sanity check."""

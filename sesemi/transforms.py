@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torchvision.transforms import InterpolationMode, v2
@@ -100,3 +101,76 @@ def center_crop_transforms(
             *_to_normalized_tensor(norm_mean, norm_std),
         ]
     )
+
+
+def strong_transforms(
+    input_h: int = 224,
+    input_w: int = 224,
+    scale: Sequence[float] = (0.35, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    interpolation: str = "bilinear",
+    p_hflip: float = 0.5,
+    rand_augment: str = "rand-m10-n2-mstd0.5",
+    cutout_p: float = 1.0,
+    cutout_scale: Sequence[float] = (0.02, 0.25),
+    norm_mean: Sequence[float] = IMAGENET_MEAN,
+    norm_std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """The strong augmentation of FixMatch-style methods: crop, flip, RandAugment, cutout.
+
+    Args:
+        input_h: Output height in pixels.
+        input_w: Output width in pixels.
+        scale: Range of the crop's area as a fraction of the image's.
+        ratio: Range of the crop's aspect ratio.
+        interpolation: Resampling by name.
+        p_hflip: Probability of a horizontal flip.
+        rand_augment: timm's RandAugment config string (`rand-m{magnitude}-n{ops}-...`).
+        cutout_p: Probability of erasing one rectangle (filled with 0 after normalization).
+        cutout_scale: Range of the erased area as a fraction of the image's.
+        norm_mean: Per-channel mean.
+        norm_std: Per-channel standard deviation.
+
+    Returns:
+        A transform from a PIL image to a normalized `(3, input_h, input_w)` float tensor.
+    """
+    from timm.data.auto_augment import rand_augment_transform
+
+    fill = tuple(round(255 * m) for m in norm_mean)
+    hparams = {"translate_const": int(0.45 * min(input_h, input_w)), "img_mean": fill}
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(
+                (input_h, input_w),
+                scale=tuple(scale),
+                ratio=tuple(ratio),
+                interpolation=interpolation_mode(interpolation),
+                antialias=True,
+            ),
+            v2.RandomHorizontalFlip(p_hflip),
+            rand_augment_transform(rand_augment, hparams),
+            *_to_normalized_tensor(norm_mean, norm_std),
+            v2.RandomErasing(p=cutout_p, scale=tuple(cutout_scale), value=0),
+        ]
+    )
+
+
+class MultiView:
+    """Applies several transforms to one image and returns every view, e.g. (weak, strong).
+
+    A dataset with this transform yields `((view_1, ..., view_k), target)`; the default
+    collation then gives `([batch_1, ..., batch_k], targets)`, each batch `(B, C, H, W)`.
+    """
+
+    def __init__(self, views: Sequence[Callable]) -> None:
+        """Initializes the transform.
+
+        Args:
+            views: One transform per view (Hydra nodes are built by `instantiate`).
+        """
+        if len(views) < 1:
+            raise ValueError("MultiView needs at least one view transform")
+        self.views = list(views)
+
+    def __call__(self, image: Any) -> tuple:
+        return tuple(view(image) for view in self.views)

@@ -106,3 +106,14 @@ def test_resolver_unknown_attribute():
     cfg = OmegaConf.create({"x": "${sesemi:nope}"})
     with pytest.raises(Exception, match="unknown attribute"):
         _ = cfg.x
+
+
+def test_null_loader_entry_is_switched_off(image_root):
+    from sesemi.data import SESEMIDataModule
+
+    cfg = _compose(
+        "base",
+        ["data.train.rotation_prediction=null", f"run.data_root={image_root}"],
+    )
+    data = SESEMIDataModule(cfg.data, cfg.run.data_root, cfg.run.batch_size_per_gpu)
+    assert list(data.train) == ["supervised"]

@@ -153,3 +153,30 @@ def test_hparams_round_trip_through_checkpoint(tmp_path):
     loaded = Classifier.load_from_checkpoint(path, map_location="cpu")
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(loaded.eval()(x), learner.eval()(x))
+
+
+def test_null_head_entry_is_switched_off():
+    heads = {"rotation": None}
+    learner = Classifier(_hparams(heads))
+    assert len(learner.regularization_heads) == 0
+
+
+def test_ema_teacher_is_offered_to_heads_and_not_optimized():
+    hp = _hparams()
+    hp["model"]["ema"] = {"decay": 0.9}
+    learner = Classifier(hp)
+    assert learner.backbones["teacher_backbone"] is learner.ema.backbone
+    assert learner.heads["teacher_supervised_head"] is learner.ema.supervised_head
+    assert not any(p.requires_grad for p in learner.ema.parameters())
+    optimized = {
+        id(p) for p in learner.configure_optimizers()["optimizer"].param_groups[0]["params"]
+    }
+    assert not optimized & {id(p) for p in learner.ema.parameters()}
+    # One EMA step after the student moved: teacher = 0.9 * teacher + 0.1 * student.
+    learner.ema.update(learner.backbone, learner.supervised_head)  # first call copies the student
+    before = learner.ema.supervised_head.weight.clone()
+    with torch.no_grad():
+        learner.supervised_head.weight.add_(1.0)
+    learner.ema.update(learner.backbone, learner.supervised_head)
+    expected = 0.9 * before + 0.1 * learner.supervised_head.weight
+    assert torch.allclose(learner.ema.supervised_head.weight, expected, atol=1e-6)

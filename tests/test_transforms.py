@@ -125,3 +125,24 @@ def test_crop_pct_out_of_range(crop_pct: float) -> None:
 
 def test_crop_pct_one_allowed(image: Image.Image) -> None:
     assert center_crop_transforms(input_h=16, input_w=16, crop_pct=1.0)(image).shape == (3, 16, 16)
+
+
+def test_multiview_returns_each_view_of_the_same_image():
+    from sesemi.transforms import MultiView, center_crop_transforms, strong_transforms
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    exact = center_crop_transforms(32, 32)
+    views = MultiView([exact, strong_transforms(32, 32), exact])(image)
+    assert len(views) == 3 and all(v.shape == (3, 32, 32) for v in views)
+    assert torch.equal(views[0], views[2])  # deterministic view twice: identical
+    assert not torch.equal(views[0], views[1])  # the strong view differs
+
+
+def test_strong_transforms_cutout_erases_a_rectangle():
+    from sesemi.transforms import strong_transforms
+
+    image = Image.new("RGB", (48, 40), (200, 200, 200))
+    t = strong_transforms(32, 32, rand_augment="rand-m0-n1", cutout_p=1.0, cutout_scale=(0.1, 0.1))
+    out = t(image)
+    erased = (out == 0).all(dim=0)  # cutout fills 0 after normalization, gray stays positive
+    assert 0.05 * 32 * 32 <= erased.sum() <= 0.15 * 32 * 32

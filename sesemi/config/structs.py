@@ -119,12 +119,13 @@ class DataConfig:
 
     Attributes:
         train: An optional dictionary of data loader configurations. This configuration is
-            directly mapped into dictionaries of data batches.
+            directly mapped into dictionaries of data batches. A null entry is switched off
+            (e.g. `data.train.rotation_prediction=null` on the command line).
         val: An optional data loader configuration to use during validation.
         test: An optional data loader configuration to use for testing.
     """
 
-    train: dict[str, DataLoaderConfig] | None = None
+    train: dict[str, DataLoaderConfig | None] | None = None
     val: DataLoaderConfig | None = None
     test: DataLoaderConfig | None = None
 
@@ -165,18 +166,33 @@ class LossHeadConfig:
 
 
 @dataclass
+class EMAConfig:
+    """An EMA teacher of the backbone and classifier (Mean Teacher, FixMatch with EMA, ...).
+
+    Attributes:
+        decay: The per-step decay: teacher = decay * teacher + (1 - decay) * student.
+    """
+
+    decay: float = 0.999
+
+
+@dataclass
 class ClassifierModelConfig:
     """The classifier's model.
 
     Attributes:
         backbone: The backbone node, e.g. `sesemi.PyTorchImageModels`.
         supervised_loss: The supervised loss on the "supervised" training batches.
-        regularization_loss_heads: Named regularization loss heads on other batches.
+        regularization_loss_heads: Named regularization loss heads on other batches; a null
+            entry is switched off.
+        ema: An optional EMA teacher, offered to heads as "teacher_backbone" and
+            "teacher_supervised_head" and evaluated as val/ema/top1.
     """
 
     backbone: Any = MISSING
     supervised_loss: LossCallableConfig = field(default_factory=LossCallableConfig)
-    regularization_loss_heads: dict[str, LossHeadConfig] | None = None
+    regularization_loss_heads: dict[str, LossHeadConfig | None] | None = None
+    ema: EMAConfig | None = None
 
 
 @dataclass
