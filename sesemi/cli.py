@@ -22,8 +22,17 @@ USER_ERRORS = (
     FileNotFoundError,
     FileExistsError,
     FloatingPointError,
+    OSError,
     OmegaConfBaseException,
 )
+
+
+def _one_line(error: BaseException) -> str:
+    # Errors from DataLoader workers carry the worker's traceback; its last line is the message.
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text.strip("'\"").splitlines()[0] if text else type(error).__name__
 
 
 def _next_command(argv: list[str]) -> str:
@@ -42,13 +51,16 @@ def cli(cfg: DictConfig) -> None:
 
     warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*pin_memory.*no accelerator.*")
+    # The run directory is new; it holds only Hydra's own files, which the CSV logger keeps.
+    warnings.filterwarnings(
+        "ignore", message=r".*Experiment logs directory .* exists and is not empty.*"
+    )
     try:
         result = run(cfg, HydraConfig.get().runtime.output_dir)
     except USER_ERRORS as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        message = str(e).strip().strip("'\"").splitlines()[0]
-        print(f"open_sesemi: error: {message}", file=sys.stderr)
+        print(f"open_sesemi: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(1)
     rank_zero_only(print)(format_summary(result, _next_command(sys.argv[1:])))
 

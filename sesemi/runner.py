@@ -71,6 +71,19 @@ def check_classes(data: SESEMIDataModule, num_classes: int) -> None:
             )
 
 
+def check_head_inputs(cfg: DictConfig, data: SESEMIDataModule) -> None:
+    """Checks that every loss head reads a configured training loader."""
+    heads = cfg.learner.hparams.model.get("regularization_loss_heads") or {}
+    for name, node in heads.items():
+        wanted = node.head.get("input_data") if node is not None else None
+        if wanted is not None and wanted not in data.train:
+            raise ValueError(
+                f"regularization_loss_heads.{name} reads data.train.{wanted}, which is not "
+                f"configured (loaders: {', '.join(data.train) or 'none'}); add that loader or "
+                f"switch the head off: learner.hparams.model.regularization_loss_heads.{name}=null"
+            )
+
+
 def check_fresh_run_dir(run_dir: str) -> None:
     """Refuses to write into a run directory that already holds checkpoints."""
     checkpoints = os.path.join(run_dir, "checkpoints")
@@ -209,6 +222,8 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
         # Evaluation steps no optimizer, and its schedule may name training-only attributes.
         cfg.learner.hparams.lr_scheduler = None
     check_classes(data, cfg.learner.hparams.num_classes)
+    if mode == RunMode.FIT:
+        check_head_inputs(cfg, data)
     check_fresh_run_dir(run_dir)
     attributes = _attributes(cfg, data, plan)
     set_attributes(attributes)
@@ -228,6 +243,9 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     else:
         trainer.test(learner, datamodule=data, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    skipped = sum(getattr(spec.dataset, "skipped", 0) for spec in data.specs())
+    if skipped:
+        metrics["skipped_unreadable_images"] = float(skipped)
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     last = next(c for c in callbacks if isinstance(c, LastCheckpoint))
     return RunResult(
@@ -247,6 +265,8 @@ def format_summary(result: RunResult, command: str = "open_sesemi") -> str:
     for key in ("val/top1", "val/top1_best", "test/top1", "val/loss", "test/loss"):
         if key in m:
             lines.append(f"  {key:<14} {m[key]:.4f}")
+    if "skipped_unreadable_images" in m:
+        lines.append(f"  skipped        {int(m['skipped_unreadable_images'])} unreadable image(s)")
     lines.append(f"  outputs        {result.run_dir}")
     if result.best_checkpoint:
         lines.append(f"  best ckpt      {result.best_checkpoint}")

@@ -131,6 +131,7 @@ def test_experiment_src_code_is_instantiable(experiment):
         (["learner.hparams.num_classes=3"], "set learner.hparams.num_classes=2"),
         (["data.train.supervised.batch_size=64"], "0 iterations per epoch"),
         (["data.val.dataset.subset=nope"], "nope"),
+        (["data.train.rotation_prediction=null"], "reads data.train.rotation_prediction"),
     ],
 )
 def test_bad_input_is_one_clear_line(experiment, overrides, expected):
@@ -157,3 +158,39 @@ def test_ddp_two_processes_on_cpu(experiment):
     assert checkpoint["global_step"] == 2 * 3
     scheduler = checkpoint["lr_schedulers"][0]
     assert scheduler["last_epoch"] == 6 and scheduler["max_iters"] == 6
+
+
+def test_corrupt_image_stops_naming_the_file_or_is_skipped_and_counted(experiment):
+    broken = experiment / "data" / "train" / "cat" / "000.png"
+    broken.write_bytes(broken.read_bytes()[:60])  # a truncated PNG
+    budget = (
+        "run.num_iterations=4",
+        "run.num_epochs=null",
+        "data.train.rotation_prediction=null",
+        "learner.hparams.model.regularization_loss_heads.rotation_prediction=null",
+    )
+    out = _custom(experiment, *budget)
+    assert out.returncode != 0
+    assert "cannot read image" in out.stderr and str(broken) in out.stderr
+    assert "Traceback" not in out.stderr
+
+    skip = "+data.train.supervised.dataset.kwargs.skip_unreadable=true"
+    out = _custom(experiment, *budget, skip, "data.train.supervised.shuffle=false")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "skipped" in out.stdout and "unreadable image(s)" in out.stdout
+
+
+def test_non_image_files_are_ignored(experiment):
+    for name in ("notes.txt", ".DS_Store"):
+        (experiment / "data" / "train" / "cat" / name).write_text("not an image")
+    out = _custom(experiment, "run.num_iterations=2", "run.num_epochs=null")
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_same_seed_gives_identical_metrics(experiment):
+    runs = []
+    for _ in range(2):
+        out = _custom(experiment)  # one epoch, validated at its end
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append([line for line in out.stdout.splitlines() if line.strip().startswith("val/")])
+    assert runs[0] and runs[0] == runs[1]

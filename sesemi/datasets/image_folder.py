@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -9,9 +11,11 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from sesemi.datasets._registry import register_dataset
+
+log = logging.getLogger(__name__)
 
 UNLABELED = -1  # The target of images in a folder without class subfolders.
 
@@ -33,6 +37,54 @@ def _scan(path: str) -> tuple[list[str], list[str]]:
             elif _is_image(entry.name):
                 images.append(entry.name)
     return sorted(dirs), sorted(images)
+
+
+class ImageReadError(OSError):
+    """An image file that exists but cannot be decoded (corrupt, truncated, not an image)."""
+
+
+def load_image(path: str) -> Image.Image:
+    """Decodes an image file as RGB; a file that fails is named in an `ImageReadError`."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(
+            f"cannot read image '{path}' ({e}); replace or delete it, or set the dataset's "
+            "skip_unreadable: true"
+        ) from None
+
+
+class SkipUnreadable(Dataset):
+    """Wraps a dataset so unreadable images are skipped (the next sample is served) and counted.
+
+    The count is shared with DataLoader worker processes (fork), so the run can report it.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.classes = getattr(dataset, "classes", [])
+        self.class_to_idx = getattr(dataset, "class_to_idx", {})
+        self.targets = getattr(dataset, "targets", [])
+        self._skipped = multiprocessing.Value("i", 0)
+
+    @property
+    def skipped(self) -> int:
+        """How many times an unreadable image was skipped so far."""
+        return self._skipped.value
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        for offset in range(min(len(self.dataset), 100)):
+            try:
+                return self.dataset[(index + offset) % len(self.dataset)]
+            except ImageReadError as e:
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                log.warning("skipping: %s", e)
+        raise ImageReadError(f"100 unreadable images in a row near index {index}")
 
 
 class UnlabeledImageFolder(Dataset):
@@ -58,7 +110,7 @@ class UnlabeledImageFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        image: Image.Image = default_loader(self.samples[index][0])
+        image = load_image(self.samples[index][0])
         return (self.transform(image) if self.transform else image), UNLABELED
 
 
@@ -95,7 +147,7 @@ def _folder(path: str, transform: Callable | None) -> Dataset:
             f"class folder(s) {', '.join(empty)} in '{path}' hold no images "
             f"(extensions {', '.join(IMG_EXTENSIONS)}); add images or remove the folder(s)"
         )
-    return _ClassFolder(path, transform=transform, is_valid_file=_is_image)
+    return _ClassFolder(path, transform=transform, loader=load_image, is_valid_file=_is_image)
 
 
 def _is_class_folder_root(root: str, dirs: list[str]) -> bool:
@@ -109,6 +161,7 @@ def image_folder(
     root: str,
     subset: str | Sequence[str] | None = None,
     image_transform: Callable | None = None,
+    skip_unreadable: bool = False,
     **kwargs: Any,
 ) -> Dataset:
     """Builds a dataset from folders of images, one subfolder per class.
@@ -119,6 +172,8 @@ def image_folder(
             shared class index; their class lists must agree), or None for all of them. With
             None, a root whose subfolders hold images directly is used as one class folder.
         image_transform: The transform applied to each PIL image.
+        skip_unreadable: Skip (and count) corrupt or truncated images instead of stopping
+            with an error that names the file.
         **kwargs: Not used; an error if given.
 
     Returns:
@@ -126,6 +181,13 @@ def image_folder(
     """
     if kwargs:
         raise TypeError(f"image_folder got unexpected argument(s): {', '.join(kwargs)}")
+    built = _image_folder(root, subset, image_transform)
+    return SkipUnreadable(built) if skip_unreadable else built
+
+
+def _image_folder(
+    root: str, subset: str | Sequence[str] | None, image_transform: Callable | None
+) -> Dataset:
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset folder '{root}' does not exist; check run.data_root")
     if subset is None:
