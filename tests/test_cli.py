@@ -194,3 +194,30 @@ def test_same_seed_gives_identical_metrics(experiment):
         assert out.returncode == 0, out.stderr[-3000:]
         runs.append([line for line in out.stdout.splitlines() if line.strip().startswith("val/")])
     assert runs[0] and runs[0] == runs[1]
+
+
+def test_sigkilled_run_resumes_to_the_same_final_step(experiment):
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "sesemi", "-cd", "configs", "-cn", "custom", "run.num_epochs=8"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(
+        args, cwd=experiment, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    pattern = str(experiment / "runs/tiny/*/checkpoints/last.ckpt")
+    deadline = time.time() + 240
+    while not glob.glob(pattern) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (killed,) = glob.glob(pattern)
+    step_at_kill = torch.load(killed, map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < step_at_kill < 8 * 6  # 6 steps per epoch (see test_ddp for the arithmetic)
+
+    out = _custom(experiment, "run.num_epochs=8", "run.resume_from_checkpoint=last")
+    assert out.returncode == 0, out.stderr[-3000:]
+    newest = max(glob.glob(pattern), key=os.path.getmtime)
+    assert newest != killed  # the resumed run writes its own run directory
+    assert torch.load(newest, map_location="cpu", weights_only=False)["global_step"] == 8 * 6
+    assert not glob.glob(str(experiment / "runs/tiny/*/checkpoints/*.tmp"))
