@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -136,6 +137,10 @@ def strong_transforms(
     """
     from timm.data.auto_augment import rand_augment_transform
 
+    magnitude = re.search(r"-m(\d+(\.\d+)?)", rand_augment)
+    if magnitude and float(magnitude.group(1)) < 1:
+        # timm maps magnitude 0 to a 0-bit posterize, which Pillow refuses mid-training.
+        raise ValueError(f"rand_augment '{rand_augment}': use a magnitude m >= 1")
     fill = tuple(round(255 * m) for m in norm_mean)
     hparams = {"translate_const": int(0.45 * min(input_h, input_w)), "img_mean": fill}
     return v2.Compose(

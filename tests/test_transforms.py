@@ -142,7 +142,14 @@ def test_strong_transforms_cutout_erases_a_rectangle():
     from sesemi.transforms import strong_transforms
 
     image = Image.new("RGB", (48, 40), (200, 200, 200))
-    t = strong_transforms(32, 32, rand_augment="rand-m0-n1", cutout_p=1.0, cutout_scale=(0.1, 0.1))
+    t = strong_transforms(32, 32, rand_augment="rand-m5-n1", cutout_p=1.0, cutout_scale=(0.1, 0.1))
     out = t(image)
     erased = (out == 0).all(dim=0)  # cutout fills 0 after normalization, gray stays positive
     assert 0.05 * 32 * 32 <= erased.sum() <= 0.15 * 32 * 32
+
+
+def test_strong_transforms_refuse_magnitude_zero():
+    from sesemi.transforms import strong_transforms
+
+    with pytest.raises(ValueError, match="magnitude"):
+        strong_transforms(32, 32, rand_augment="rand-m0-n1")
