@@ -221,3 +221,68 @@ def test_sigkilled_run_resumes_to_the_same_final_step(experiment):
     assert newest != killed  # the resumed run writes its own run directory
     assert torch.load(newest, map_location="cpu", weights_only=False)["global_step"] == 8 * 6
     assert not glob.glob(str(experiment / "runs/tiny/*/checkpoints/*.tmp"))
+
+
+DDP_PROBE = '''
+import json
+import torch
+import pytorch_lightning as pl
+
+
+class Probe(pl.Callback):
+    """Records, per rank, a fingerprint of each epoch's first batch and the final weights."""
+
+    def __init__(self, out):
+        self.out, self.first = out, []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == 0:
+            self.first.append(float(batch["supervised"][0].double().sum()))
+
+    def on_train_end(self, trainer, module):
+        weights = [float(p.double().sum()) for p in module.parameters()]
+        with open(f"{self.out}/probe_rank{trainer.global_rank}.json", "w") as f:
+            json.dump({"first": self.first, "weights": weights}, f)
+'''
+
+
+def test_ddp_ranks_agree_reshuffle_and_reduce_metrics(experiment):
+    import json
+
+    (experiment / "src").mkdir()
+    (experiment / "src" / "__init__.py").write_text("")
+    (experiment / "src" / "probe.py").write_text(DDP_PROBE)
+    (experiment / "configs" / "ddp.yaml").write_text(
+        "defaults:\n  - custom\n  - _self_\n"
+        "trainer:\n  devices: 2\n  enable_progress_bar: false\n  callbacks:\n"
+        "    - _target_: pytorch_lightning.callbacks.ModelCheckpoint\n"
+        f"    - _target_: src.probe.Probe\n      out: {experiment}\n"
+    )
+    out = open_sesemi(
+        "-cd", "configs", "-cn", "ddp", "run.accelerator=ddp", "run.num_epochs=3", cwd=experiment
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((experiment / f"probe_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # DDP kept the replicas identical
+    first0, first1 = ranks[0]["first"], ranks[1]["first"]
+    assert len(first0) == 3 and all(a != b for a, b in zip(first0, first1, strict=True))
+    assert len(set(first0)) == 3  # each epoch reshuffles
+
+    # val/top1 is reduced over both processes: it equals one process evaluating every image.
+    from sesemi.datasets import dataset
+    from sesemi.learners import Classifier
+    from sesemi.transforms import center_crop_transforms
+
+    (run_dir,) = glob.glob(str(experiment / "runs/tiny/*"))
+    rows = (Path(run_dir) / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    logged = [r.split(",")[header.index("val/top1")] for r in rows[1:]]
+    final_top1 = float([v for v in logged if v][-1])
+    model = Classifier.load_from_checkpoint(Path(run_dir) / "checkpoints/last.ckpt").eval()
+    val = dataset("image_folder", experiment / "data", "val", center_crop_transforms(32, 32))
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    with torch.no_grad():
+        predicted = model(images).argmax(dim=1)
+    assert final_top1 == pytest.approx(
+        (predicted == torch.tensor(val.targets)).float().mean().item()
+    )
