@@ -9,6 +9,7 @@ import warnings
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -24,12 +25,20 @@ USER_ERRORS = (
     FloatingPointError,
     OSError,
     OmegaConfBaseException,
+    InstantiationException,
 )
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    # Hydra wraps errors raised while building objects (InstantiationException); show the cause.
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    return error
 
 
 def _one_line(error: BaseException) -> str:
     # Errors from DataLoader workers carry the worker's traceback; its last line is the message.
-    text = str(error).strip()
+    text = str(_root_cause(error)).strip()
     if "Original Traceback" in text:
         text = text.splitlines()[-1].split(": ", 1)[-1]
     return text.strip("'\"").splitlines()[0] if text else type(error).__name__

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from sesemi.config.structs import EMAConfig
 from sesemi.models.ema import EMATeacher
 from sesemi.models.heads.base import HeadInputs, LossHead
 
@@ -91,7 +92,13 @@ class Classifier(pl.LightningModule):
         self.backbone: nn.Module = instantiate(model["backbone"])
         self.supervised_head = nn.Linear(self.backbone.out_features, self.num_classes)
         ema = model.get("ema")
-        self.ema = EMATeacher(self.backbone, self.supervised_head, ema["decay"]) if ema else None
+        self.ema = None
+        if ema:
+            unknown = set(ema) - {"decay"}
+            if unknown:
+                raise ValueError(f"learner.hparams.model.ema has unknown key(s) {sorted(unknown)}")
+            decay = float(ema.get("decay", EMAConfig.decay))
+            self.ema = EMATeacher(self.backbone, self.supervised_head, decay)
         self.supervised_loss = _build_loss(model["supervised_loss"]["callable"])
         self.supervised_term = _term(model["supervised_loss"])
         heads = model.get("regularization_loss_heads") or {}

@@ -262,7 +262,7 @@ def format_summary(result: RunResult, command: str = "open_sesemi") -> str:
     """A short end-of-run summary: metrics, where things are, time, and a next command."""
     m = result.metrics
     lines = [f"sesemi {result.mode.value} finished in {result.seconds:.0f}s"]
-    for key in ("val/top1", "val/top1_best", "test/top1", "val/loss", "test/loss"):
+    for key in ("val/top1", "val/top1_best", "val/ema/top1", "test/top1", "val/loss", "test/loss"):
         if key in m:
             lines.append(f"  {key:<14} {m[key]:.4f}")
     if "skipped_unreadable_images" in m:

@@ -132,6 +132,7 @@ def test_experiment_src_code_is_instantiable(experiment):
         (["data.train.supervised.batch_size=64"], "0 iterations per epoch"),
         (["data.val.dataset.subset=nope"], "nope"),
         (["data.train.rotation_prediction=null"], "reads data.train.rotation_prediction"),
+        (["learner.hparams.model.ema={decay:2}"], "ema.decay must be in [0, 1)"),
     ],
 )
 def test_bad_input_is_one_clear_line(experiment, overrides, expected):

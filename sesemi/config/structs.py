@@ -192,7 +192,9 @@ class ClassifierModelConfig:
     backbone: Any = MISSING
     supervised_loss: LossCallableConfig = field(default_factory=LossCallableConfig)
     regularization_loss_heads: dict[str, LossHeadConfig | None] | None = None
-    ema: EMAConfig | None = None
+    # Any, not `EMAConfig | None`: Hydra cannot override a null structured node from the
+    # command line, and `learner.hparams.model.ema={decay:0.999}` must work.
+    ema: Any = None
 
 
 @dataclass
