@@ -31,6 +31,25 @@ def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v
     ]
 
 
+def _crop_and_flip(
+    input_h: int,
+    input_w: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    interpolation: str,
+    p_hflip: float,
+) -> list[v2.Transform]:
+    # The geometric part every training recipe shares: random resized crop, horizontal flip.
+    crop = v2.RandomResizedCrop(
+        (input_h, input_w),
+        scale=tuple(scale),
+        ratio=tuple(ratio),
+        interpolation=interpolation_mode(interpolation),
+        antialias=True,
+    )
+    return [crop, v2.RandomHorizontalFlip(p_hflip)]
+
+
 def train_transforms(
     input_h: int = 224,
     input_w: int = 224,
@@ -56,19 +75,8 @@ def train_transforms(
     Returns:
         A transform from a PIL image to a normalized `(3, input_h, input_w)` float tensor.
     """
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(
-                (input_h, input_w),
-                scale=tuple(scale),
-                ratio=tuple(ratio),
-                interpolation=interpolation_mode(interpolation),
-                antialias=True,
-            ),
-            v2.RandomHorizontalFlip(p_hflip),
-            *_to_normalized_tensor(norm_mean, norm_std),
-        ]
-    )
+    crop_flip = _crop_and_flip(input_h, input_w, scale, ratio, interpolation, p_hflip)
+    return v2.Compose([*crop_flip, *_to_normalized_tensor(norm_mean, norm_std)])
 
 
 def center_crop_transforms(
@@ -145,14 +153,7 @@ def strong_transforms(
     hparams = {"translate_const": int(0.45 * min(input_h, input_w)), "img_mean": fill}
     return v2.Compose(
         [
-            v2.RandomResizedCrop(
-                (input_h, input_w),
-                scale=tuple(scale),
-                ratio=tuple(ratio),
-                interpolation=interpolation_mode(interpolation),
-                antialias=True,
-            ),
-            v2.RandomHorizontalFlip(p_hflip),
+            *_crop_and_flip(input_h, input_w, scale, ratio, interpolation, p_hflip),
             rand_augment_transform(rand_augment, hparams),
             *_to_normalized_tensor(norm_mean, norm_std),
             v2.RandomErasing(p=cutout_p, scale=tuple(cutout_scale), value=0),

@@ -5,43 +5,41 @@ from __future__ import annotations
 import math
 
 
-class SigmoidRampupScheduler:
+class _Rampup:
+    """A weight that ramps up from step 0 to `stop_rampup`, then holds `weight`."""
+
+    def __init__(self, weight: float = 1.0, stop_rampup: int = 0) -> None:
+        """Initializes the schedule.
+
+        Args:
+            weight: The weight reached at `stop_rampup`.
+            stop_rampup: The step where the ramp-up ends (0 disables it).
+        """
+        self.weight = weight
+        self.stop_rampup = stop_rampup
+
+    def __call__(self, step: int) -> float:
+        if self.stop_rampup <= 0 or step >= self.stop_rampup:
+            return self.weight
+        return self.weight * self.shape(max(step, 0) / self.stop_rampup)
+
+    def shape(self, t: float) -> float:
+        """The ramp's fraction of `weight` at progress `t` in [0, 1)."""
+        raise NotImplementedError
+
+
+class SigmoidRampupScheduler(_Rampup):
     """Ramps a weight up as exp(-5 (1 - t)^2), t = step / stop_rampup, then holds it.
 
     Reference: Laine & Aila, "Temporal Ensembling for Semi-Supervised Learning", arXiv:1610.02242.
     """
 
-    def __init__(self, weight: float = 1.0, stop_rampup: int = 0) -> None:
-        """Initializes the schedule.
-
-        Args:
-            weight: The weight reached at `stop_rampup`.
-            stop_rampup: The step where the ramp-up ends (0 disables it).
-        """
-        self.weight = weight
-        self.stop_rampup = stop_rampup
-
-    def __call__(self, step: int) -> float:
-        if self.stop_rampup <= 0 or step >= self.stop_rampup:
-            return self.weight
-        t = max(step, 0) / self.stop_rampup
-        return self.weight * math.exp(-5.0 * (1.0 - t) ** 2)
+    def shape(self, t: float) -> float:
+        return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
-class LinearRampupScheduler:
+class LinearRampupScheduler(_Rampup):
     """Ramps a weight up linearly from 0 at step 0 to `weight` at `stop_rampup`, then holds it."""
 
-    def __init__(self, weight: float = 1.0, stop_rampup: int = 0) -> None:
-        """Initializes the schedule.
-
-        Args:
-            weight: The weight reached at `stop_rampup`.
-            stop_rampup: The step where the ramp-up ends (0 disables it).
-        """
-        self.weight = weight
-        self.stop_rampup = stop_rampup
-
-    def __call__(self, step: int) -> float:
-        if self.stop_rampup <= 0 or step >= self.stop_rampup:
-            return self.weight
-        return self.weight * max(step, 0) / self.stop_rampup
+    def shape(self, t: float) -> float:
+        return t
