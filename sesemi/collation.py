@@ -50,3 +50,12 @@ class RotationTransformer:
         )  # (B, R, C, H, W)
         labels = torch.arange(self.num_rotations).repeat(images.shape[0])
         return rotated.flatten(0, 1), labels
+
+
+def __getattr__(name: str) -> Any:
+    # `sesemi.collation.JigsawTransformer` for configs; it lives with its tile utilities.
+    if name == "JigsawTransformer":
+        from sesemi.jigsaw import JigsawTransformer
+
+        return JigsawTransformer
+    raise AttributeError(f"module 'sesemi.collation' has no attribute '{name}'")

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.cli
 
 def open_sesemi(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Runs `python -m sesemi ARGS` in `cwd` and returns the finished process."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    # One thread per process: tiny models gain nothing from more, and CI's 2 cores are shared.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
         [sys.executable, "-m", "sesemi", *args],
