@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -43,16 +44,39 @@ class ImageReadError(OSError):
     """An image file that exists but cannot be decoded (corrupt, truncated, not an image)."""
 
 
-def load_image(path: str) -> Image.Image:
-    """Decodes an image file as RGB; a file that fails is named in an `ImageReadError`."""
+def load_image(path: str, decode_size: int | None = None) -> Image.Image:
+    """Decodes an image file as RGB; a file that fails is named in an `ImageReadError`.
+
+    Args:
+        path: The image file.
+        decode_size: If set, a JPEG is decoded at a reduced size (libjpeg's DCT scaling by 1/2,
+            1/4 or 1/8, via `Image.draft`): the largest reduction whose decoded short side is
+            still >= `decode_size` pixels. Images whose short side is below 2 * `decode_size`
+            are decoded at full size, and other formats (PNG, ...) are never affected.
+            To lose no resolution under a random resized crop to `out` pixels with area
+            scale >= `s_min` and aspect ratio >= `r_min` (<= 1 / `r_min`), every crop side is
+            at least sqrt(s_min * r_min) times the image's short side, so use
+            `decode_size >= out / sqrt(s_min * r_min)`: 438 for 224 px, scale (0.35, 1) and
+            ratio (3/4, 4/3). For a resize-then-center-crop, `decode_size` is the resize size.
+    """
     try:
         with Image.open(path) as image:
+            if decode_size is not None:
+                image.draft("RGB", (decode_size, decode_size))  # a no-op for non-JPEGs
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(
             f"cannot read image '{path}' ({e}); replace or delete it, or set the dataset's "
             "skip_unreadable: true"
         ) from None
+
+
+def _loader(decode_size: int | None) -> Callable[[str], Image.Image]:
+    if decode_size is None:
+        return load_image
+    if isinstance(decode_size, bool) or not isinstance(decode_size, int) or decode_size < 1:
+        raise ValueError(f"decode_size must be a positive integer or null, got {decode_size!r}")
+    return functools.partial(load_image, decode_size=decode_size)
 
 
 class SkipUnreadable(Dataset):
@@ -90,15 +114,22 @@ class SkipUnreadable(Dataset):
 class UnlabeledImageFolder(Dataset):
     """Images directly inside one folder, each with target `UNLABELED` (-1)."""
 
-    def __init__(self, root: str, transform: Callable | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        transform: Callable | None = None,
+        loader: Callable[[str], Image.Image] = load_image,
+    ) -> None:
         """Initializes the dataset by scanning file names only (no image is opened).
 
         Args:
             root: The folder holding the images.
             transform: The image transform.
+            loader: Decodes one image file (default `load_image`).
         """
         self.root = root
         self.transform = transform
+        self.loader = loader
         self.samples = [(os.path.join(root, f), UNLABELED) for f in _scan(root)[1]]
         self.targets = [UNLABELED] * len(self.samples)
         self.classes: list[str] = []
@@ -110,7 +141,7 @@ class UnlabeledImageFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = load_image(self.samples[index][0])
+        image = self.loader(self.samples[index][0])
         return (self.transform(image) if self.transform else image), UNLABELED
 
 
@@ -132,11 +163,13 @@ class ImageFolderSubsets(ConcatDataset):
         self.targets = [t for d in datasets for t in d.targets]
 
 
-def _folder(path: str, transform: Callable | None) -> Dataset:
+def _folder(
+    path: str, transform: Callable | None, loader: Callable[[str], Image.Image] = load_image
+) -> Dataset:
     """One folder: class subfolders make an ImageFolder, loose images an unlabeled set."""
     dirs, images = _scan(path)
     if not dirs:
-        return UnlabeledImageFolder(path, transform)
+        return UnlabeledImageFolder(path, transform, loader)
     empty = [
         d
         for d in dirs
@@ -147,7 +180,7 @@ def _folder(path: str, transform: Callable | None) -> Dataset:
             f"class folder(s) {', '.join(empty)} in '{path}' hold no images "
             f"(extensions {', '.join(IMG_EXTENSIONS)}); add images or remove the folder(s)"
         )
-    return _ClassFolder(path, transform=transform, loader=load_image, is_valid_file=_is_image)
+    return _ClassFolder(path, transform=transform, loader=loader, is_valid_file=_is_image)
 
 
 def _is_class_folder_root(root: str, dirs: list[str]) -> bool:
@@ -162,6 +195,7 @@ def image_folder(
     subset: str | Sequence[str] | None = None,
     image_transform: Callable | None = None,
     skip_unreadable: bool = False,
+    decode_size: int | None = None,
     **kwargs: Any,
 ) -> Dataset:
     """Builds a dataset from folders of images, one subfolder per class.
@@ -174,6 +208,9 @@ def image_folder(
         image_transform: The transform applied to each PIL image.
         skip_unreadable: Skip (and count) corrupt or truncated images instead of stopping
             with an error that names the file.
+        decode_size: Decode JPEGs at a reduced size whose short side stays >= this many pixels
+            (see `load_image`); None (the default) decodes every image at full size. For the
+            default `train_transforms` (224 px, scale >= 0.35, ratio >= 3/4) use 438.
         **kwargs: Not used; an error if given.
 
     Returns:
@@ -181,19 +218,22 @@ def image_folder(
     """
     if kwargs:
         raise TypeError(f"image_folder got unexpected argument(s): {', '.join(kwargs)}")
-    built = _image_folder(root, subset, image_transform)
+    built = _image_folder(root, subset, image_transform, _loader(decode_size))
     return SkipUnreadable(built) if skip_unreadable else built
 
 
 def _image_folder(
-    root: str, subset: str | Sequence[str] | None, image_transform: Callable | None
+    root: str,
+    subset: str | Sequence[str] | None,
+    image_transform: Callable | None,
+    loader: Callable[[str], Image.Image] = load_image,
 ) -> Dataset:
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset folder '{root}' does not exist; check run.data_root")
     if subset is None:
         dirs, _ = _scan(root)
         if not dirs or _is_class_folder_root(root, dirs):
-            return _folder(root, image_transform)
+            return _folder(root, image_transform, loader)
         subsets: list[str] = dirs
     else:
         subsets = [subset] if isinstance(subset, str) else list(subset)
@@ -206,7 +246,7 @@ def _image_folder(
                 f"subset folder '{path}' does not exist (subfolders of {root}: {found}); "
                 "fix the dataset's subset or root"
             )
-        parts.append(_folder(path, image_transform))
+        parts.append(_folder(path, image_transform, loader))
     if len(parts) == 1:
         return parts[0]
     labeled = [(n, p) for n, p in zip(subsets, parts, strict=True) if p.classes]
