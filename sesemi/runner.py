@@ -6,6 +6,7 @@ import glob
 import logging
 import os
 import time
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,17 @@ class RunResult:
     best_checkpoint: str | None = None
     last_checkpoint: str | None = None
     seconds: float = 0.0
+
+
+def missing_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of values left `???` (read without resolving any interpolation)."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return [prefix] if node == "???" else []
+    return [m for k, v in items for m in missing_keys(v, f"{prefix}.{k}" if prefix else str(k))]
 
 
 def check_run_config(run: DictConfig) -> RunMode:
@@ -105,6 +117,8 @@ def find_checkpoint(path: str, key: str, run: DictConfig) -> str:
     path = to_absolute_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"run.{key}: checkpoint '{path}' does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives
+        raise ValueError(f"run.{key}: '{path}' is not a PyTorch checkpoint")
     return path
 
 
@@ -203,6 +217,12 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
         run_dir: Where outputs (logs, checkpoints) go.
     """
     start = time.time()
+    missing = missing_keys(OmegaConf.to_container(cfg, resolve=False))
+    if missing:
+        raise ValueError(
+            f"required field(s) left ??? : {', '.join(missing)}; set them in your config or on "
+            "the command line (see open_sesemi -h)"
+        )
     mode = check_run_config(cfg.run)
     if cfg.run.seed is not None:
         pl.seed_everything(cfg.run.seed, workers=True, verbose=False)

@@ -134,6 +134,8 @@ def test_experiment_src_code_is_instantiable(experiment):
         (["data.val.dataset.subset=nope"], "nope"),
         (["data.train.rotation_prediction=null"], "reads data.train.rotation_prediction"),
         (["learner.hparams.model.ema={decay:2}"], "ema.decay must be in [0, 1)"),
+        (["learner.hparams.optimizer=???"], "learner.hparams.optimizer"),
+        (["run.resume_from_checkpoint=configs/custom.yaml"], "is not a PyTorch checkpoint"),
     ],
 )
 def test_bad_input_is_one_clear_line(experiment, overrides, expected):
