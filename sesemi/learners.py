@@ -121,7 +121,8 @@ class Classifier(pl.LightningModule):
         self.test_top1 = MulticlassAccuracy(self.num_classes, average="micro")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_top1_best = MaxMetric()
-        self.val_ema_top1 = MulticlassAccuracy(self.num_classes, average="micro")
+        if self.ema is not None:
+            self.val_ema_top1 = MulticlassAccuracy(self.num_classes, average="micro")
 
     @property
     def backbones(self) -> dict[str, nn.Module]:
