@@ -180,3 +180,30 @@ def test_ema_teacher_is_offered_to_heads_and_not_optimized():
     learner.ema.update(learner.backbone, learner.supervised_head)
     expected = 0.9 * before + 0.1 * learner.supervised_head.weight
     assert torch.allclose(learner.ema.supervised_head.weight, expected, atol=1e-6)
+
+
+def test_pretrained_weights_skip_a_classifier_of_another_size(tmp_path, caplog):
+    from sesemi.runner import load_pretrained_weights
+
+    source = Classifier(_hparams(num_classes=3))
+    path = tmp_path / "weights.ckpt"
+    torch.save({"state_dict": source.state_dict()}, path)
+    target = Classifier(_hparams(num_classes=5))
+    before = target.supervised_head.weight.clone()
+    with caplog.at_level("WARNING"):
+        load_pretrained_weights(target, str(path))
+    assert "supervised_head.weight" in caplog.text  # named in the warning
+    assert torch.equal(target.supervised_head.weight, before)  # kept its own 5-class layer
+    for (name, p), q in zip(
+        target.backbone.named_parameters(), source.backbone.parameters(), strict=True
+    ):
+        assert torch.equal(p, q), name  # the backbone came from the checkpoint
+
+
+def test_pretrained_weights_reject_a_file_that_is_not_a_checkpoint(tmp_path):
+    from sesemi.runner import load_pretrained_weights
+
+    path = tmp_path / "notes.ckpt"
+    path.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        load_pretrained_weights(Classifier(_hparams()), str(path))
