@@ -146,12 +146,17 @@ class Classifier(pl.LightningModule):
         return torch.softmax(self.supervised_head(self.backbone(images)), dim=-1)
 
     @staticmethod
-    def _check_finite(name: str, loss: Tensor, step: int) -> None:
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss term '{name}' is {loss.item()} at step {step}; lower the "
-                "learning rate or check the data and the term's weight"
-            )
+    def _check_finite(total: Tensor, terms: dict[str, Tensor], step: int) -> None:
+        # One host sync per step (on the total); the terms are looked at only when it fails.
+        if torch.isfinite(total):
+            return
+        name, loss = next(
+            ((n, v) for n, v in terms.items() if not torch.isfinite(v)), ("total", total)
+        )
+        raise FloatingPointError(
+            f"loss term '{name}' is {loss.item()} at step {step}; lower the "
+            "learning rate or check the data and the term's weight"
+        )
 
     def compute_losses(self, batch: Mapping[str, Any], step: int) -> tuple[Tensor, dict[str, Any]]:
         """The weighted total loss of one multi-loader batch, and the values to log.
@@ -167,7 +172,7 @@ class Classifier(pl.LightningModule):
         features = self.backbone(images)
         logits = self.supervised_head(features)
         loss = self.supervised_term.reduce(self.supervised_loss(logits, targets))
-        self._check_finite(SUPERVISED, loss, step)
+        terms = {SUPERVISED: loss}
         weight = self.supervised_term.weight(step)
         total = weight * loss
         logs: dict[str, Any] = {"supervised_loss": loss, "supervised_weight": weight}
@@ -181,11 +186,12 @@ class Classifier(pl.LightningModule):
         for name, head in self.regularization_heads.items():
             term = self.regularization_terms[name]
             head_loss = term.reduce(head(inputs))
-            self._check_finite(name, head_loss, step)
+            terms[name] = head_loss
             weight = term.weight(step)
             total = total + weight * head_loss
             logs[f"{name}_loss"], logs[f"{name}_weight"] = head_loss, weight
             logs.update({f"{name}/{k}": v for k, v in head.log_values.items()})
+        self._check_finite(total, terms, step)
         return total, {"logits": logits.detach(), "targets": targets, **logs}
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
