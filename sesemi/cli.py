@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import shlex
 import sys
@@ -38,10 +39,52 @@ def _root_cause(error: BaseException) -> BaseException:
 
 def _one_line(error: BaseException) -> str:
     # Errors from DataLoader workers carry the worker's traceback; its last line is the message.
-    text = str(_root_cause(error)).strip()
+    cause = _root_cause(error)
+    text = str(cause).strip()
     if "Original Traceback" in text:
         text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text.strip("'\"").splitlines()[0] if text else type(error).__name__
+    if isinstance(cause, KeyError) or "Original Traceback" in str(cause):
+        text = text.strip("'\"")  # str(KeyError) quotes its message
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _option(argv: list[str], *names: str) -> str | None:
+    # The value of `-cn NAME`, `--config-name NAME` or `--config-name=NAME` (the last one given).
+    value = None
+    for i, arg in enumerate(argv):
+        if arg in names and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif any(arg.startswith(n + "=") for n in names if n.startswith("--")):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def builtin_configs() -> list[str]:
+    """The names of the configs shipped in `sesemi/conf`."""
+    from importlib.resources import files
+
+    return sorted(f.name[:-5] for f in files("sesemi.conf").iterdir() if f.name.endswith(".yaml"))
+
+
+def missing_config_error(argv: list[str]) -> str | None:
+    """A one-line error when `-cn` names a config that is neither built in nor in `-cd`."""
+    name = _option(argv, "-cn", "--config-name")
+    if not name or any(a.startswith(("hydra.searchpath", "-cp", "--config-path")) for a in argv):
+        return None
+    stem = name[:-5] if name.endswith(".yaml") else name
+    config_dir = _option(argv, "-cd", "--config-dir")
+    if stem in builtin_configs() or stem == "sesemi_base_config":
+        return None
+    if config_dir is not None and os.path.isfile(os.path.join(config_dir, stem + ".yaml")):
+        return None
+    where = f" nor {os.path.join(config_dir, stem + '.yaml')}" if config_dir else ""
+    close = difflib.get_close_matches(stem, builtin_configs(), n=3)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return (
+        f"no config named '{name}': not a built-in config{where}; {hint}built-in: base, demo, "
+        "imagewoof, demo_<method>, imagewoof_<method> (see the README); for your own configs "
+        "use -cd DIR -cn NAME with DIR/NAME.yaml"
+    )
 
 
 def _next_command(argv: list[str]) -> str:
@@ -75,7 +118,18 @@ def cli(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: a checkpoint subcommand, or a Hydra training run."""
+    from sesemi.commands import SUBCOMMANDS
+
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        from sesemi.commands import main as run_subcommand
+
+        run_subcommand(sys.argv[1:])
+        return
+    error = missing_config_error(sys.argv[1:])
+    if error is not None:
+        print(f"open_sesemi: error: {error}", file=sys.stderr)
+        sys.exit(1)
     # The spec's own experiment configs (`defaults: [base]`) omit `_self_`; Hydra's default of
     # applying the file last is what they mean, so the upgrade notice is noise for users.
     warnings.filterwarnings("ignore", message=r".*Defaults list is missing `_self_`.*")

@@ -123,6 +123,7 @@ class SESEMIDataModule(pl.LightningDataModule):
         }
         self.val = self._spec("val", data, data_root, bs, stages)
         self.test = self._spec("test", data, data_root, bs, stages)
+        self.data_root = data_root
 
     @staticmethod
     def _spec(stage, data, data_root, bs, stages) -> LoaderSpec | None:
@@ -133,6 +134,24 @@ class SESEMIDataModule(pl.LightningDataModule):
     def specs(self) -> list[LoaderSpec]:
         """Every configured loader: train loaders by name, then val and test."""
         return [*self.train.values(), *(s for s in (self.val, self.test) if s is not None)]
+
+    def knn_bank_loader(self) -> DataLoader:
+        """The labeled training images with the val transform, in order: the kNN memory bank.
+
+        Every process reads all of them (no DistributedSampler), so each holds the whole bank.
+        """
+        supervised, val = self.train.get("supervised"), self.val
+        if supervised is None or val is None:
+            raise ValueError("kNN evaluation needs data.train.supervised and data.val loaders")
+        dataset = {**supervised.node["dataset"]}
+        dataset["image_transform"] = val.node["dataset"].get("image_transform")
+        node = {
+            "dataset": dataset,
+            "batch_size": val.batch_size,
+            "num_workers": val.node.get("num_workers"),
+            "pin_memory": val.node.get("pin_memory"),
+        }
+        return LoaderSpec("kNN bank (data.train.supervised)", node, self.data_root, None).loader()
 
     def iterations_per_epoch(self, world_size: int = 1, accumulate_grad_batches: int = 1) -> int:
         """Optimizer steps per epoch on each process: the longest train loader's batch count."""

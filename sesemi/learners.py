@@ -12,15 +12,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from sesemi.config.structs import EMAConfig
+from sesemi.config.structs import EMAConfig, KNNConfig
 from sesemi.models.ema import EMATeacher
 from sesemi.models.heads.base import HeadInputs, LossHead
 
 log = logging.getLogger(__name__)
 
 SUPERVISED = "supervised"  # The data.train loader the supervised loss reads.
+METADATA_KEY = "sesemi"  # The checkpoint entry holding class names and preprocessing.
 
 
 def _build_loss(node: Any) -> Callable[[Tensor, Tensor], Tensor]:
@@ -123,6 +124,65 @@ class Classifier(pl.LightningModule):
         self.val_top1_best = MaxMetric()
         if self.ema is not None:
             self.val_ema_top1 = MulticlassAccuracy(self.num_classes, average="micro")
+        self.knn = self._knn_config(hp.get("knn"))
+        self.knn_bank_loader: Any = None  # set by the runner when knn is configured
+        self._knn_bank: tuple[Tensor, Tensor] | None = None
+        if self.knn is not None:
+            self.val_knn_top1 = MulticlassAccuracy(self.num_classes, average="micro")
+        self.confusion = nn.ModuleDict(
+            {s: MulticlassConfusionMatrix(self.num_classes) for s in ("val", "test")}
+        )
+        # The last val / test epoch's confusion matrix (rows: true class, columns: predicted).
+        self.confusion_matrices: dict[str, Tensor] = {}
+        # What a user of the checkpoint needs besides weights (see `set_metadata`).
+        self.class_names: list[str] | None = None
+        self.preprocessing: dict[str, Any] | None = None
+
+    def set_metadata(
+        self, class_names: list[str] | None, preprocessing: Mapping[str, Any] | None
+    ) -> None:
+        """Records the class names and eval preprocessing that checkpoints carry.
+
+        Args:
+            class_names: The class names, in target order (from the labeled image folders).
+            preprocessing: `sesemi.transforms.center_crop_transforms` arguments (input size,
+                crop_pct, interpolation, normalization) that prepare an image for the model.
+        """
+        if class_names is not None and len(class_names) != self.num_classes:
+            raise ValueError(
+                f"{len(class_names)} class names for a {self.num_classes}-class classifier"
+            )
+        self.class_names = list(class_names) if class_names is not None else None
+        self.preprocessing = dict(preprocessing) if preprocessing is not None else None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Stores the class names and preprocessing beside the weights."""
+        checkpoint[METADATA_KEY] = {
+            "class_names": self.class_names,
+            "preprocessing": self.preprocessing,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restores the class names and preprocessing (a resumed run keeps them)."""
+        meta = checkpoint.get(METADATA_KEY) or {}
+        if self.class_names is None:
+            self.class_names = meta.get("class_names")
+        if self.preprocessing is None:
+            self.preprocessing = meta.get("preprocessing")
+
+    @staticmethod
+    def _knn_config(node: Mapping[str, Any] | None) -> KNNConfig | None:
+        if node is None:
+            return None
+        unknown = set(node) - {"k", "temperature"}
+        if unknown:
+            raise ValueError(f"learner.hparams.knn has unknown key(s) {sorted(unknown)}")
+        knn = KNNConfig(**node)
+        if knn.k < 1 or knn.temperature <= 0:
+            raise ValueError(
+                f"learner.hparams.knn needs k >= 1 and temperature > 0, got {dict(node)}"
+            )
+        return knn
 
     @property
     def backbones(self) -> dict[str, nn.Module]:
@@ -198,7 +258,8 @@ class Classifier(pl.LightningModule):
         """Computes, logs and returns the weighted loss of one multi-loader batch."""
         total, logs = self.compute_losses(batch, self.global_step)
         logits, targets = logs.pop("logits"), logs.pop("targets")
-        self.train_top1(logits, targets)
+        # Soft targets (class probabilities, e.g. pseudo-labels) count as their argmax class.
+        self.train_top1(logits, targets.argmax(dim=1) if targets.ndim == 2 else targets)
         logs = {f"train/{k}": v for k, v in logs.items()}
         logs["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=len(targets))
@@ -206,14 +267,45 @@ class Classifier(pl.LightningModule):
         self.log("train/top1", self.train_top1, on_step=True, on_epoch=False, prog_bar=True)
         return total
 
+    @torch.no_grad()
+    def _knn_features(self, images: Tensor) -> Tensor:
+        return torch.nn.functional.normalize(self.backbone(images).float(), dim=1)
+
+    @torch.no_grad()
+    def _build_knn_bank(self) -> tuple[Tensor, Tensor]:
+        features, labels = [], []
+        for images, targets in self.knn_bank_loader:
+            features.append(self._knn_features(images.to(self.device)))
+            labels.append(targets.to(self.device))
+        return torch.cat(features), torch.cat(labels)
+
+    def knn_scores(self, features: Tensor) -> Tensor:
+        """Class votes `(B, num_classes)` of L2-normalized features by the kNN bank."""
+        bank, labels = self._knn_bank
+        similarity = features @ bank.T
+        top, index = similarity.topk(min(self.knn.k, len(labels)), dim=1)
+        votes = torch.zeros(len(features), self.num_classes, device=features.device)
+        return votes.scatter_add_(1, labels[index], (top / self.knn.temperature).exp())
+
+    def on_validation_epoch_start(self) -> None:
+        """Computes the kNN bank's features with the current backbone."""
+        if self.knn is not None and self.knn_bank_loader is not None:
+            self._knn_bank = self._build_knn_bank()
+
     def _evaluate(self, batch: Any, stage: str) -> None:
         images, targets = batch
-        logits = self.supervised_head(self.backbone(images))
+        features = self.backbone(images)
+        logits = self.supervised_head(features)
+        if stage == "val" and self._knn_bank is not None:
+            normalized = torch.nn.functional.normalize(features.float(), dim=1)
+            self.val_knn_top1(self.knn_scores(normalized), targets)
+            self.log("val/knn/top1", self.val_knn_top1, batch_size=len(targets))
         loss_metric, top1 = (
             (self.val_loss, self.val_top1) if stage == "val" else (self.test_loss, self.test_top1)
         )
         loss_metric(torch.nn.functional.cross_entropy(logits, targets), len(targets))
         top1(logits, targets)
+        self.confusion[stage].update(logits, targets)
         self.log(f"{stage}/loss", loss_metric, batch_size=len(targets))
         self.log(f"{stage}/top1", top1, prog_bar=True, batch_size=len(targets))
         if stage == "val" and self.ema is not None:
@@ -233,8 +325,18 @@ class Classifier(pl.LightningModule):
         """Accumulates val loss and top-1 on one `(images, targets)` batch."""
         self._evaluate(batch, "val")
 
+    def _keep_confusion(self, stage: str) -> None:
+        # compute() reduces over processes; the matrix is kept on the CPU for the run's report.
+        self.confusion_matrices[stage] = self.confusion[stage].compute().cpu()
+        self.confusion[stage].reset()
+
+    def on_test_epoch_end(self) -> None:
+        """Keeps the test confusion matrix."""
+        self._keep_confusion("test")
+
     def on_validation_epoch_end(self) -> None:
-        """Logs the best val top-1 so far."""
+        """Keeps the val confusion matrix and logs the best val top-1 so far."""
+        self._keep_confusion("val")
         self.val_top1_best(self.val_top1.compute())
         # val_top1.compute() is already reduced over processes, so every rank logs the same value.
         self.log("val/top1_best", self.val_top1_best.compute(), prog_bar=True, sync_dist=True)

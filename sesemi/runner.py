@@ -22,6 +22,8 @@ from sesemi.config.resolvers import SESEMIConfigAttributes, set_attributes
 from sesemi.config.structs import RunMode
 from sesemi.data import SESEMIDataModule
 from sesemi.devices import DevicePlan, plan_devices
+from sesemi.evaluation import write_confusion_report
+from sesemi.inference import preprocessing_from_transform
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class RunResult:
     best_checkpoint: str | None = None
     last_checkpoint: str | None = None
     seconds: float = 0.0
+    reports: list[str] = field(default_factory=list)
 
 
 def missing_keys(node: Any, prefix: str = "") -> list[str]:
@@ -94,6 +97,27 @@ def check_head_inputs(cfg: DictConfig, data: SESEMIDataModule) -> None:
                 f"configured (loaders: {', '.join(data.train) or 'none'}); add that loader or "
                 f"switch the head off: learner.hparams.model.regularization_loss_heads.{name}=null"
             )
+
+
+def class_names(data: SESEMIDataModule) -> list[str] | None:
+    """The labeled data's class names: of the supervised loader, else of val or test."""
+    for spec in [data.train.get("supervised"), data.val, data.test]:
+        classes = getattr(spec.dataset, "classes", None) if spec is not None else None
+        if classes:
+            return list(classes)
+    return None
+
+
+def eval_preprocessing(data: DictConfig) -> dict[str, Any] | None:
+    """The preprocessing a checkpoint records: the val (else test, else supervised) transform's."""
+    loaders = [data.get("val"), data.get("test"), (data.get("train") or {}).get("supervised")]
+    for loader in loaders:
+        node = loader.dataset.get("image_transform") if loader is not None else None
+        if node is not None:
+            found = preprocessing_from_transform(OmegaConf.to_container(node, resolve=True))
+            if found is not None:
+                return found
+    return None
 
 
 def check_fresh_run_dir(run_dir: str) -> None:
@@ -248,6 +272,13 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     attributes = _attributes(cfg, data, plan)
     set_attributes(attributes)
     learner = instantiate(cfg.learner, _recursive_=False)
+    if hasattr(learner, "set_metadata"):
+        learner.set_metadata(class_names(data), eval_preprocessing(cfg.data))
+    if getattr(learner, "knn", None) is not None:
+        if "supervised" in data.train and data.val is not None:
+            learner.knn_bank_loader = data.knn_bank_loader()
+        else:  # VALIDATE / TEST build no training data to vote with
+            log.info("kNN evaluation runs only in FIT with data.val; skipped")
     resume = cfg.run.resume_from_checkpoint
     ckpt_path = find_checkpoint(resume, "resume_from_checkpoint", cfg.run) if resume else None
     if cfg.run.pretrained_checkpoint_path:
@@ -263,6 +294,13 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     else:
         trainer.test(learner, datamodule=data, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    reports = []
+    if mode != RunMode.FIT and trainer.is_global_zero:
+        stage = "val" if mode == RunMode.VALIDATE else "test"
+        matrix = getattr(learner, "confusion_matrices", {}).get(stage)
+        if matrix is not None:
+            names = learner.class_names or [str(i) for i in range(matrix.shape[0])]
+            reports = write_confusion_report(matrix, names, run_dir, stage)
     skipped = sum(getattr(spec.dataset, "skipped", 0) for spec in data.specs())
     if skipped:
         metrics["skipped_unreadable_images"] = float(skipped)
@@ -275,6 +313,7 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
         best_checkpoint=(checkpoint.best_model_path or None) if checkpoint else None,
         last_checkpoint=last.path if os.path.isfile(last.path) else None,
         seconds=time.time() - start,
+        reports=reports,
     )
 
 
@@ -282,12 +321,15 @@ def format_summary(result: RunResult, command: str = "open_sesemi") -> str:
     """A short end-of-run summary: metrics, where things are, time, and a next command."""
     m = result.metrics
     lines = [f"sesemi {result.mode.value} finished in {result.seconds:.0f}s"]
-    for key in ("val/top1", "val/top1_best", "val/ema/top1", "test/top1", "val/loss", "test/loss"):
+    keys = ("val/top1", "val/top1_best", "val/ema/top1", "val/knn/top1", "test/top1")
+    for key in (*keys, "val/loss", "test/loss"):
         if key in m:
             lines.append(f"  {key:<14} {m[key]:.4f}")
     if "skipped_unreadable_images" in m:
         lines.append(f"  skipped        {int(m['skipped_unreadable_images'])} unreadable image(s)")
     lines.append(f"  outputs        {result.run_dir}")
+    for report in result.reports:
+        lines.append(f"  report         {report}")
     if result.best_checkpoint:
         lines.append(f"  best ckpt      {result.best_checkpoint}")
     if result.last_checkpoint:
@@ -295,5 +337,8 @@ def format_summary(result: RunResult, command: str = "open_sesemi") -> str:
     if result.mode == RunMode.FIT and (result.best_checkpoint or result.last_checkpoint):
         ckpt = result.best_checkpoint or result.last_checkpoint
         lines.append(f"  next: {command} run.mode=VALIDATE run.pretrained_checkpoint_path={ckpt}")
+        lines.append(
+            f"  predict: open_sesemi predict {ckpt} <images or folders> -o predictions.csv"
+        )
     lines.append(f"  metrics: tensorboard --logdir {result.run_dir}  (or metrics.csv there)")
     return "\n".join(lines)

@@ -22,8 +22,8 @@ def interpolation_mode(name: str) -> InterpolationMode:
         raise ValueError(f"unknown interpolation '{name}'; choose one of: {known}") from None
 
 
-def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
-    # PIL image -> (C, H, W) float32 in [0, 1] -> standardized per channel.
+def to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    """PIL image -> `(C, H, W)` float32 in [0, 1] -> standardized per channel."""
     return [
         v2.PILToTensor(),
         v2.ToDtype(torch.float32, scale=True),
@@ -76,7 +76,7 @@ def train_transforms(
         A transform from a PIL image to a normalized `(3, input_h, input_w)` float tensor.
     """
     crop_flip = _crop_and_flip(input_h, input_w, scale, ratio, interpolation, p_hflip)
-    return v2.Compose([*crop_flip, *_to_normalized_tensor(norm_mean, norm_std)])
+    return v2.Compose([*crop_flip, *to_normalized_tensor(norm_mean, norm_std)])
 
 
 def center_crop_transforms(
@@ -107,7 +107,7 @@ def center_crop_transforms(
         [
             v2.Resize(resize, interpolation=interpolation_mode(interpolation), antialias=True),
             v2.CenterCrop((input_h, input_w)),
-            *_to_normalized_tensor(norm_mean, norm_std),
+            *to_normalized_tensor(norm_mean, norm_std),
         ]
     )
 
@@ -155,7 +155,7 @@ def strong_transforms(
         [
             *_crop_and_flip(input_h, input_w, scale, ratio, interpolation, p_hflip),
             rand_augment_transform(rand_augment, hparams),
-            *_to_normalized_tensor(norm_mean, norm_std),
+            *to_normalized_tensor(norm_mean, norm_std),
             v2.RandomErasing(p=cutout_p, scale=tuple(cutout_scale), value=0),
         ]
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +82,21 @@ def make_image_folder(
         for c, name in enumerate(classes):
             write_images(root / split / name, count, seed=100 * s + c, bright_left=(c == 1))
     return root
+
+
+def open_sesemi(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs `python -m sesemi ARGS` in `cwd` and returns the finished process."""
+    # One thread per process: tiny models gain nothing from more, and CI's 2 cores are shared.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "sesemi", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture

@@ -10,23 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import open_sesemi
 
 pytestmark = pytest.mark.cli
-
-
-def open_sesemi(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Runs `python -m sesemi ARGS` in `cwd` and returns the finished process."""
-    # One thread per process: tiny models gain nothing from more, and CI's 2 cores are shared.
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "sesemi", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def _custom(experiment: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -290,3 +276,11 @@ def test_ddp_ranks_agree_reshuffle_and_reduce_metrics(experiment):
     assert final_top1 == pytest.approx(
         (predicted == torch.tensor(val.targets)).float().mean().item()
     )
+
+
+def test_unknown_config_name_gets_one_line(experiment):
+    out = open_sesemi("-cn", "demo_fixmach", cwd=experiment)
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and "did you mean demo_fixmatch" in out.stderr
+    out = _custom(experiment, "-cn", "costum")
+    assert out.returncode == 1 and "configs/costum.yaml" in out.stderr

@@ -207,3 +207,33 @@ def test_pretrained_weights_reject_a_file_that_is_not_a_checkpoint(tmp_path):
     path.write_text("not a checkpoint")
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
         load_pretrained_weights(Classifier(_hparams()), str(path))
+
+
+def test_knn_votes_weight_the_k_nearest_labeled_features():
+    hparams = {**_hparams(num_classes=3), "knn": {"k": 2, "temperature": 0.5}}
+    learner = Classifier(hparams)
+    bank = F.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]]), dim=1)
+    learner._knn_bank = (bank, torch.tensor([0, 1, 2, 2]))
+    query = F.normalize(torch.tensor([[1.0, 0.1]]), dim=1)
+    votes = learner.knn_scores(query)
+    similarity = query @ bank.T  # the two nearest are bank rows 0 (class 0) and 1 (class 1)
+    expected = torch.zeros(1, 3)
+    expected[0, 0] = math.exp(similarity[0, 0] / 0.5)
+    expected[0, 1] = math.exp(similarity[0, 1] / 0.5)
+    torch.testing.assert_close(votes, expected)
+    assert votes.argmax().item() == 0
+
+
+@pytest.mark.parametrize("knn", [{"k": 0}, {"temperature": 0.0}, {"neighbours": 5}])
+def test_bad_knn_settings_are_refused(knn):
+    with pytest.raises(ValueError, match="learner.hparams.knn"):
+        Classifier({**_hparams(), "knn": knn})
+
+
+def test_soft_targets_train_and_count_as_their_argmax():
+    learner = Classifier(_hparams(num_classes=3))
+    images = torch.randn(4, 3, 32, 32)
+    soft = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.9, 0.05, 0.05]])
+    total, logs = learner.compute_losses({"supervised": (images, soft)}, step=0)
+    expected = F.cross_entropy(logs["logits"], soft)
+    torch.testing.assert_close(total, expected)

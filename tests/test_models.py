@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -151,3 +153,24 @@ def test_rotation_head_reads_its_named_inputs() -> None:
     losses.sum().backward()
     assert all(p.grad is None for p in student.parameters())
     assert any(p.grad is not None for p in other.parameters())
+
+
+def test_pretrained_weights_from_a_local_file(tmp_path: Path) -> None:
+    # timm's full model (with a 5-class classifier) saved as a plain state dict, as a user who
+    # downloaded weights elsewhere would have them; the classifier is dropped (num_classes=0).
+    source = timm.create_model("test_resnet", num_classes=5)
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    backbone = PyTorchImageModels(
+        "test_resnet", pretrained=True, pretrained_cfg_overlay={"file": str(path)}
+    )
+    loaded, expected = backbone.model.state_dict(), source.state_dict()
+    assert loaded and all(torch.equal(v, expected[k]) for k, v in loaded.items())
+    fresh = PyTorchImageModels("test_resnet").model.state_dict()
+    assert not all(torch.equal(v, fresh[k]) for k, v in loaded.items())  # not the init
+
+
+def test_missing_local_pretrained_file_is_named(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        PyTorchImageModels("test_resnet", pretrained=True, pretrained_cfg_overlay={"file": missing})

@@ -177,6 +177,23 @@ class EMAConfig:
 
 
 @dataclass
+class KNNConfig:
+    """kNN classification of val images by the labeled training images' backbone features.
+
+    Features are L2-normalized; each val image takes its k most cosine-similar labeled images,
+    each voting for its class with weight exp(similarity / temperature) (Wu et al.,
+    arXiv:1805.01978). The labeled images are read with the val transform.
+
+    Attributes:
+        k: The number of neighbours.
+        temperature: The softness of the vote weights.
+    """
+
+    k: int = 20
+    temperature: float = 0.07
+
+
+@dataclass
 class ClassifierModelConfig:
     """The classifier's model.
 
@@ -223,12 +240,16 @@ class ClassifierHParams:
         model: The model configuration.
         optimizer: The optimizer node; it is built with the learner's parameters.
         lr_scheduler: An optional learning-rate scheduler configuration.
+        knn: Optional kNN evaluation of the backbone's features at every validation, logged as
+            val/knn/top1 (see `KNNConfig`); enable with `learner.hparams.knn={k:20}`.
     """
 
     num_classes: int = MISSING
     model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
     optimizer: Any = MISSING
     lr_scheduler: LRSchedulerConfig | None = None
+    # Any, not `KNNConfig | None`, for the same reason as `ClassifierModelConfig.ema`.
+    knn: Any = None
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from typing import Any
 
 import timm
@@ -41,6 +42,12 @@ class PyTorchImageModels(nn.Module):
         super().__init__()
         if not timm.is_model(name):
             raise _unknown_model_error(name)
+        local = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+        if pretrained and local and not os.path.isfile(local):
+            raise FileNotFoundError(
+                f"pretrained_cfg_overlay.file '{local}' does not exist; give the path of a "
+                "local weights file (.pth, .bin or .safetensors)"
+            )
         try:
             self.model = timm.create_model(
                 name,

@@ -1,0 +1,233 @@
+"""`open_sesemi predict | export | pseudo-label`: put a trained checkpoint to work.
+
+These subcommands take plain options (argparse), not Hydra overrides: they read everything they
+need (weights, class names, preprocessing) from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+SUBCOMMANDS = ("predict", "export", "pseudo-label")
+
+
+def _refuse_overwrite(path: str, overwrite: bool) -> None:
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"'{path}' already exists; choose another output or add --overwrite")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint written by open_sesemi (best or last)")
+    parser.add_argument(
+        "--ema", action="store_true", help="use the EMA teacher's weights (runs with model.ema)"
+    )
+
+
+def _add_input_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="*", help="image files and folders (searched recursively)")
+    parser.add_argument("--file-list", help="a text file with one image path per line")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
+    parser.add_argument("--workers", type=int, default=0, help="decoding processes (0)")
+    parser.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:1")
+    parser.add_argument(
+        "--tta",
+        default="none",
+        help="test-time augmentation, probabilities averaged: none, flip, crops (center + 4 "
+        "corners), or flip,crops",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the checkpoint subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="open_sesemi",
+        description="Use a trained checkpoint. (Training: open_sesemi [-cn CONFIG] [overrides]; "
+        "see open_sesemi -h.)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    predict = commands.add_parser(
+        "predict", help="write top-k class predictions for images to a CSV file"
+    )
+    _add_model_options(predict)
+    _add_input_options(predict)
+    predict.add_argument("-o", "--output", default="predictions.csv", help="CSV file to write")
+    predict.add_argument("-k", "--top-k", type=int, default=5, help="classes per image (5)")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+    export = commands.add_parser(
+        "export", help="export backbone + classifier to ONNX (dynamic batch size)"
+    )
+    _add_model_options(export)
+    export.add_argument("-o", "--output", default="model.onnx", help="ONNX file to write")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset version (18)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+    label = commands.add_parser(
+        "pseudo-label",
+        help="label unlabeled images with a trained model, as a dataset a next run can train on",
+    )
+    _add_model_options(label)
+    _add_input_options(label)
+    label.add_argument(
+        "-o", "--output", required=True, help="folder to write pseudo_labels.csv / .json into"
+    )
+    label.add_argument(
+        "--threshold",
+        type=float,
+        default=0.0,
+        help="keep images whose top class probability is at least this (0: keep all)",
+    )
+    label.add_argument(
+        "--labels",
+        choices=("hard", "soft"),
+        default="hard",
+        help="train the next model on the top class (hard) or the probabilities (soft)",
+    )
+    label.add_argument("--overwrite", action="store_true", help="replace existing pseudo-labels")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from sesemi.inference import load_trained_model
+
+    return load_trained_model(args.checkpoint, ema=args.ema)
+
+
+def _predictions(args: argparse.Namespace, model):
+    from sesemi.inference import list_images, parse_tta, predict, resolve_device
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    tta = parse_tta(args.tta)
+    files = list_images(args.inputs, args.file_list)
+    device = resolve_device(args.device)
+    return files, predict(
+        model, files, args.batch_size, args.workers, device, tta, progress=sys.stderr.isatty()
+    )
+
+
+def run_predict(args: argparse.Namespace) -> str:
+    """Writes `file, class_1, score_1, ..., class_k, score_k, error` rows; returns a summary."""
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    _refuse_overwrite(args.output, args.overwrite)
+    model = _load(args)
+    k = min(args.top_k, len(model.class_names))
+    files, predictions = _predictions(args, model)
+    failed = 0
+    tmp = args.output + ".partial"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        header = ["file"]
+        for i in range(1, k + 1):
+            header += [f"class_{i}", f"score_{i}"]
+        writer.writerow([*header, "error"])
+        for p in predictions:
+            if p.probabilities is None:
+                failed += 1
+                print(f"open_sesemi predict: skipped: {p.error}", file=sys.stderr)
+                writer.writerow([p.file, *[""] * (2 * k), p.error])
+                continue
+            scores, indices = p.probabilities.topk(k)
+            row = [p.file]
+            for s, i in zip(scores.tolist(), indices.tolist(), strict=True):
+                row += [model.class_names[i], f"{s:.6f}"]
+            writer.writerow([*row, ""])
+    os.replace(tmp, args.output)
+    summary = f"predicted {len(files) - failed} image(s) into {args.output}"
+    return summary + (f"; {failed} unreadable file(s) reported there" if failed else "")
+
+
+def run_export(args: argparse.Namespace) -> str:
+    """Exports to ONNX with the class names and preprocessing as metadata; returns a summary."""
+    from sesemi.export import export_onnx
+
+    _refuse_overwrite(args.output, args.overwrite)
+    model = _load(args)
+    export_onnx(model, args.output, opset=args.opset)
+    pre = model.preprocessing
+    return (
+        f"exported {args.output}: input 'images' (N, 3, {pre['input_h']}, {pre['input_w']}) "
+        f"float32 normalized with mean {pre['norm_mean']} std {pre['norm_std']}; outputs "
+        f"'logits' and 'probabilities' over {len(model.class_names)} classes (names in the "
+        "model's metadata_props)"
+    )
+
+
+def run_pseudo_label(args: argparse.Namespace) -> str:
+    """Writes `pseudo_labels.csv` and `pseudo_labels.json` into the output folder."""
+    from sesemi.datasets.pseudo_labeled import CSV_NAME, META_NAME
+
+    if not 0.0 <= args.threshold <= 1.0:
+        raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+    csv_path = os.path.join(args.output, CSV_NAME)
+    _refuse_overwrite(csv_path, args.overwrite)
+    model = _load(args)
+    files, predictions = _predictions(args, model)
+    os.makedirs(args.output, exist_ok=True)
+    kept = failed = 0
+    tmp = csv_path + ".partial"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "label", "confidence", *[f"p:{c}" for c in model.class_names]])
+        for p in predictions:
+            if p.probabilities is None:
+                failed += 1
+                print(f"open_sesemi pseudo-label: skipped: {p.error}", file=sys.stderr)
+                continue
+            confidence, index = p.probabilities.max(dim=0)
+            if float(confidence) < args.threshold:
+                continue
+            kept += 1
+            rel = os.path.relpath(os.path.abspath(p.file), os.path.abspath(args.output))
+            probs = [f"{v:.6f}" for v in p.probabilities.tolist()]
+            writer.writerow(
+                [rel, model.class_names[int(index)], f"{float(confidence):.6f}", *probs]
+            )
+    meta = {
+        "class_names": model.class_names,
+        "labels": args.labels,
+        "threshold": args.threshold,
+        "tta": args.tta,
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "ema": args.ema,
+        "images": len(files),
+        "kept": kept,
+        "unreadable": failed,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    with open(os.path.join(args.output, META_NAME), "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, csv_path)
+    share = kept / max(len(files) - failed, 1)
+    return (
+        f"pseudo-labeled {kept} of {len(files) - failed} image(s) ({share:.0%} at confidence >= "
+        f"{args.threshold}) into {csv_path}; train on them with dataset name: pseudo_labeled, "
+        f"root: {os.path.abspath(args.output)}"
+        + (f"; {failed} unreadable file(s) skipped" if failed else "")
+    )
+
+
+RUNNERS = {"predict": run_predict, "export": run_export, "pseudo-label": run_pseudo_label}
+
+
+def main(argv: Sequence[str]) -> None:
+    """Runs one subcommand; user errors print one line and exit with status 1."""
+    args = build_parser().parse_args(list(argv))
+    from sesemi.cli import USER_ERRORS, _one_line
+
+    try:
+        summary = RUNNERS[args.command](args)
+    except USER_ERRORS as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"open_sesemi {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    print(summary)

@@ -1,0 +1,327 @@
+"""Using a trained checkpoint: load the classifier with its class names and preprocessing,
+list input images, and predict class probabilities with optional test-time augmentation."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from sesemi.datasets.image_folder import _is_image, load_image
+from sesemi.learners import METADATA_KEY
+from sesemi.transforms import center_crop_transforms, interpolation_mode, to_normalized_tensor
+
+log = logging.getLogger(__name__)
+
+# The eval preprocessing a checkpoint records: `center_crop_transforms` arguments.
+PREPROCESSING_KEYS = tuple(inspect.signature(center_crop_transforms).parameters)
+TTA_VIEWS = ("flip", "crops")
+
+
+def preprocessing_from_transform(node: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The `center_crop_transforms` arguments that reproduce an image-transform config node.
+
+    A node of `center_crop_transforms` (or any recipe sharing its argument names, such as
+    `train_transforms`) gives its values, with `center_crop_transforms` defaults for the rest.
+    Returns None when the node names none of them.
+    """
+    if not node:
+        return None
+    defaults = {
+        k: p.default for k, p in inspect.signature(center_crop_transforms).parameters.items()
+    }
+    given = {k: node[k] for k in PREPROCESSING_KEYS if k in node}
+    if not given:
+        return None
+    merged = {**defaults, **given}
+    return {k: list(v) if isinstance(v, tuple | list) else v for k, v in merged.items()}
+
+
+class ClassifierNet(nn.Module):
+    """A trained classifier's inference part: backbone and linear head, returning logits."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Maps normalized images `(B, C, H, W)` to class logits `(B, num_classes)`."""
+        return self.head(self.backbone(images))
+
+
+@dataclass
+class TrainedModel:
+    """A classifier loaded from a checkpoint, ready to predict.
+
+    Attributes:
+        net: The backbone and classifier in eval mode, returning logits.
+        class_names: The class names in output order.
+        preprocessing: `center_crop_transforms` arguments preparing an image for `net`.
+        checkpoint: The checkpoint path.
+    """
+
+    net: ClassifierNet
+    class_names: list[str]
+    preprocessing: dict[str, Any]
+    checkpoint: str
+
+    def transform(self) -> v2.Compose:
+        """The eval preprocessing: PIL image to a normalized `(3, H, W)` tensor."""
+        return center_crop_transforms(**self.preprocessing)
+
+
+def _read_checkpoint(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ValueError(f"'{path}' is not a readable PyTorch checkpoint ({e})") from e
+
+
+def load_trained_model(path: str, ema: bool = False) -> TrainedModel:
+    """Loads a `Classifier` checkpoint's backbone and classifier on the CPU (weights only).
+
+    Args:
+        path: A checkpoint written by `open_sesemi` (best or last).
+        ema: Use the EMA teacher's weights (checkpoints of runs with `model.ema`).
+
+    Returns:
+        The model with the class names and preprocessing recorded in the checkpoint; older
+        checkpoints without them get class indices as names and default preprocessing, with a
+        warning.
+    """
+    checkpoint = _read_checkpoint(path)
+    try:
+        hparams = copy.deepcopy(checkpoint["hyper_parameters"]["hparams"])
+        state = checkpoint["state_dict"]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"'{path}' is not an open_sesemi checkpoint (no hyper_parameters.hparams or state_dict)"
+        ) from None
+    backbone_node = dict(hparams["model"]["backbone"])
+    backbone_node["pretrained"] = False  # the checkpoint holds the weights; no download
+    backbone = instantiate(backbone_node)
+    num_classes = int(hparams["num_classes"])
+    net = ClassifierNet(backbone, nn.Linear(backbone.out_features, num_classes))
+    prefix = "ema.average.module." if ema else ""
+    if ema and not any(k.startswith(prefix) for k in state):
+        raise ValueError(f"'{path}' holds no EMA weights (its run had no model.ema); drop --ema")
+    weights = {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix) :]
+        if rest.startswith("backbone."):
+            weights[rest] = value
+        elif rest.startswith("supervised_head."):
+            weights["head." + rest[len("supervised_head.") :]] = value
+    net.load_state_dict(weights)
+    net.eval()
+    meta = checkpoint.get(METADATA_KEY) or {}
+    class_names = meta.get("class_names")
+    preprocessing = meta.get("preprocessing")
+    if class_names is None:
+        log.warning("'%s' records no class names; using class indices", path)
+        class_names = [str(i) for i in range(num_classes)]
+    if preprocessing is None:
+        log.warning("'%s' records no preprocessing; using center_crop_transforms()", path)
+        preprocessing = preprocessing_from_transform({"input_h": 224})
+    return TrainedModel(net, list(class_names), dict(preprocessing), path)
+
+
+def list_images(inputs: Sequence[str], file_list: str | None = None) -> list[str]:
+    """The image files to predict on: folders are searched recursively, files are kept as given.
+
+    Args:
+        inputs: Image files and folders.
+        file_list: An optional text file with one image path per line (relative paths are
+            taken from the list's folder).
+
+    Returns:
+        The files in the order given, each folder's images sorted; hidden files and files
+        without an image extension inside folders are left out.
+    """
+    files: list[str] = []
+    paths = list(inputs)
+    if file_list is not None:
+        if not os.path.isfile(file_list):
+            raise FileNotFoundError(f"file list '{file_list}' does not exist")
+        base = os.path.dirname(os.path.abspath(file_list))
+        with open(file_list) as f:
+            lines = [line.strip() for line in f]
+        paths += [
+            line if os.path.isabs(line) else os.path.join(base, line) for line in lines if line
+        ]
+    if not paths:
+        raise ValueError("no inputs: give image files or folders, or --file-list")
+    for path in paths:
+        if os.path.isdir(path):
+            found = []
+            for folder, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found += [os.path.join(folder, n) for n in sorted(names) if _is_image(n)]
+            files += found
+        elif os.path.exists(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"input '{path}' does not exist")
+    if not files:
+        raise FileNotFoundError(f"no images found in {', '.join(paths)}")
+    return files
+
+
+def parse_tta(tta: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Parses a TTA option ("flip", "crops", "flip,crops", "none") into view names."""
+    if tta is None or tta == "none" or tta == "":
+        return ()
+    names = tta.split(",") if isinstance(tta, str) else list(tta)
+    unknown = [n for n in names if n not in TTA_VIEWS]
+    if unknown:
+        raise ValueError(
+            f"unknown test-time augmentation {unknown}; use none, {', '.join(TTA_VIEWS)} "
+            "or a comma-separated combination"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+class _TTAInput:
+    """Prepares one PIL image for the model: the standard crop, or a larger one for five crops."""
+
+    def __init__(self, preprocessing: Mapping[str, Any], crops: bool) -> None:
+        self.crops = crops
+        if not crops:
+            self.transform = center_crop_transforms(**preprocessing)
+            return
+        h, w, pct = preprocessing["input_h"], preprocessing["input_w"], preprocessing["crop_pct"]
+        interpolation = interpolation_mode(preprocessing["interpolation"])
+        self.transform = v2.Compose(
+            [
+                v2.Resize(round(max(h, w) / pct), interpolation=interpolation, antialias=True),
+                v2.CenterCrop((math.ceil(h / pct), math.ceil(w / pct))),
+                *to_normalized_tensor(preprocessing["norm_mean"], preprocessing["norm_std"]),
+            ]
+        )
+
+    def __call__(self, image: Any) -> Tensor:
+        return self.transform(image)
+
+
+def tta_views(images: Tensor, views: Sequence[str], size: tuple[int, int]) -> list[Tensor]:
+    """The test-time views of a batch, each `(B, C, *size)`.
+
+    With "crops", `images` are the larger center region and the views are its center and four
+    corner crops of `size`; with "flip", every view is also taken mirrored.
+    """
+    crops = [images]
+    if "crops" in views:
+        crops = list(v2.functional.five_crop(images, list(size)))
+        crops = [crops[4], *crops[:4]]  # center first
+    if "flip" in views:
+        crops = [c for crop in crops for c in (crop, crop.flip(-1))]
+    return crops
+
+
+class _ImageFiles(Dataset):
+    """Image files decoded and prepared for prediction; an unreadable file yields its error."""
+
+    def __init__(self, files: Sequence[str], transform: Any) -> None:
+        self.files = list(files)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor | None, int, str]:
+        try:
+            return self.transform(load_image(self.files[index])), index, ""
+        except OSError as e:
+            return None, index, str(e)
+
+
+def _collate(items: list[tuple[Tensor | None, int, str]]) -> tuple[Tensor | None, list, list]:
+    good = [(x, i) for x, i, _ in items if x is not None]
+    failed = [(i, error) for x, i, error in items if x is None]
+    images = torch.stack([x for x, _ in good]) if good else None
+    return images, [i for _, i in good], failed
+
+
+@dataclass
+class Prediction:
+    """One file's result: class probabilities, or the error that kept it from being read."""
+
+    file: str
+    probabilities: Tensor | None
+    error: str = ""
+
+
+@torch.no_grad()
+def predict(
+    model: TrainedModel,
+    files: Sequence[str],
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    tta: Sequence[str] = (),
+    progress: bool = False,
+) -> Iterator[Prediction]:
+    """Predicts class probabilities for image files, in order, in batches.
+
+    Args:
+        model: The loaded model.
+        files: Image files.
+        batch_size: Images per forward pass (times the number of TTA views).
+        num_workers: DataLoader processes decoding images.
+        device: Where the model runs.
+        tta: Test-time views to average probabilities over: "flip" (the mirrored image too)
+            and/or "crops" (center and four corners of the region the standard crop comes from).
+        progress: Show a progress bar on stderr.
+
+    Yields:
+        One `Prediction` per file, in the order of `files`.
+    """
+    from tqdm import tqdm
+
+    pre = model.preprocessing
+    size = (pre["input_h"], pre["input_w"])
+    dataset = _ImageFiles(files, _TTAInput(pre, "crops" in tta))
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
+    )
+    net = model.net.to(device)
+    bar = tqdm(total=len(files), unit="img", disable=not progress, dynamic_ncols=True)
+    for images, indices, failed in loader:
+        results: dict[int, Prediction] = {
+            i: Prediction(files[i], None, error) for i, error in failed
+        }
+        if images is not None:
+            views = tta_views(images.to(device), tta, size)
+            probabilities = torch.stack([net(v).softmax(dim=-1) for v in views]).mean(dim=0)
+            for i, p in zip(indices, probabilities.float().cpu(), strict=True):
+                results[i] = Prediction(files[i], p)
+        for i in sorted(results):
+            yield results[i]
+        bar.update(len(results))
+    bar.close()
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" is the first GPU when there is one, else the CPU; other names are torch's."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available; use --device cpu")
+    return device

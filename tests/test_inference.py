@@ -1,0 +1,234 @@
+"""Using a trained checkpoint: predict, TTA, evaluation reports, ONNX export, pseudo-labels."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_CONFIG, make_image_folder, open_sesemi
+
+from sesemi.inference import list_images, load_trained_model, parse_tta, predict, tta_views
+
+pytestmark = pytest.mark.cli
+
+STUDENT_CONFIG = """\
+defaults:
+  - custom
+  - _self_
+run:
+  id: student
+data:
+  train:
+    pseudo:
+      dataset:
+        name: pseudo_labeled
+        root: {root}
+        image_transform: {{_target_: sesemi.transforms.train_transforms, input_h: 32, input_w: 32}}
+learner:
+  hparams:
+    model:
+      regularization_loss_heads:
+        pseudo_label:
+          head:
+            _target_: sesemi.models.heads.pseudo_label.PseudoLabelLossHead
+            input_data: pseudo
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny two-class run (with kNN evaluation) and its last checkpoint."""
+    root = tmp_path_factory.mktemp("trained")
+    data = make_image_folder(root / "data")
+    (root / "configs").mkdir()
+    config = TINY_CONFIG.format(data_root=data, runs=root / "runs")
+    (root / "configs" / "custom.yaml").write_text(config)
+    fit = open_sesemi("-cd", "configs", "-cn", "custom", "learner.hparams.knn={k:3}", cwd=root)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (run_dir,) = glob.glob(str(root / "runs" / "tiny" / "*"))
+    return {
+        "root": root,
+        "data": data,
+        "run_dir": Path(run_dir),
+        "checkpoint": Path(run_dir) / "checkpoints" / "last.ckpt",
+    }
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_checkpoint_carries_class_names_and_preprocessing(trained):
+    checkpoint = torch.load(trained["checkpoint"], map_location="cpu", weights_only=True)
+    meta = checkpoint["sesemi"]
+    assert meta["class_names"] == ["cat", "dog"]
+    # The val transform of the config: center_crop_transforms at 32 px, defaults otherwise.
+    assert meta["preprocessing"]["input_h"] == 32 and meta["preprocessing"]["crop_pct"] == 0.875
+    model = load_trained_model(str(trained["checkpoint"]))
+    assert model.class_names == ["cat", "dog"]
+
+
+def test_knn_accuracy_is_logged(trained):
+    rows = _rows(trained["run_dir"] / "metrics.csv")
+    knn = [float(r["val/knn/top1"]) for r in rows if r.get("val/knn/top1")]
+    assert knn and all(0.0 <= v <= 1.0 for v in knn)
+
+
+def test_predict_writes_one_row_per_image_and_reports_unreadable(trained, tmp_path):
+    images = tmp_path / "new"
+    for split in ("cat", "dog"):
+        for f in sorted((trained["data"] / "val" / split).glob("*.png"))[:2]:
+            (images / split).mkdir(parents=True, exist_ok=True)
+            (images / split / f.name).write_bytes(f.read_bytes())
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    (images / "notes.txt").write_text("ignored: not an image extension")
+    out = tmp_path / "predictions.csv"
+    args = ("predict", str(trained["checkpoint"]), str(images), "-o", str(out), "-k", "2")
+    result = open_sesemi(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "1 unreadable" in result.stdout and "broken.jpg" in result.stderr
+    rows = _rows(out)
+    assert len(rows) == 5  # 4 images + the broken one, never notes.txt
+    broken = [r for r in rows if r["file"].endswith("broken.jpg")]
+    assert broken and broken[0]["error"] and not broken[0]["class_1"]
+    for row in rows:
+        if row["error"]:
+            continue
+        assert {row["class_1"], row["class_2"]} == {"cat", "dog"}
+        s1, s2 = float(row["score_1"]), float(row["score_2"])
+        assert s1 >= s2 and s1 + s2 == pytest.approx(1.0, abs=1e-5)
+    # A second run never overwrites the first one's CSV without --overwrite.
+    before = out.read_text()
+    again = open_sesemi(*args, cwd=tmp_path)
+    assert again.returncode == 1 and "--overwrite" in again.stderr
+    assert out.read_text() == before
+
+
+@pytest.mark.parametrize("tta", ["flip", "crops", "flip,crops"])
+def test_tta_averages_the_probabilities_of_its_views(trained, tta):
+    model = load_trained_model(str(trained["checkpoint"]))
+    model.preprocessing["crop_pct"] = 0.5  # corners distinct from the center crop
+    files = list_images([str(trained["data"] / "val")])[:3]
+    views = parse_tta(tta)
+    got = torch.stack([p.probabilities for p in predict(model, files, batch_size=2, tta=views)])
+    from sesemi.datasets.image_folder import load_image
+    from sesemi.inference import _TTAInput
+
+    prepare = _TTAInput(model.preprocessing, "crops" in views)
+    batch = torch.stack([prepare(load_image(f)) for f in files])
+    expected_views = tta_views(batch, views, (32, 32))
+    assert len(expected_views) == {"flip": 2, "crops": 5, "flip,crops": 10}[tta]
+    with torch.no_grad():
+        expected = torch.stack([model.net(v).softmax(-1) for v in expected_views]).mean(0)
+        plain = model.net(torch.stack([model.transform()(load_image(f)) for f in files]))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, plain.softmax(-1), atol=1e-4)  # the views do change it
+
+
+def test_tta_views_are_flips_and_corner_crops():
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    center, top_left, top_right, bottom_left, bottom_right = tta_views(images, ("crops",), (2, 2))
+    torch.testing.assert_close(center, images[..., 1:3, 1:3])
+    torch.testing.assert_close(top_left, images[..., :2, :2])
+    torch.testing.assert_close(bottom_right, images[..., 2:, 2:])
+    plain, flipped = tta_views(images, ("flip",), (4, 4))
+    torch.testing.assert_close(flipped, images.flip(-1))
+    with pytest.raises(ValueError, match="unknown test-time augmentation"):
+        parse_tta("rotate")
+
+
+def test_test_mode_writes_confusion_matrix_and_per_class_accuracy(trained):
+    args = ("-cd", "configs", "-cn", "custom", "run.mode=TEST")
+    result = open_sesemi(
+        *args, f"run.pretrained_checkpoint_path={trained['checkpoint']}", cwd=trained["root"]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = Path(sorted(glob.glob(str(trained["root"] / "runs" / "tiny" / "*")))[-1])
+    with open(run_dir / "test_confusion_matrix.csv", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    assert header[1:] == ["cat", "dog"] and [r[0] for r in rows] == ["cat", "dog"]
+    counts = np.array([[int(v) for v in r[1:]] for r in rows])
+    assert counts.sum() == 8  # the test loader reads the 8 val images
+    assert counts.sum(axis=1).tolist() == [4, 4]
+    per_class = _rows(run_dir / "test_per_class_accuracy.csv")
+    for i, row in enumerate(per_class):
+        assert float(row["accuracy"]) == pytest.approx(counts[i, i] / 4, abs=1e-4)
+    top1 = float(
+        next(line for line in result.stdout.splitlines() if "test/top1" in line).split()[-1]
+    )
+    assert counts.trace() / 8 == pytest.approx(top1, abs=1e-4)
+    assert (run_dir / "test_confusion_matrix.png").stat().st_size > 1000
+
+
+def test_onnx_export_matches_pytorch(trained, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "model.onnx"
+    result = open_sesemi("export", str(trained["checkpoint"]), "-o", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta["sesemi.class_names"]) == ["cat", "dog"]
+    assert json.loads(meta["sesemi.preprocessing"])["input_h"] == 32
+    model = load_trained_model(str(trained["checkpoint"]))
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):  # the batch axis is dynamic
+        images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        logits, probabilities = session.run(None, {"images": images.numpy()})
+        with torch.no_grad():
+            expected = model.net(images)
+        np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4)
+        np.testing.assert_allclose(probabilities, expected.softmax(-1).numpy(), atol=1e-4)
+
+
+def test_pseudo_labels_keep_confident_images_and_train_a_student(trained, tmp_path):
+    out = tmp_path / "pseudo"
+    unlabeled = trained["data"] / "train"
+    model = load_trained_model(str(trained["checkpoint"]))
+    files = list_images([str(unlabeled)])
+    confidence = [float(p.probabilities.max()) for p in predict(model, files)]
+    threshold = float(np.median(confidence))
+    args = ("pseudo-label", str(trained["checkpoint"]), str(unlabeled), "-o", str(out))
+    result = open_sesemi(*args, "--threshold", str(threshold), "--labels", "soft", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _rows(out / "pseudo_labels.csv")
+    assert len(rows) == sum(c >= threshold for c in confidence)
+    assert all(float(r["confidence"]) >= threshold for r in rows)
+
+    from sesemi.datasets import dataset
+
+    soft = dataset("pseudo_labeled", root=str(out))
+    hard = dataset("pseudo_labeled", root=str(out), soft=False)
+    assert soft.classes == ["cat", "dog"] and len(soft) == len(rows)
+    _, probabilities = soft[0]
+    _, label = hard[0]
+    assert probabilities.shape == (2,) and int(probabilities.argmax()) == label
+    assert rows[0]["label"] == soft.classes[label]
+
+    # The student: the tiny config plus a pseudo-labeled loader and its loss head (a new loader
+    # goes in a config file: OmegaConf cannot add a structured entry from the command line).
+    (trained["root"] / "configs" / "student.yaml").write_text(STUDENT_CONFIG.format(root=out))
+    fit = open_sesemi("-cd", "configs", "-cn", "student", cwd=trained["root"])
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (run_dir,) = glob.glob(str(trained["root"] / "runs" / "student" / "*"))
+    header = (Path(run_dir) / "metrics.csv").read_text().splitlines()[0]
+    assert "train/pseudo_label_loss" in header and "train/pseudo_label/agreement" in header
+
+
+def test_bad_checkpoint_and_inputs_get_one_line(trained, tmp_path):
+    fake = tmp_path / "fake.ckpt"
+    fake.write_text("not a checkpoint")
+    result = open_sesemi("predict", str(fake), str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 1 and "not a readable PyTorch checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = open_sesemi(
+        "predict", str(trained["checkpoint"]), str(tmp_path / "nope"), cwd=tmp_path
+    )
+    assert result.returncode == 1 and "does not exist" in result.stderr
+    result = open_sesemi("predict", str(trained["checkpoint"]), cwd=tmp_path)
+    assert result.returncode == 1 and "no inputs" in result.stderr
