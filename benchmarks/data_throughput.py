@@ -17,9 +17,21 @@ a pass over the whole dataset (`dataset[i]` for every index, after a warm-up of 
 (d) (c) without the float conversion and normalization (uint8 output, to be normalized on the
     device);
 (e) for reference only, NOT resolution-preserving: (d) with decode_size 224 (the short side is
-    only kept >= the output size, so small crops of large images get upsampled).
+    only kept >= the output size, so small crops of large images get upsampled);
+(f) (b) reading the pre-resized image cache (`cache_dir`, `cache_size=256`: each image decoded
+    once and stored as uint8 with its short side <= 256 px, ImageNet's standard resize; a crop of
+    the default scale (0.35, 1) then has a short side of 155-256 px, median ~210 px, so a typical
+    crop is upsampled by <= 7 % to 224 px), PIL images in, float normalized out: epochs after
+    the first;
+(g) (f) with `cache_output="tensor"` (the cache hands the transform a uint8 tensor) and uint8
+    output (normalized on the device);
+(h) (f) with `cache_output="tensor"`, float normalized out (same output as (a));
+(i) (g) with `cache_size=438` (no crop of the default scale is upsampled: lossless as (c)).
 
-Passes are interleaved (a, b, c, d, e, a, b, ...) so that load from other processes on the machine
+The caches' one-off build (the first epoch) is timed separately, on one thread, and reported with
+the table.
+
+Passes are interleaved (a, b, ..., i, a, b, ...) so that load from other processes on the machine
 spreads over all pipelines; the table gives the median and the best pass. Every pass of every
 pipeline uses the same random seed. It also measures how much draft decoding changes the training
 crops: the mean absolute difference (0-255 scale) between the same random crop taken from the
@@ -48,6 +60,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from sesemi.datasets import dataset
+from sesemi.datasets.cache import open_cache
 from sesemi.datasets.image_folder import load_image
 from sesemi.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transforms
 
@@ -56,6 +69,7 @@ SCALE_MIN, RATIO_MIN = 0.35, 3 / 4  # train_transforms' defaults
 # Every crop side of RandomResizedCrop is >= sqrt(scale_min * ratio_min) * the image's short side.
 DECODE_SIZE = math.ceil(OUT / math.sqrt(SCALE_MIN * RATIO_MIN))  # 438
 WARMUP = 20
+CACHE_SIZE = 256  # ImageNet's standard resize; 438 (= DECODE_SIZE) is lossless for every crop
 
 
 def make_images(root: str, count: int, seed: int = 0) -> list[str]:
@@ -99,7 +113,16 @@ def make_images(root: str, count: int, seed: int = 0) -> list[str]:
     return paths
 
 
-def pipelines(root: str) -> dict[str, Callable[[], object]]:
+def build_cache(root: str, cache_dir: str, cache_size: int) -> tuple[float, int]:
+    """Builds the image cache of `root`/train on one thread; returns (seconds, pixel bytes)."""
+    folder = dataset("image_folder", root, subset="train")  # uncached: the file list only
+    start = time.perf_counter()
+    paths = [p for p, _ in folder.samples]
+    cache = open_cache(paths, folder.root, cache_dir, cache_size, load_image, threads=1)
+    return time.perf_counter() - start, os.path.getsize(cache.pixels_path)
+
+
+def pipelines(root: str, cache_dir: str) -> dict[str, Callable[[], object]]:
     """The datasets to time, by table label."""
     plain = T.Compose(
         [
@@ -114,6 +137,18 @@ def pipelines(root: str) -> dict[str, Callable[[], object]]:
     assert isinstance(sesemi_float.transforms[-2], v2.ToDtype)
     sesemi_uint8 = v2.Compose(sesemi_float.transforms[:-2])
     train = os.path.join(root, "train")
+
+    def cached(transform: Callable, cache_size: int, output: str) -> object:
+        return dataset(
+            "image_folder",
+            root,
+            subset="train",
+            image_transform=transform,
+            cache_dir=cache_dir,
+            cache_size=cache_size,
+            cache_output=output,
+        )
+
     return {
         "(a) torchvision plain (ImageFolder, RRC 224 bicubic, ToTensor, Normalize)": (
             datasets.ImageFolder(train, transform=plain)
@@ -137,6 +172,18 @@ def pipelines(root: str) -> dict[str, Callable[[], object]]:
         ),
         f"(e) reference, lossy: (d) with decode_size={OUT}": dataset(
             "image_folder", root, subset="train", image_transform=sesemi_uint8, decode_size=OUT
+        ),
+        f"(f) (b) reading the cache, cache_size={CACHE_SIZE} (PIL in, float normalized)": cached(
+            sesemi_float, CACHE_SIZE, "pil"
+        ),
+        "(g) (f) with cache_output=tensor and uint8 output": cached(
+            sesemi_uint8, CACHE_SIZE, "tensor"
+        ),
+        "(h) (f) with cache_output=tensor (float normalized)": cached(
+            sesemi_float, CACHE_SIZE, "tensor"
+        ),
+        f"(i) (g) with cache_size={DECODE_SIZE} (lossless, as (c))": cached(
+            sesemi_uint8, DECODE_SIZE, "tensor"
         ),
     }
 
@@ -189,6 +236,58 @@ def breakdown(paths: list[str], repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def cache_breakdown(root: str, cache_dir: str, repeats: int) -> dict[str, float]:
+    """Milliseconds per image (median of `repeats` passes) of the steps of the cached pipelines."""
+    sesemi_float = train_transforms()
+    crop_flip = v2.Compose(sesemi_float.transforms[:2])
+    to_tensor, to_float, normalize = sesemi_float.transforms[2:]
+
+    def cached(output: str):
+        return dataset(
+            "image_folder",
+            root,
+            subset="train",
+            cache_dir=cache_dir,
+            cache_size=CACHE_SIZE,
+            cache_output=output,
+        )
+
+    pil, tensor = cached("pil"), cached("tensor")
+    pil_images = [pil[i][0] for i in range(len(pil))]
+    tensor_images = [tensor[i][0] for i in range(len(tensor))]
+    pil_224 = [crop_flip(im) for im in pil_images]
+    pil_crops = [to_tensor(im) for im in pil_224]
+    tensor_crops = [crop_flip(im) for im in tensor_images]
+    n = CACHE_SIZE
+    steps: dict[str, Callable[[], object]] = {
+        f"cache {n}: read as PIL (map slice, Image.frombuffer)": lambda: [
+            pil[i] for i in range(len(pil))
+        ],
+        f"cache {n}: read as uint8 tensor (map slice, copy)": lambda: [
+            tensor[i] for i in range(len(tensor))
+        ],
+        f"cache {n}: RandomResizedCrop + flip on PIL": lambda: [crop_flip(im) for im in pil_images],
+        f"cache {n}: PILToTensor of the 224 px crop": lambda: [to_tensor(im) for im in pil_224],
+        f"cache {n}: RandomResizedCrop + flip on uint8 tensor": lambda: [
+            crop_flip(im) for im in tensor_images
+        ],
+        "ToDtype + Normalize, PIL path (channels-last strides from PILToTensor)": lambda: [
+            normalize(to_float(x)) for x in pil_crops
+        ],
+        "ToDtype + Normalize, tensor path (contiguous)": lambda: [
+            normalize(to_float(x)) for x in tensor_crops
+        ],
+    }
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - start) / len(pil) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def draft_difference(paths: list[str]) -> tuple[int, float, float]:
     """Compares crops of full and draft decodes; returns (images reduced, MAD draft, MAD bicubic).
 
@@ -238,13 +337,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         paths = make_images(root, args.images)
         sizes = [Image.open(p).size for p in paths]
-        built = pipelines(root)
+        cache_dir = os.path.join(root, ".cache")
+        builds = {size: build_cache(root, cache_dir, size) for size in (CACHE_SIZE, DECODE_SIZE)}
+        built = pipelines(root, cache_dir)
         rates: dict[str, list[float]] = {label: [] for label in built}
         for _ in range(args.repeats):
             for label, data in built.items():
                 rates[label].append(one_pass(data))
         reduced, mad_draft, mad_interp = draft_difference(paths)
         steps = breakdown(paths, args.repeats)
+        steps.update(cache_breakdown(root, cache_dir, args.repeats))
 
     print(f"`python {' '.join(sys.argv)}`\n")
     print(
@@ -264,6 +366,13 @@ def main() -> None:
     for label, values in rates.items():
         median = statistics.median(values)
         print(f"| {label} | {median:.0f} ({max(values):.0f}) | {median / base:.2f}x |")
+    for size, (seconds, nbytes) in builds.items():
+        print(
+            f"\nCache build, cache_size={size} (the one-off first epoch; one thread, JPEG draft "
+            f"decode + bicubic resize + write): {seconds:.2f} s, {len(paths) / seconds:.0f} "
+            f"images/s ({len(paths) / seconds / base:.2f}x (a)); {nbytes / len(paths) / 1e3:.0f} "
+            f"kB per image on disk."
+        )
     print(
         f"\nDraft decoding (decode_size={DECODE_SIZE}) reduces {reduced} of {len(paths)} images "
         f"(short side >= {2 * DECODE_SIZE} px). Same random crop (scale >= {SCALE_MIN}) at "

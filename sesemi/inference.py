@@ -25,7 +25,9 @@ from sesemi.transforms import center_crop_transforms, interpolation_mode, to_nor
 log = logging.getLogger(__name__)
 
 # The eval preprocessing a checkpoint records: `center_crop_transforms` arguments.
-PREPROCESSING_KEYS = tuple(inspect.signature(center_crop_transforms).parameters)
+PREPROCESSING_KEYS = tuple(
+    k for k in inspect.signature(center_crop_transforms).parameters if k != "uint8_output"
+)
 TTA_VIEWS = ("flip", "crops")
 
 
@@ -38,9 +40,8 @@ def preprocessing_from_transform(node: Mapping[str, Any] | None) -> dict[str, An
     """
     if not node:
         return None
-    defaults = {
-        k: p.default for k, p in inspect.signature(center_crop_transforms).parameters.items()
-    }
+    parameters = inspect.signature(center_crop_transforms).parameters
+    defaults = {k: parameters[k].default for k in PREPROCESSING_KEYS}
     given = {k: node[k] for k in PREPROCESSING_KEYS if k in node}
     if not given:
         return None

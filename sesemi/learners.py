@@ -124,6 +124,11 @@ class Classifier(pl.LightningModule):
         self.val_top1_best = MaxMetric()
         if self.ema is not None:
             self.val_ema_top1 = MulticlassAccuracy(self.num_classes, average="micro")
+        self.channels_last = bool(hp.get("channels_last", False))
+        self.compile_options = hp.get("compile") or False
+        self._set_input_normalization(hp.get("input_normalization"))
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
         self.knn = self._knn_config(hp.get("knn"))
         self.knn_bank_loader: Any = None  # set by the runner when knn is configured
         self._knn_bank: tuple[Tensor, Tensor] | None = None
@@ -169,6 +174,53 @@ class Classifier(pl.LightningModule):
             self.class_names = meta.get("class_names")
         if self.preprocessing is None:
             self.preprocessing = meta.get("preprocessing")
+
+    def _set_input_normalization(self, node: Mapping[str, Any] | None) -> None:
+        self.input_normalization = node
+        if node is None:
+            return
+        if set(node) != {"mean", "std"}:
+            raise ValueError(
+                f"learner.hparams.input_normalization needs exactly mean and std, got {dict(node)}"
+            )
+        mean = torch.tensor(node["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(node["std"], dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer("_input_mean", mean, persistent=False)
+        self.register_buffer("_input_std", std, persistent=False)
+
+    def prepare_images(self, images: Tensor) -> Tensor:
+        """Scales and normalizes a uint8 image batch `(B, C, H, W)` on its device; float
+        batches pass unchanged. With `channels_last`, the batch is made channels-last."""
+        if images.dtype == torch.uint8:
+            if self.input_normalization is None:
+                raise ValueError(
+                    "uint8 images reached the learner but learner.hparams.input_normalization "
+                    "is not set; set it to {mean: [...], std: [...]} or drop uint8_output"
+                )
+            images = (images.float() / 255.0 - self._input_mean) / self._input_std
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def _prepare_batch(self, batch: Any) -> Any:
+        if isinstance(batch, Tensor):
+            return self.prepare_images(batch) if batch.ndim == 4 else batch
+        if isinstance(batch, Mapping):
+            return {k: self._prepare_batch(v) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self._prepare_batch(v) for v in batch)
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalizes uint8 image batches on the device (and makes them channels-last)."""
+        return self._prepare_batch(batch)
+
+    def configure_model(self) -> None:
+        """Compiles the backbone with `torch.compile` when `hparams.compile` asks for it."""
+        if self.compile_options and not getattr(self, "_compiled", False):
+            options = self.compile_options if isinstance(self.compile_options, Mapping) else {}
+            self.backbone.compile(**options)  # in place: state_dict keys stay the same
+            self._compiled = True
 
     @staticmethod
     def _knn_config(node: Mapping[str, Any] | None) -> KNNConfig | None:

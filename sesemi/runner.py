@@ -7,6 +7,7 @@ import logging
 import os
 import time
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,15 +109,27 @@ def class_names(data: SESEMIDataModule) -> list[str] | None:
     return None
 
 
-def eval_preprocessing(data: DictConfig) -> dict[str, Any] | None:
-    """The preprocessing a checkpoint records: the val (else test, else supervised) transform's."""
+def eval_preprocessing(
+    data: DictConfig, normalization: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The preprocessing a checkpoint records: the val (else test, else supervised) transform's.
+
+    A transform with `uint8_output: true` leaves normalization to the learner, so the learner's
+    `input_normalization` (`{mean, std}`) is recorded instead.
+    """
     loaders = [data.get("val"), data.get("test"), (data.get("train") or {}).get("supervised")]
     for loader in loaders:
         node = loader.dataset.get("image_transform") if loader is not None else None
-        if node is not None:
-            found = preprocessing_from_transform(OmegaConf.to_container(node, resolve=True))
-            if found is not None:
-                return found
+        if node is None:
+            continue
+        node = OmegaConf.to_container(node, resolve=True)
+        found = preprocessing_from_transform(node)
+        if found is None:
+            continue
+        if node.get("uint8_output") and normalization:
+            found["norm_mean"] = list(normalization["mean"])
+            found["norm_std"] = list(normalization["std"])
+        return found
     return None
 
 
@@ -273,7 +286,8 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     set_attributes(attributes)
     learner = instantiate(cfg.learner, _recursive_=False)
     if hasattr(learner, "set_metadata"):
-        learner.set_metadata(class_names(data), eval_preprocessing(cfg.data))
+        normalization = cfg.learner.get("hparams", {}).get("input_normalization")
+        learner.set_metadata(class_names(data), eval_preprocessing(cfg.data, normalization))
     if getattr(learner, "knn", None) is not None:
         if "supervised" in data.train and data.val is not None:
             learner.knn_bank_loader = data.knn_bank_loader()

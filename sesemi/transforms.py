@@ -31,6 +31,10 @@ def to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v2
     ]
 
 
+def _output(mean: Sequence[float], std: Sequence[float], uint8: bool) -> list[v2.Transform]:
+    return [v2.PILToTensor()] if uint8 else to_normalized_tensor(mean, std)
+
+
 def _crop_and_flip(
     input_h: int,
     input_w: int,
@@ -59,6 +63,7 @@ def train_transforms(
     p_hflip: float = 0.5,
     norm_mean: Sequence[float] = IMAGENET_MEAN,
     norm_std: Sequence[float] = IMAGENET_STD,
+    uint8_output: bool = False,
 ) -> v2.Compose:
     """Random-resized-crop training augmentation.
 
@@ -71,12 +76,15 @@ def train_transforms(
         p_hflip: Probability of a horizontal flip.
         norm_mean: Per-channel mean subtracted after scaling to [0, 1].
         norm_std: Per-channel standard deviation divided by.
+        uint8_output: Return the uint8 pixels, unscaled and unnormalized (a quarter of the
+            bytes to collate and copy); the learner then normalizes them on the device with
+            `learner.hparams.input_normalization` and the norm arguments here are not used.
 
     Returns:
         A transform from a PIL image to a normalized `(3, input_h, input_w)` float tensor.
     """
     crop_flip = _crop_and_flip(input_h, input_w, scale, ratio, interpolation, p_hflip)
-    return v2.Compose([*crop_flip, *to_normalized_tensor(norm_mean, norm_std)])
+    return v2.Compose([*crop_flip, *_output(norm_mean, norm_std, uint8_output)])
 
 
 def center_crop_transforms(
@@ -86,6 +94,7 @@ def center_crop_transforms(
     interpolation: str = "bilinear",
     norm_mean: Sequence[float] = IMAGENET_MEAN,
     norm_std: Sequence[float] = IMAGENET_STD,
+    uint8_output: bool = False,
 ) -> v2.Compose:
     """Deterministic evaluation preprocessing: resize the short side, then center crop.
 
@@ -96,6 +105,8 @@ def center_crop_transforms(
         interpolation: Resampling by name.
         norm_mean: Per-channel mean subtracted after scaling to [0, 1].
         norm_std: Per-channel standard deviation divided by.
+        uint8_output: Return uint8 pixels, to be normalized on the device (see
+            `train_transforms`).
 
     Returns:
         A transform from a PIL image to a normalized `(3, input_h, input_w)` float tensor.
@@ -107,7 +118,7 @@ def center_crop_transforms(
         [
             v2.Resize(resize, interpolation=interpolation_mode(interpolation), antialias=True),
             v2.CenterCrop((input_h, input_w)),
-            *to_normalized_tensor(norm_mean, norm_std),
+            *_output(norm_mean, norm_std, uint8_output),
         ]
     )
 

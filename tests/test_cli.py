@@ -284,3 +284,24 @@ def test_unknown_config_name_gets_one_line(experiment):
     assert out.stderr.count("\n") == 1 and "did you mean demo_fixmatch" in out.stderr
     out = _custom(experiment, "-cn", "costum")
     assert out.returncode == 1 and "configs/costum.yaml" in out.stderr
+
+
+def test_uint8_loaders_with_device_normalization_train_and_record_it(experiment):
+    uint8 = [
+        f"+data.{loader}.dataset.image_transform.uint8_output=true"
+        for loader in ("train.supervised", "train.rotation_prediction", "val")
+    ]
+    fit = _custom(
+        experiment,
+        *uint8,
+        "learner.hparams.input_normalization={mean:[0.5,0.5,0.5],std:[0.25,0.25,0.25]}",
+        "learner.hparams.channels_last=true",
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (last,) = glob.glob(str(experiment / "runs" / "tiny" / "*" / "checkpoints" / "last.ckpt"))
+    meta = torch.load(last, map_location="cpu", weights_only=True)["sesemi"]
+    assert meta["preprocessing"]["norm_mean"] == [0.5, 0.5, 0.5]
+    assert meta["preprocessing"]["norm_std"] == [0.25, 0.25, 0.25]
+    # Without the learner's normalization the uint8 batches are refused with one line.
+    bad = _custom(experiment, *uint8, "run.id=bad")
+    assert bad.returncode == 1 and "input_normalization" in bad.stderr

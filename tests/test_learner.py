@@ -237,3 +237,34 @@ def test_soft_targets_train_and_count_as_their_argmax():
     total, logs = learner.compute_losses({"supervised": (images, soft)}, step=0)
     expected = F.cross_entropy(logs["logits"], soft)
     torch.testing.assert_close(total, expected)
+
+
+def test_uint8_batches_are_normalized_on_the_device_and_made_channels_last():
+    normalization = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    learner = Classifier(
+        {**_hparams(), "input_normalization": normalization, "channels_last": True}
+    )
+    pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    targets = torch.tensor([0, 1])
+    batch = learner.on_after_batch_transfer({"supervised": (pixels, targets), "x": [pixels]}, 0)
+    images, kept = batch["supervised"]
+    mean = torch.tensor(normalization["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(normalization["std"]).view(1, 3, 1, 1)
+    torch.testing.assert_close(images, (pixels.float() / 255 - mean) / std)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(kept, targets)  # labels are not images
+    assert batch["x"][0].dtype == torch.float32
+
+
+def test_uint8_batches_without_normalization_are_an_error():
+    learner = Classifier(_hparams())
+    with pytest.raises(ValueError, match="input_normalization"):
+        learner.prepare_images(torch.zeros(1, 3, 4, 4, dtype=torch.uint8))
+
+
+def test_compile_keeps_checkpoint_keys():
+    learner = Classifier({**_hparams(), "compile": {"dynamic": False}})
+    keys = set(learner.state_dict())
+    learner.configure_model()
+    assert learner.backbone._compiled_call_impl is not None
+    assert set(learner.state_dict()) == keys

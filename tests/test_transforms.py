@@ -153,3 +153,13 @@ def test_strong_transforms_refuse_magnitude_zero():
 
     with pytest.raises(ValueError, match="magnitude"):
         strong_transforms(32, 32, rand_augment="rand-m0-n1")
+
+
+@pytest.mark.parametrize("make", [train_transforms, center_crop_transforms])
+def test_uint8_output_is_the_float_output_before_normalization(make, image: Image.Image) -> None:
+    torch.manual_seed(0)
+    pixels = make(input_h=24, input_w=24, uint8_output=True)(image)
+    torch.manual_seed(0)
+    normalized = make(input_h=24, input_w=24, norm_mean=(0.5,) * 3, norm_std=(0.5,) * 3)(image)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 24, 24)
+    torch.testing.assert_close((pixels.float() / 255 - 0.5) / 0.5, normalized)

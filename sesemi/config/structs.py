@@ -242,6 +242,12 @@ class ClassifierHParams:
         lr_scheduler: An optional learning-rate scheduler configuration.
         knn: Optional kNN evaluation of the backbone's features at every validation, logged as
             val/knn/top1 (see `KNNConfig`); enable with `learner.hparams.knn={k:20}`.
+        input_normalization: `{mean: [...], std: [...]}` applied on the device to uint8 image
+            batches (transforms with `uint8_output: true`), after scaling to [0, 1].
+        channels_last: Keep the model and image batches in channels-last memory format (faster
+            convolutions on GPUs with tensor cores, with bf16/fp16 precision).
+        compile: `torch.compile` the backbone: true, or a dict of `torch.compile` arguments
+            (e.g. `{mode: max-autotune}`).
     """
 
     num_classes: int = MISSING
@@ -250,6 +256,9 @@ class ClassifierHParams:
     lr_scheduler: LRSchedulerConfig | None = None
     # Any, not `KNNConfig | None`, for the same reason as `ClassifierModelConfig.ema`.
     knn: Any = None
+    input_normalization: Any = None
+    channels_last: bool = False
+    compile: Any = False
 
 
 @dataclass

@@ -15,6 +15,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from sesemi.datasets._registry import register_dataset
+from sesemi.datasets.cache import OUTPUTS, CachedImageFolder, open_cache
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,11 @@ class ImageFolderSubsets(ConcatDataset):
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
         self.targets = [t for d in datasets for t in d.targets]
 
+    @property
+    def skipped(self) -> int:
+        """Unreadable images left out of (cached) parts."""
+        return sum(getattr(d, "skipped", 0) for d in self.datasets)
+
 
 def _folder(
     path: str, transform: Callable | None, loader: Callable[[str], Image.Image] = load_image
@@ -196,6 +202,9 @@ def image_folder(
     image_transform: Callable | None = None,
     skip_unreadable: bool = False,
     decode_size: int | None = None,
+    cache_dir: str | None = None,
+    cache_size: int | None = None,
+    cache_output: str | None = None,
     **kwargs: Any,
 ) -> Dataset:
     """Builds a dataset from folders of images, one subfolder per class.
@@ -205,12 +214,26 @@ def image_folder(
         subset: One subfolder of `root` (e.g. "train"), a list of them (concatenated with one
             shared class index; their class lists must agree), or None for all of them. With
             None, a root whose subfolders hold images directly is used as one class folder.
-        image_transform: The transform applied to each PIL image.
+        image_transform: The transform applied to each PIL image (or uint8 tensor, see
+            `cache_output`).
         skip_unreadable: Skip (and count) corrupt or truncated images instead of stopping
-            with an error that names the file.
+            with an error that names the file. With `cache_dir`, such files are found while
+            building the cache, left out of the dataset and counted in its `skipped`.
         decode_size: Decode JPEGs at a reduced size whose short side stays >= this many pixels
             (see `load_image`); None (the default) decodes every image at full size. For the
             default `train_transforms` (224 px, scale >= 0.35, ratio >= 3/4) use 438.
+        cache_dir: If set, every image is decoded once, shrunk to a short side <= `cache_size`
+            and kept as uint8 pixels in a memory-mapped file in this folder (see
+            `sesemi.datasets.cache`); later epochs and runs read the pixels instead of decoding.
+            A relative path is taken relative to the parent of `root`; a folder inside `root`
+            needs a hidden name (".cache"), so no run mistakes it for a subset. It is built when
+            the dataset is built and rebuilt (unchanged files are copied, not decoded) when a
+            file is added, removed or modified. None (the default): no cache.
+        cache_size: The cached images' largest short side in pixels (never enlarged); default
+            256. 438 loses no resolution under the default `train_transforms`.
+        cache_output: What the cache hands `image_transform`: "pil" (the default; works with
+            every transform) or "tensor", a `(3, H, W)` uint8 tensor (faster, for torchvision
+            v2 transforms such as `train_transforms` and `center_crop_transforms`).
         **kwargs: Not used; an error if given.
 
     Returns:
@@ -218,8 +241,90 @@ def image_folder(
     """
     if kwargs:
         raise TypeError(f"image_folder got unexpected argument(s): {', '.join(kwargs)}")
-    built = _image_folder(root, subset, image_transform, _loader(decode_size))
-    return SkipUnreadable(built) if skip_unreadable else built
+    loader = _loader(decode_size)
+    if cache_dir is None:
+        for key, value in (("cache_size", cache_size), ("cache_output", cache_output)):
+            if value is not None:
+                raise ValueError(
+                    f"{key} is set but cache_dir is not; set the dataset's cache_dir to use "
+                    f"the image cache, or remove {key}"
+                )
+        built = _image_folder(root, subset, image_transform, loader)
+        return SkipUnreadable(built) if skip_unreadable else built
+    cache = functools.partial(
+        _cached,
+        cache_dir=_cache_dir(cache_dir, root, decode_size),
+        cache_size=_cache_size(cache_size),
+        output=_cache_output(cache_output),
+        skip_unreadable=skip_unreadable,
+    )
+    return _image_folder(root, subset, image_transform, loader, cache)
+
+
+def _cache_dir(cache_dir: Any, root: str, decode_size: int | None) -> str:
+    if isinstance(cache_dir, bool) or not isinstance(cache_dir, str | os.PathLike) or not cache_dir:
+        raise ValueError(
+            f"cache_dir must be a folder path or null, got {cache_dir!r}; "
+            "e.g. cache_dir: /scratch/sesemi_cache"
+        )
+    if decode_size is not None:
+        raise ValueError(
+            "decode_size has no effect with cache_dir (the cache decodes each image once, "
+            "at cache_size); remove decode_size"
+        )
+    path = os.path.join(os.path.dirname(os.path.abspath(root)), os.path.expanduser(cache_dir))
+    inside = os.path.relpath(path, root).split(os.sep)
+    if inside[0] not in (".", "..") and not any(p.startswith(".") for p in inside):
+        # It would be scanned as a subset or class folder of the next run.
+        raise ValueError(
+            f"cache_dir '{path}' is inside the dataset folder '{root}'; put it outside "
+            "(e.g. next to it) or give it a hidden name such as .cache"
+        )
+    return path
+
+
+def _cache_size(cache_size: Any) -> int:
+    if cache_size is None:
+        return 256
+    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
+        raise ValueError(
+            f"cache_size must be a positive integer (the cached short side in pixels, "
+            f"e.g. 256), got {cache_size!r}"
+        )
+    return cache_size
+
+
+def _cache_output(output: Any) -> str:
+    if output is None:
+        return "pil"
+    if output not in OUTPUTS:
+        raise ValueError(f"cache_output must be 'pil' or 'tensor', got {output!r}")
+    return output
+
+
+def _load_for_cache(path: str, draft_size: int) -> Image.Image:
+    return load_image(path, draft_size)  # looked up at call time, so tests can count calls
+
+
+def _cached(
+    folder: Dataset, cache_dir: str, cache_size: int, output: str, skip_unreadable: bool
+) -> Dataset:
+    """Serves one folder dataset from its image cache, building the cache first if needed."""
+    paths = [p for p, _ in folder.samples]
+    try:
+        cache = open_cache(paths, folder.root, cache_dir, cache_size, _load_for_cache)
+    except PermissionError as e:
+        raise PermissionError(
+            f"cannot write the image cache in '{cache_dir}' ({e.strerror}); set the dataset's "
+            "cache_dir to a writable folder"
+        ) from None
+    if cache.unreadable and not skip_unreadable:
+        first = next(iter(cache.unreadable.values()))
+        more = len(cache.unreadable) - 1
+        raise ImageReadError(
+            first + (f"; {more} more unreadable image(s) are in the log" * bool(more))
+        )
+    return CachedImageFolder(folder, cache, output)
 
 
 def _image_folder(
@@ -227,13 +332,16 @@ def _image_folder(
     subset: str | Sequence[str] | None,
     image_transform: Callable | None,
     loader: Callable[[str], Image.Image] = load_image,
+    cache: Callable[[Dataset], Dataset] | None = None,
 ) -> Dataset:
+    """Builds the dataset; `cache`, if given, wraps each folder's dataset once all are checked."""
+    wrap = cache or (lambda part: part)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset folder '{root}' does not exist; check run.data_root")
     if subset is None:
         dirs, _ = _scan(root)
         if not dirs or _is_class_folder_root(root, dirs):
-            return _folder(root, image_transform, loader)
+            return wrap(_folder(root, image_transform, loader))
         subsets: list[str] = dirs
     else:
         subsets = [subset] if isinstance(subset, str) else list(subset)
@@ -248,7 +356,7 @@ def _image_folder(
             )
         parts.append(_folder(path, image_transform, loader))
     if len(parts) == 1:
-        return parts[0]
+        return wrap(parts[0])
     labeled = [(n, p) for n, p in zip(subsets, parts, strict=True) if p.classes]
     classes = labeled[0][1].classes if labeled else []
     for n, p in labeled[1:]:
@@ -258,4 +366,4 @@ def _image_folder(
                 f"subsets '{labeled[0][0]}' and '{n}' of '{root}' have different classes "
                 f"(differing: {', '.join(diff)}); give them the same class folders"
             )
-    return ImageFolderSubsets(parts, classes)
+    return ImageFolderSubsets([wrap(p) for p in parts], classes)
