@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
@@ -15,6 +20,11 @@ class LastCheckpoint(Callback):
     a top-k checkpoint, so after an epoch that did not improve the monitored metric the file is
     stale; resuming needs the newest state. The file is written to a temporary name and renamed,
     so a kill during the save leaves the previous `last.ckpt` intact.
+
+    Every checkpoint also carries the random number generators' states (Python, NumPy, torch on
+    the CPU and GPUs); a resumed run restores them when its first epoch starts, so, from a
+    checkpoint taken at the end of an epoch, it draws the same data order, augmentations and
+    dropout masks as the run that was never stopped.
     """
 
     FILENAME = "last.ckpt"
@@ -45,6 +55,38 @@ class LastCheckpoint(Callback):
         trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The RNG states at save time (plain tensors and tuples, loadable weights-only)."""
+        version, keys, gauss = random.getstate()
+        name, mt, pos, has_gauss, cached = np.random.get_state()
+        state = {
+            "python": (version, tuple(keys), gauss),
+            "numpy": (name, torch.from_numpy(mt.astype(np.int64)), pos, has_gauss, cached),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return {"rng": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keeps the saved RNG states until training starts (see `on_train_epoch_start`)."""
+        self._pending_rng = state_dict.get("rng")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After restoring, model building and the sanity check (which Lightning isolates), just
+        # before the epoch's data iterators draw their seeds.
+        state = getattr(self, "_pending_rng", None)
+        if state is None:
+            return
+        self._pending_rng = None
+        version, keys, gauss = state["python"]
+        random.setstate((version, tuple(keys), gauss))
+        name, mt, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, mt.numpy().astype(np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":

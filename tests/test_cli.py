@@ -186,12 +186,13 @@ def test_same_seed_gives_identical_metrics(experiment):
     assert runs[0] and runs[0] == runs[1]
 
 
-def test_sigkilled_run_resumes_to_the_same_final_step(experiment):
+def test_sigkilled_run_resumes_to_the_same_final_step_and_weights(experiment):
     import signal
     import time
 
     args = [sys.executable, "-m", "sesemi", "-cd", "configs", "-cn", "custom", "run.num_epochs=8"]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    # One thread, as open_sesemi() runs the others: thread counts change float sums.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         args, cwd=experiment, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -209,8 +210,24 @@ def test_sigkilled_run_resumes_to_the_same_final_step(experiment):
     assert out.returncode == 0, out.stderr[-3000:]
     newest = max(glob.glob(pattern), key=os.path.getmtime)
     assert newest != killed  # the resumed run writes its own run directory
-    assert torch.load(newest, map_location="cpu", weights_only=False)["global_step"] == 8 * 6
+    resumed = torch.load(newest, map_location="cpu", weights_only=True)
+    assert resumed["global_step"] == 8 * 6
     assert not glob.glob(str(experiment / "runs/tiny/*/checkpoints/*.tmp"))
+
+    # The same run never stopped: with the RNG states restored from the epoch-end checkpoint,
+    # the resumed run drew the same batches, augmentations and dropout, so it ends identical.
+    straight = _custom(experiment, "run.num_epochs=8", "run.id=straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    (path,) = glob.glob(str(experiment / "runs/straight/*/checkpoints/last.ckpt"))
+    reference = torch.load(path, map_location="cpu", weights_only=True)
+    assert resumed["state_dict"].keys() == reference["state_dict"].keys()
+    for key, value in reference["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    assert _summary_value(out.stdout, "val/top1") == _summary_value(straight.stdout, "val/top1")
+
+
+def _summary_value(stdout: str, key: str) -> float:
+    return float(next(line for line in stdout.splitlines() if line.split()[:1] == [key]).split()[1])
 
 
 DDP_PROBE = '''
