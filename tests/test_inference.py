@@ -232,3 +232,42 @@ def test_bad_checkpoint_and_inputs_get_one_line(trained, tmp_path):
     assert result.returncode == 1 and "does not exist" in result.stderr
     result = open_sesemi("predict", str(trained["checkpoint"]), cwd=tmp_path)
     assert result.returncode == 1 and "no inputs" in result.stderr
+
+
+def test_noisy_student_demo_stages_run_end_to_end(tmp_path, tmp_path_factory):
+    digits = tmp_path_factory.getbasetemp() / "sesemi_digits"  # prepared once per session
+    tiny = [
+        f"run.data_root={digits}",
+        "run.num_iterations=2",
+        "trainer.val_check_interval=2",
+        "run.batch_size_per_gpu=8",
+        "learner.hparams.model.backbone.name=test_resnet",
+        "+trainer.limit_val_batches=1",
+        "+trainer.num_sanity_val_steps=0",
+    ]
+    teacher = open_sesemi("-cn", "demo_noisy_student_teacher", *tiny, cwd=tmp_path)
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    (checkpoint,) = glob.glob(str(tmp_path / "runs/noisy_student_teacher/*/checkpoints/last.ckpt"))
+    pseudo = tmp_path / "digits_pseudo"
+    # Without pseudo-labels the student stops before training, saying how to make them.
+    early = open_sesemi(
+        "-cn", "demo_noisy_student", *tiny, f"data.train.pseudo.dataset.root={pseudo}", cwd=tmp_path
+    )
+    assert early.returncode == 1 and "open_sesemi pseudo-label" in early.stderr
+    label = open_sesemi(
+        "pseudo-label", checkpoint, str(digits / "unlabeled"), "-o", str(pseudo), cwd=tmp_path
+    )
+    assert label.returncode == 0, label.stderr[-3000:]
+    assert "1208 of 1208" in label.stdout  # threshold 0 keeps every unlabeled digit
+    student = open_sesemi(
+        "-cn",
+        "demo_noisy_student",
+        *tiny,
+        f"data.train.pseudo.dataset.root={pseudo}",
+        "data.train.pseudo.batch_size=8",
+        "trainer.log_every_n_steps=1",
+        cwd=tmp_path,
+    )
+    assert student.returncode == 0, student.stderr[-3000:]
+    (metrics,) = glob.glob(str(tmp_path / "runs/noisy_student/*/metrics.csv"))
+    assert "train/pseudo_label_loss" in Path(metrics).read_text().splitlines()[0]
