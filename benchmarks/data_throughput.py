@@ -226,13 +226,18 @@ def breakdown(paths: list[str], repeats: int) -> dict[str, float]:
             v2.Compose(sesemi_float.transforms[:-2])(im) for im in small
         ],
     }
+    return _median_ms(steps, repeats, len(paths))
+
+
+def _median_ms(steps: dict[str, Callable], repeats: int, count: int) -> dict[str, float]:
+    """Milliseconds per image of each step over `count` images, median of `repeats` passes."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
             torch.manual_seed(0)
             start = time.perf_counter()
             step()
-            times[name].append((time.perf_counter() - start) / len(paths) * 1e3)
+            times[name].append((time.perf_counter() - start) / count * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -278,14 +283,7 @@ def cache_breakdown(root: str, cache_dir: str, repeats: int) -> dict[str, float]
             normalize(to_float(x)) for x in tensor_crops
         ],
     }
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            torch.manual_seed(0)
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) / len(pil) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return _median_ms(steps, repeats, len(pil))
 
 
 def draft_difference(paths: list[str]) -> tuple[int, float, float]:

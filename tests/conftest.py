@@ -60,6 +60,16 @@ learner:
 """
 
 
+def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Gradients plus mild noise: a photograph-like image that JPEG and resampling treat
+    as they treat real photographs."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    pixels = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], -1)
+    pixels += rng.normal(0, 8, pixels.shape)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
 def write_images(folder: Path, count: int, seed: int, bright_left: bool = False) -> None:
     """Writes `count` random 40x48 RGB PNGs; `bright_left` whitens the left half (a cue)."""
     rng = np.random.default_rng(seed)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_image_folder
+from conftest import make_image_folder, smooth_image
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -22,15 +22,6 @@ from sesemi.datasets import image_folder as image_folder_module
 from sesemi.datasets.cache import capped_size
 from sesemi.datasets.image_folder import ImageReadError, load_image
 from sesemi.transforms import center_crop_transforms, train_transforms
-
-
-def _smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    # Gradients plus noise: photograph-like, so JPEG and resampling behave as on real images.
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    pixels = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], -1)
-    pixels += rng.normal(0, 8, pixels.shape)
-    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
 @pytest.fixture
@@ -74,8 +65,8 @@ def test_capped_size_caps_the_short_side_and_keeps_the_aspect(size, cap, expecte
 def test_cached_pixels_are_the_resized_decode_of_the_original(tmp_path: Path) -> None:
     folder = tmp_path / "data" / "train" / "cat"
     folder.mkdir(parents=True)
-    _smooth_image(120, 90).save(folder / "wide.png")
-    _smooth_image(60, 100, seed=1).save(folder / "tall.png")
+    smooth_image(120, 90).save(folder / "wide.png")
+    smooth_image(60, 100, seed=1).save(folder / "tall.png")
     data = _cached(tmp_path / "data", tmp_path / "cache", cache_size=48)
     for (image, _), name, size in zip(data, ("tall", "wide"), ((48, 80), (64, 48)), strict=True):
         assert image.size == size
@@ -87,7 +78,7 @@ def test_cached_pixels_are_the_resized_decode_of_the_original(tmp_path: Path) ->
 def test_large_jpeg_is_draft_decoded_but_matches_a_full_decode(tmp_path: Path) -> None:
     folder = tmp_path / "data" / "train" / "cat"
     folder.mkdir(parents=True)
-    _smooth_image(1200, 900).save(folder / "big.jpg", quality=90)
+    smooth_image(1200, 900).save(folder / "big.jpg", quality=90)
     image, _ = _cached(tmp_path / "data", tmp_path / "cache", cache_size=100)[0]
     assert image.size == (133, 100)
     full = load_image(str(folder / "big.jpg")).resize(image.size, Image.Resampling.BICUBIC)
@@ -116,7 +107,7 @@ def test_targets_and_classes_equal_the_uncached_dataset(image_root, tmp_path, su
 def test_unlabeled_folder_is_cached_with_target_minus_one(tmp_path: Path) -> None:
     make_image_folder(tmp_path / "data", {"train": 2})
     (tmp_path / "data" / "unlabeled").mkdir()
-    _smooth_image(30, 20).save(tmp_path / "data" / "unlabeled" / "a.png")
+    smooth_image(30, 20).save(tmp_path / "data" / "unlabeled" / "a.png")
     data = _cached(tmp_path / "data", tmp_path / "cache", subset=["train", "unlabeled"])
     assert data.targets == [0, 0, 1, 1, -1]
     assert data[4][0].size == (30, 20)

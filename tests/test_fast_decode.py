@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import smooth_image
 from PIL import Image
 
 from sesemi.datasets import dataset
@@ -14,19 +15,10 @@ from sesemi.datasets.image_folder import ImageReadError, load_image
 from sesemi.transforms import train_transforms
 
 
-def _smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    # Smooth gradients plus mild noise: a photograph-like image that JPEG compresses normally.
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    pixels = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], -1)
-    pixels += rng.normal(0, 8, pixels.shape)
-    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
-
-
 @pytest.fixture
 def big_jpeg(tmp_path: Path) -> Path:
     path = tmp_path / "big.jpg"
-    _smooth_image(1200, 900).save(path, quality=90)
+    smooth_image(1200, 900).save(path, quality=90)
     return path
 
 
@@ -53,13 +45,13 @@ def test_without_decode_size_a_jpeg_is_decoded_at_full_size(big_jpeg: Path) -> N
 
 def test_a_jpeg_below_twice_the_decode_size_is_decoded_at_full_size(tmp_path: Path) -> None:
     path = tmp_path / "small.jpg"
-    _smooth_image(500, 375).save(path, quality=90)
+    smooth_image(500, 375).save(path, quality=90)
     assert load_image(str(path), decode_size=224).size == (500, 375)
 
 
 def test_png_is_unaffected_by_decode_size(tmp_path: Path) -> None:
     path = tmp_path / "big.png"
-    original = _smooth_image(1200, 900)
+    original = smooth_image(1200, 900)
     original.save(path)
     image = load_image(str(path), decode_size=224)
     assert image.size == (1200, 900)
@@ -78,9 +70,9 @@ def _jpeg_folder(root: Path) -> Path:
         folder = root / "train" / name
         folder.mkdir(parents=True)
         for i in range(2):
-            _smooth_image(1200, 900, seed=10 * c + i).save(folder / f"{i}.jpg", quality=90)
+            smooth_image(1200, 900, seed=10 * c + i).save(folder / f"{i}.jpg", quality=90)
     (root / "unlabeled").mkdir()
-    _smooth_image(1000, 1000, seed=99).save(root / "unlabeled" / "0.jpg", quality=90)
+    smooth_image(1000, 1000, seed=99).save(root / "unlabeled" / "0.jpg", quality=90)
     return root
 
 
