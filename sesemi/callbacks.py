@@ -7,9 +7,8 @@ import random
 from typing import Any
 
 import numpy as np
-import torch
-
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
 
 

@@ -50,8 +50,16 @@ def _maybe_call(node: Any, dataset: Dataset) -> Any:
 class LoaderSpec:
     """One configured loader: its dataset and the keyword arguments of its DataLoader."""
 
-    def __init__(self, where: str, node: Mapping[str, Any], data_root: str | None, default_bs):
+    def __init__(
+        self,
+        where: str,
+        node: Mapping[str, Any],
+        data_root: str | None,
+        default_bs: int | None,
+        auto: Mapping[str, Any] | None = None,
+    ):
         self.where = where
+        self.auto = dict(auto or {})  # values for DataLoader arguments the node leaves null
         self.dataset = build_dataset(node["dataset"], data_root)
         self.batch_size = node.get("batch_size") or default_bs
         if self.batch_size is None:
@@ -62,6 +70,9 @@ class LoaderSpec:
         """Builds the DataLoader (Lightning adds a DistributedSampler under DDP)."""
         node = self.node
         kwargs = {k: node[k] for k in _PLAIN_ARGS if node.get(k) is not None}
+        for key, value in self.auto.items():
+            if node.get(key) is None:
+                kwargs[key] = value
         if not kwargs.get("num_workers"):
             kwargs.pop("persistent_workers", None)
         elif node.get("prefetch_factor") is not None:
@@ -102,6 +113,7 @@ class SESEMIDataModule(pl.LightningDataModule):
         data_root: str | None,
         batch_size_per_gpu: int | None = None,
         stages: tuple[str, ...] = ("train", "val", "test"),
+        loader_defaults: Mapping[str, Any] | None = None,
     ) -> None:
         """Initializes the data module.
 
@@ -110,26 +122,30 @@ class SESEMIDataModule(pl.LightningDataModule):
             data_root: The parent of relative dataset roots.
             batch_size_per_gpu: The default batch size of loaders without one.
             stages: Which of train, val and test to build.
+            loader_defaults: DataLoader arguments (num_workers, pin_memory, persistent_workers)
+                for loaders that leave them null (see `DevicePlan.loader_defaults`).
         """
         super().__init__()
         if isinstance(data, DictConfig):
             data = OmegaConf.to_container(data, resolve=True)
         bs = batch_size_per_gpu
+        self.loader_defaults = dict(loader_defaults or {})
+        auto = self.loader_defaults
         train = data.get("train") or {} if "train" in stages else {}
         self.train = {
-            k: LoaderSpec(f"data.train.{k}", v, data_root, bs)
+            k: LoaderSpec(f"data.train.{k}", v, data_root, bs, auto)
             for k, v in train.items()
             if v is not None  # a null entry switches an inherited loader off
         }
-        self.val = self._spec("val", data, data_root, bs, stages)
-        self.test = self._spec("test", data, data_root, bs, stages)
+        self.val = self._spec("val", data, data_root, bs, stages, auto)
+        self.test = self._spec("test", data, data_root, bs, stages, auto)
         self.data_root = data_root
 
     @staticmethod
-    def _spec(stage, data, data_root, bs, stages) -> LoaderSpec | None:
+    def _spec(stage, data, data_root, bs, stages, auto) -> LoaderSpec | None:
         if stage not in stages or not data.get(stage):
             return None
-        return LoaderSpec(f"data.{stage}", data[stage], data_root, bs)
+        return LoaderSpec(f"data.{stage}", data[stage], data_root, bs, auto)
 
     def specs(self) -> list[LoaderSpec]:
         """Every configured loader: train loaders by name, then val and test."""
@@ -151,7 +167,8 @@ class SESEMIDataModule(pl.LightningDataModule):
             "num_workers": val.node.get("num_workers"),
             "pin_memory": val.node.get("pin_memory"),
         }
-        return LoaderSpec("kNN bank (data.train.supervised)", node, self.data_root, None).loader()
+        where = "kNN bank (data.train.supervised)"
+        return LoaderSpec(where, node, self.data_root, None, self.loader_defaults).loader()
 
     def iterations_per_epoch(self, world_size: int = 1, accumulate_grad_batches: int = 1) -> int:
         """Optimizer steps per epoch on each process: the longest train loader's batch count."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,19 @@ class DevicePlan:
         """The number of training processes over all nodes."""
         per_node = self.num_gpus if self.accelerator == "gpu" else int(self.devices)
         return max(per_node, 1) * self.num_nodes
+
+    def loader_defaults(self) -> dict[str, Any]:
+        """DataLoader settings for loaders that leave them null (auto).
+
+        On GPUs: worker processes (the CPU cores per GPU on this node, at most 8) that persist
+        between epochs, and pinned memory. On the CPU: loading in the training process, whose
+        threads already use the cores.
+        """
+        if self.accelerator != "gpu" or self.num_gpus < 1:
+            return {"num_workers": 0, "pin_memory": False, "persistent_workers": False}
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        workers = max(1, min(8, (cores or 1) // self.num_gpus - 1))
+        return {"num_workers": workers, "pin_memory": True, "persistent_workers": True}
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """Returns the `pl.Trainer` keyword arguments of this plan."""

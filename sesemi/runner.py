@@ -266,7 +266,13 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     cpu_devices = (cfg.trainer or {}).get("devices")
     plan = plan_devices(cfg.run.gpus, cfg.run.accelerator, cfg.run.num_nodes, cpu_devices)
     stages = {RunMode.FIT: ("train", "val"), RunMode.VALIDATE: ("val",), RunMode.TEST: ("test",)}
-    data = SESEMIDataModule(cfg.data, cfg.run.data_root, cfg.run.batch_size_per_gpu, stages[mode])
+    data = SESEMIDataModule(
+        cfg.data,
+        cfg.run.data_root,
+        cfg.run.batch_size_per_gpu,
+        stages[mode],
+        plan.loader_defaults(),
+    )
     if mode == RunMode.FIT and "supervised" not in data.train:
         raise ValueError("data.train needs a 'supervised' loader of labeled images to train on")
     if mode != RunMode.FIT:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import sesemi.devices
-from sesemi.devices import plan_devices
+from sesemi.data import LoaderSpec
+from sesemi.devices import DevicePlan, plan_devices
 
 
 @pytest.fixture(autouse=True)
@@ -191,3 +192,17 @@ def test_two_nodes_on_cpu(gpus_available) -> None:
     assert plan.accelerator == "cpu"
     assert plan.strategy == "ddp"
     assert plan.world_size == 2
+
+
+def test_loader_defaults_use_workers_on_gpus_only(image_root):
+    cpu = DevicePlan("cpu", 1, "auto", num_gpus=0, num_nodes=1).loader_defaults()
+    assert cpu == {"num_workers": 0, "pin_memory": False, "persistent_workers": False}
+    gpu = DevicePlan("gpu", 2, "ddp", num_gpus=2, num_nodes=1).loader_defaults()
+    assert 1 <= gpu["num_workers"] <= 8 and gpu["pin_memory"] and gpu["persistent_workers"]
+
+    node = {"dataset": {"name": "image_folder", "subset": "train"}, "batch_size": 2}
+    auto = LoaderSpec("data.train.x", node, str(image_root), None, gpu).loader()
+    assert auto.num_workers == gpu["num_workers"] and auto.pin_memory and auto.persistent_workers
+    explicit = {**node, "num_workers": 0, "pin_memory": False}
+    chosen = LoaderSpec("data.train.x", explicit, str(image_root), None, gpu).loader()
+    assert chosen.num_workers == 0 and not chosen.pin_memory and not chosen.persistent_workers

@@ -88,14 +88,17 @@ class DataLoaderConfig:
         shuffle: Whether to reshuffle every epoch.
         sampler: An optional sampler node; a `_partial_: true` node is called with the dataset.
         batch_sampler: An optional batch sampler node, treated like `sampler`.
-        num_workers: The number of loading processes (0 loads in the main process).
+        num_workers: The number of loading processes (0 loads in the main process); null
+            (the default) is 0 on the CPU and, on GPUs, the node's CPU cores per GPU minus one,
+            at most 8.
         collate_fn: An optional collation node, e.g. `sesemi.collation.RotationTransformer`.
-        pin_memory: Whether to copy batches into pinned memory.
+        pin_memory: Whether to copy batches into pinned memory; null (the default): on GPUs.
         drop_last: Whether to drop the last incomplete batch.
         timeout: Seconds to wait for a batch from a worker (0 waits forever).
         worker_init_fn: An optional worker initialization node.
         prefetch_factor: Batches loaded in advance by each worker.
-        persistent_workers: Whether workers survive between epochs.
+        persistent_workers: Whether workers survive between epochs; null (the default): when
+            there are workers.
     """
 
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -103,14 +106,14 @@ class DataLoaderConfig:
     shuffle: bool = False
     sampler: Any = None
     batch_sampler: Any = None
-    num_workers: int | None = 0
+    num_workers: int | None = None
     collate_fn: Any = None
-    pin_memory: bool = False
+    pin_memory: bool | None = None
     drop_last: bool | None = False
     timeout: float = 0
     worker_init_fn: Any = None
     prefetch_factor: int | None = None
-    persistent_workers: bool = False
+    persistent_workers: bool | None = None
 
 
 @dataclass
