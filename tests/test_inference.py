@@ -271,3 +271,39 @@ def test_noisy_student_demo_stages_run_end_to_end(tmp_path, tmp_path_factory):
     assert student.returncode == 0, student.stderr[-3000:]
     (metrics,) = glob.glob(str(tmp_path / "runs/noisy_student/*/metrics.csv"))
     assert "train/pseudo_label_loss" in Path(metrics).read_text().splitlines()[0]
+
+
+def test_ema_weights_load_from_a_checkpoint(tmp_path):
+    from sesemi.learners import Classifier
+
+    hparams = {
+        "num_classes": 3,
+        "model": {
+            "backbone": {"_target_": "sesemi.PyTorchImageModels", "name": "test_resnet"},
+            "supervised_loss": {"callable": {"_target_": "torch.nn.CrossEntropyLoss"}},
+            "ema": {"decay": 0.5},
+        },
+        "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1},
+    }
+    learner = Classifier(hparams)
+    with torch.no_grad():  # make student and teacher differ
+        for p in learner.backbone.parameters():
+            p.add_(1.0)
+    path = tmp_path / "ema.ckpt"
+    state = {"hyper_parameters": {"hparams": hparams}, "state_dict": learner.state_dict()}
+    torch.save(state, path)
+    images = torch.randn(2, 3, 32, 32)
+    learner.eval()
+    with torch.no_grad():
+        teacher = load_trained_model(str(path), ema=True).net(images)
+        student = load_trained_model(str(path)).net(images)
+        torch.testing.assert_close(teacher, learner.ema(images))
+        torch.testing.assert_close(student, learner.supervised_head(learner.backbone(images)))
+    assert not torch.allclose(teacher, student)
+    no_ema = {**hparams, "model": {**hparams["model"], "ema": None}}
+    torch.save(
+        {"hyper_parameters": {"hparams": no_ema}, "state_dict": Classifier(no_ema).state_dict()},
+        path,
+    )
+    with pytest.raises(ValueError, match="no EMA weights"):
+        load_trained_model(str(path), ema=True)
