@@ -45,7 +45,10 @@ def _one_line(error: BaseException) -> str:
         text = text.splitlines()[-1].split(": ", 1)[-1]
     if isinstance(cause, KeyError) or "Original Traceback" in str(cause):
         text = text.strip("'\"")  # str(KeyError) quotes its message
-    return text.splitlines()[0] if text else type(error).__name__
+    # Some messages (Hydra's "Error loading 'x':") put the reason on the next line.
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or (
+        type(error).__name__
+    )
 
 
 def _option(argv: list[str], *names: str) -> str | None:
@@ -103,6 +106,8 @@ def cli(cfg: DictConfig) -> None:
 
     warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*pin_memory.*no accelerator.*")
+    # The learner's on_after_batch_transfer (device normalization) is meant to be used.
+    warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer`.*")
     # The run directory is new; it holds only Hydra's own files, which the CSV logger keeps.
     warnings.filterwarnings(
         "ignore", message=r".*Experiment logs directory .* exists and is not empty.*"
@@ -120,6 +125,11 @@ def cli(cfg: DictConfig) -> None:
 def main() -> None:
     """Console-script entry point: a checkpoint subcommand, or a Hydra training run."""
     from sesemi.commands import SUBCOMMANDS
+
+    # `_target_: src.module.Name` in an experiment folder (the spec's layout) must import from
+    # where the user launched, as with `python -m sesemi`; a console script does not add it.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         from sesemi.commands import main as run_subcommand

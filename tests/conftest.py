@@ -94,13 +94,24 @@ def make_image_folder(
     return root
 
 
-def open_sesemi(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Runs `python -m sesemi ARGS` in `cwd` and returns the finished process."""
+def open_sesemi(
+    *args: str, cwd: Path, timeout: int = 300, console_script: bool = False
+) -> subprocess.CompletedProcess:
+    """Runs `python -m sesemi ARGS` (or the installed `open_sesemi ARGS`) in `cwd`."""
     # One thread per process: tiny models gain nothing from more, and CI's 2 cores are shared.
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
+    command = (
+        [str(Path(sys.executable).parent / "open_sesemi")]
+        if console_script
+        else [
+            sys.executable,
+            "-m",
+            "sesemi",
+        ]
+    )
     return subprocess.run(
-        [sys.executable, "-m", "sesemi", *args],
+        [*command, *args],
         cwd=cwd,
         env=env,
         capture_output=True,

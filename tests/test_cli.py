@@ -95,11 +95,13 @@ def test_experiment_src_code_is_instantiable(experiment):
         "    def __init__(self, reduction='mean'):\n"
         "        super().__init__(reduction=reduction, label_smoothing=0.1)\n"
     )
-    out = _custom(
-        experiment,
-        "run.num_iterations=2",
-        "run.num_epochs=null",
+    # The installed console script, as the spec's users run it: it must import from the
+    # launch folder like `python -m sesemi` does.
+    out = open_sesemi(
+        *("-cd", "configs", "-cn", "custom", "run.num_iterations=2", "run.num_epochs=null"),
         "learner.hparams.model.supervised_loss.callable._target_=src.losses.SmoothCE",
+        cwd=experiment,
+        console_script=True,
     )
     assert out.returncode == 0, out.stderr[-3000:]
 
