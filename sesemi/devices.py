@@ -134,3 +134,25 @@ def plan_devices(
         devices, count = wanted, len(wanted)
     multi = count * num_nodes > 1
     return DevicePlan("gpu", devices, _strategy(accelerator, multi), count, num_nodes)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX-512 BF16 or AMX), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def warn_slow_cpu_precision(plan: DevicePlan, precision: Any) -> None:
+    """Warns that bf16 / fp16 autocast on a CPU without bf16 instructions is slow."""
+    text = str(precision or "")
+    if plan.accelerator == "cpu" and text.startswith(("bf16", "16")) and not cpu_has_bf16():
+        warn_once(
+            "cpu_precision",
+            f"trainer.precision={text} on a CPU without bf16 instructions (AVX-512 BF16 or AMX): "
+            "Lightning runs bf16 autocast, emulated and usually slower than 32-bit here; "
+            "drop the precision option for CPU runs",
+        )

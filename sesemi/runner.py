@@ -22,7 +22,7 @@ from sesemi.callbacks import LastCheckpoint
 from sesemi.config.resolvers import SESEMIConfigAttributes, set_attributes
 from sesemi.config.structs import RunMode
 from sesemi.data import SESEMIDataModule
-from sesemi.devices import DevicePlan, plan_devices
+from sesemi.devices import DevicePlan, plan_devices, warn_slow_cpu_precision
 from sesemi.evaluation import write_confusion_report
 from sesemi.inference import preprocessing_from_transform
 
@@ -223,6 +223,7 @@ def build_trainer(
     elif cfg.run.num_iterations is not None:
         kwargs.update(max_epochs=-1, max_steps=cfg.run.num_iterations)
     kwargs.update(trainer_cfg)
+    warn_slow_cpu_precision(plan, kwargs.get("precision"))
     return pl.Trainer(**kwargs), callbacks
 
 

@@ -206,3 +206,19 @@ def test_loader_defaults_use_workers_on_gpus_only(image_root):
     explicit = {**node, "num_workers": 0, "pin_memory": False}
     chosen = LoaderSpec("data.train.x", explicit, str(image_root), None, gpu).loader()
     assert chosen.num_workers == 0 and not chosen.pin_memory and not chosen.persistent_workers
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch, caplog):
+    monkeypatch.setattr(sesemi.devices, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(sesemi.devices, "_warned", set())
+    cpu = DevicePlan("cpu", 1, "auto", num_gpus=0, num_nodes=1)
+    with caplog.at_level(logging.WARNING, logger="sesemi.devices"):
+        sesemi.devices.warn_slow_cpu_precision(cpu, "32-true")
+        assert not caplog.records
+        sesemi.devices.warn_slow_cpu_precision(cpu, "bf16-mixed")
+    assert "bf16 instructions" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(sesemi.devices, "_warned", set())
+    monkeypatch.setattr(sesemi.devices, "cpu_has_bf16", lambda: True)
+    sesemi.devices.warn_slow_cpu_precision(cpu, "bf16-mixed")
+    assert not caplog.records
