@@ -316,8 +316,9 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
         trainer.test(learner, datamodule=data, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     reports = []
-    if mode != RunMode.FIT and trainer.is_global_zero:
-        stage = "val" if mode == RunMode.VALIDATE else "test"
+    if trainer.is_global_zero:
+        # FIT reports its last validation (the final weights, not the best checkpoint's).
+        stage = "test" if mode == RunMode.TEST else "val"
         matrix = getattr(learner, "confusion_matrices", {}).get(stage)
         if matrix is not None:
             names = learner.class_names or [str(i) for i in range(matrix.shape[0])]

@@ -74,6 +74,12 @@ def test_checkpoint_carries_class_names_and_preprocessing(trained):
     assert model.class_names == ["cat", "dog"]
 
 
+def test_fit_reports_its_last_validation(trained):
+    with open(trained["run_dir"] / "val_confusion_matrix.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    assert sum(int(v) for row in rows for v in row[1:]) == 8  # the 8 val images
+
+
 def test_knn_accuracy_is_logged(trained):
     rows = _rows(trained["run_dir"] / "metrics.csv")
     knn = [float(r["val/knn/top1"]) for r in rows if r.get("val/knn/top1")]
