@@ -106,6 +106,7 @@ def cli(cfg: DictConfig) -> None:
 
     warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*pin_memory.*no accelerator.*")
+    warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated.*")  # torchdata
     # The learner's on_after_batch_transfer (device normalization) is meant to be used.
     warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer`.*")
     # The run directory is new; it holds only Hydra's own files, which the CSV logger keeps.

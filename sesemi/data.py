@@ -66,8 +66,14 @@ class LoaderSpec:
             raise ValueError(f"{where}: set its batch_size or run.batch_size_per_gpu")
         self.node = node
 
-    def loader(self) -> DataLoader:
-        """Builds the DataLoader (Lightning adds a DistributedSampler under DDP)."""
+    def loader(self, resumable: bool = False) -> DataLoader:
+        """Builds the DataLoader (Lightning adds a DistributedSampler under DDP).
+
+        Args:
+            resumable: Build torchdata's `StatefulDataLoader`, whose position and shuffling
+                state Lightning saves in checkpoints, so a run resumed from a checkpoint taken
+                mid-epoch continues with the batches the uninterrupted run would have drawn.
+        """
         node = self.node
         kwargs = {k: node[k] for k in _PLAIN_ARGS if node.get(k) is not None}
         for key, value in self.auto.items():
@@ -90,6 +96,10 @@ class LoaderSpec:
             kwargs["collate_fn"] = instantiate(node["collate_fn"])
         if node.get("worker_init_fn") is not None:
             kwargs["worker_init_fn"] = instantiate(node["worker_init_fn"])
+        if resumable:
+            from torchdata.stateful_dataloader import StatefulDataLoader
+
+            return StatefulDataLoader(self.dataset, **kwargs)
         return DataLoader(self.dataset, **kwargs)
 
     def batches_per_epoch(self, world_size: int) -> int:
@@ -179,7 +189,7 @@ class SESEMIDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> dict[str, DataLoader]:
         """Returns the named training loaders."""
-        return {name: spec.loader() for name, spec in self.train.items()}
+        return {name: spec.loader(resumable=True) for name, spec in self.train.items()}
 
     def val_dataloader(self) -> DataLoader:
         """Returns the validation loader."""

@@ -228,6 +228,34 @@ def test_sigkilled_run_resumes_to_the_same_final_step_and_weights(experiment):
     assert _summary_value(out.stdout, "val/top1") == _summary_value(straight.stdout, "val/top1")
 
 
+def test_mid_epoch_checkpoint_resumes_with_the_same_batches(experiment):
+    # Deterministic transforms and no dropout: then only the data order can make the weights
+    # differ, and the resumable loaders restore it from a checkpoint taken in mid-epoch.
+    center = "{_target_:sesemi.transforms.center_crop_transforms,input_h:32,input_w:32}"
+    setup = [
+        "run.num_epochs=3",
+        "+trainer.val_check_interval=4",  # epochs of 6 steps: a checkpoint at step 4
+        f"data.train.supervised.dataset.image_transform={center}",
+        f"data.train.rotation_prediction.dataset.image_transform={center}",
+        "learner.hparams.model.backbone.drop_rate=0",
+    ]
+    stopped = _custom(experiment, *setup, "run.id=resumed", "+trainer.max_steps=4")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    resumed = _custom(experiment, *setup, "run.id=resumed", "run.resume_from_checkpoint=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not resumable" not in resumed.stderr
+    straight = _custom(experiment, *setup, "run.id=straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    paths = {
+        name: max(glob.glob(str(experiment / f"runs/{name}/*/checkpoints/last.ckpt")))
+        for name in ("resumed", "straight")
+    }
+    ends = {k: torch.load(p, map_location="cpu", weights_only=True) for k, p in paths.items()}
+    assert ends["resumed"]["global_step"] == ends["straight"]["global_step"] == 18
+    for key, value in ends["straight"]["state_dict"].items():
+        assert torch.equal(ends["resumed"]["state_dict"][key], value), key
+
+
 def _summary_value(stdout: str, key: str) -> float:
     return float(next(line for line in stdout.splitlines() if line.split()[:1] == [key]).split()[1])
 
