@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -211,7 +210,7 @@ class _TTAInput:
         self.transform = v2.Compose(
             [
                 v2.Resize(round(max(h, w) / pct), interpolation=interpolation, antialias=True),
-                v2.CenterCrop((math.ceil(h / pct), math.ceil(w / pct))),
+                v2.CenterCrop((round(h / pct), round(w / pct))),
                 *to_normalized_tensor(preprocessing["norm_mean"], preprocessing["norm_std"]),
             ]
         )
