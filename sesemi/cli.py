@@ -76,12 +76,13 @@ def missing_config_error(argv: list[str]) -> str | None:
         return None
     stem = name[:-5] if name.endswith(".yaml") else name
     config_dir = _option(argv, "-cd", "--config-dir")
-    if stem in builtin_configs() or stem == "sesemi_base_config":
+    builtin = builtin_configs()
+    if stem in builtin or stem == "sesemi_base_config":
         return None
     if config_dir is not None and os.path.isfile(os.path.join(config_dir, stem + ".yaml")):
         return None
     where = f" nor {os.path.join(config_dir, stem + '.yaml')}" if config_dir else ""
-    close = difflib.get_close_matches(stem, builtin_configs(), n=3)
+    close = difflib.get_close_matches(stem, builtin, n=3)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
     return (
         f"no config named '{name}': not a built-in config{where}; {hint}built-in: base, demo, "

@@ -46,8 +46,7 @@ class DevicePlan:
         """
         if self.accelerator != "gpu" or self.num_gpus < 1:
             return {"num_workers": 0, "pin_memory": False, "persistent_workers": False}
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        workers = max(1, min(8, (cores or 1) // self.num_gpus - 1))
+        workers = max(1, min(8, available_cores() // self.num_gpus - 1))
         return {"num_workers": workers, "pin_memory": True, "persistent_workers": True}
 
     def trainer_kwargs(self) -> dict[str, Any]:
@@ -58,6 +57,13 @@ class DevicePlan:
             "strategy": self.strategy,
             "num_nodes": self.num_nodes,
         }
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _parse_gpus(gpus: Any) -> int | list[int]:

@@ -319,15 +319,16 @@ class Classifier(pl.LightningModule):
         self.log("train/top1", self.train_top1, on_step=True, on_epoch=False, prog_bar=True)
         return total
 
-    @torch.no_grad()
-    def _knn_features(self, images: Tensor) -> Tensor:
-        return torch.nn.functional.normalize(self.backbone(images).float(), dim=1)
+    @staticmethod
+    def _unit(features: Tensor) -> Tensor:
+        # kNN compares L2-normalized float32 features (cosine similarity).
+        return torch.nn.functional.normalize(features.float(), dim=1)
 
     @torch.no_grad()
     def _build_knn_bank(self) -> tuple[Tensor, Tensor]:
         features, labels = [], []
         for images, targets in self.knn_bank_loader:
-            features.append(self._knn_features(images.to(self.device)))
+            features.append(self._unit(self.backbone(images.to(self.device))))
             labels.append(targets.to(self.device))
         return torch.cat(features), torch.cat(labels)
 
@@ -349,8 +350,7 @@ class Classifier(pl.LightningModule):
         features = self.backbone(images)
         logits = self.supervised_head(features)
         if stage == "val" and self._knn_bank is not None:
-            normalized = torch.nn.functional.normalize(features.float(), dim=1)
-            self.val_knn_top1(self.knn_scores(normalized), targets)
+            self.val_knn_top1(self.knn_scores(self._unit(features)), targets)
             self.log("val/knn/top1", self.val_knn_top1, batch_size=len(targets))
         loss_metric, top1 = (
             (self.val_loss, self.val_top1) if stage == "val" else (self.test_loss, self.test_top1)

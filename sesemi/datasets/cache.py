@@ -35,6 +35,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from sesemi.devices import available_cores
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # Bump when the layout or the resize changes: older caches are then rebuilt.
@@ -173,12 +175,6 @@ class CachedImageFolder(Dataset):
         return (self.transform(image) if self.transform else image), self.targets[index]
 
 
-def _cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def _identity(paths: Sequence[str]) -> tuple[list[int], list[int]]:
     stats = [os.stat(p) for p in paths]
     return [s.st_size for s in stats], [s.st_mtime_ns for s in stats]
@@ -219,17 +215,24 @@ def _from_manifest(manifest: dict[str, Any], cache_dir: str) -> ImageCache:
     )
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+@contextlib.contextmanager
+def _atomic_file(path: str, tmp: str, mode: str) -> Iterator[Any]:
+    """Yields `tmp` open for writing; on success it is synced and renamed to `path`, on any
+    failure removed, so `path` is either absent, the old file or the complete new one."""
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _write_atomic(path: str, text: str) -> None:
+    with _atomic_file(path, f"{path}.{uuid.uuid4().hex[:8]}.tmp", "w") as f:
+        f.write(text)
 
 
 def _remove(path: str) -> None:
@@ -361,14 +364,8 @@ def _build(
     started = time.monotonic()
     decoded = _decoded(paths, todo, cache_size, load, threads)
     try:
-        with open(tmp, "wb") as f:
+        with _atomic_file(final, tmp, "wb") as f:
             placed = _write_pixels(f, rel, reuse, old, old_buffer, decoded)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        _remove(tmp)
-        raise
     finally:
         decoded.close()  # stops the decoding threads
     log.info("image cache: built '%s' in %.1f s", final, time.monotonic() - started)
@@ -418,7 +415,7 @@ def open_cache(
         if old is not None and _matches(old, rel, sizes, mtimes):
             return _from_manifest(old, cache_dir)
         _remove_leftovers(cache_dir, stem, keep=old["pixels"] if old else None)
-        threads = threads or min(8, _cores())
+        threads = threads or min(8, available_cores())
         new = _build(paths, rel, (sizes, mtimes), cache_dir, stem, cache_size, load, old, threads)
         _write_atomic(manifest_path, json.dumps(new, separators=(",", ":")))
         if old is not None:
