@@ -16,6 +16,9 @@ _LAZY = {
     "dataset": "sesemi.datasets",
     "register_dataset": "sesemi.datasets",
     "list_datasets": "sesemi.datasets",
+    "compose": "sesemi.api",
+    "fit": "sesemi.api",
+    "load_classifier": "sesemi.api",
 }
 
 __all__ = ["__version__", *_LAZY]

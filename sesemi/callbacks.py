@@ -1,15 +1,21 @@
-"""Lightning callbacks of ours: an always-current, atomically written `last.ckpt`."""
+"""Lightning callbacks of ours: an atomic `last.ckpt`, kNN evaluation, confusion-matrix reports."""
 
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
+from torch import Tensor
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from sesemi.evaluation import write_confusion_report
 
 
 class LastCheckpoint(Callback):
@@ -97,3 +103,124 @@ class LastCheckpoint(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self.save(trainer)
+
+
+class KNNEvaluation(Callback):
+    """Classifies every val image by its k most similar labeled training images' classes.
+
+    At each validation start the backbone encodes the labeled images (the `bank_loader`, read
+    with the val transform); each val image's L2-normalized features then take the k most
+    cosine-similar bank images, each voting `exp(similarity / temperature)` for its class
+    (Wu et al., arXiv:1805.01978). Logs `val/knn/top1`. Every process holds the whole bank.
+    """
+
+    def __init__(self, bank_loader: Iterable, k: int = 20, temperature: float = 0.07) -> None:
+        """Initializes the callback.
+
+        Args:
+            bank_loader: The labeled images with the val transform: `(images, targets)` batches.
+            k: The number of neighbours.
+            temperature: The softness of the vote weights.
+        """
+        if k < 1 or temperature <= 0:
+            raise ValueError(
+                f"learner.hparams.knn needs k >= 1 and temperature > 0, got k={k}, "
+                f"temperature={temperature}"
+            )
+        self.bank_loader = bank_loader
+        self.k = k
+        self.temperature = temperature
+        self._bank: tuple[Tensor, Tensor] | None = None
+        self._counts: Tensor | None = None
+
+    @staticmethod
+    def _unit(features: Tensor) -> Tensor:
+        return F.normalize(features.float(), dim=1)
+
+    @torch.no_grad()
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        features, labels = [], []
+        for batch in self.bank_loader:
+            images, targets = pl_module.prepare_batch(batch[0].to(pl_module.device)), batch[1]
+            features.append(self._unit(pl_module.net.backbone(images)))
+            labels.append(targets.to(pl_module.device))
+        self._bank = torch.cat(features), torch.cat(labels)
+        self._counts = torch.zeros(2, device=pl_module.device)  # correct, total
+
+    def scores(self, features: Tensor, num_classes: int) -> Tensor:
+        """Class votes `(B, num_classes)` for L2-normalized features `(B, D)`."""
+        bank, labels = self._bank
+        top, index = (features @ bank.T).topk(min(self.k, len(labels)), dim=1)
+        votes = torch.zeros(len(features), num_classes, device=features.device)
+        return votes.scatter_add_(1, labels[index], (top / self.temperature).exp())
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any
+    ) -> None:
+        if self._bank is None or not isinstance(outputs, Mapping):
+            return
+        votes = self.scores(self._unit(outputs["features"]), pl_module.num_classes)
+        correct = (votes.argmax(dim=1) == outputs["targets"]).sum()
+        self._counts += torch.stack([correct, correct.new_tensor(len(votes))]).float()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._counts is None:
+            return
+        counts = trainer.strategy.reduce(self._counts, reduce_op="sum")
+        pl_module.log("val/knn/top1", counts[0] / counts[1].clamp(min=1), sync_dist=False)
+        self._bank = self._counts = None
+
+
+class ConfusionReport(Callback):
+    """Writes the confusion matrix and per-class accuracy of the last validation or test.
+
+    FIT runs report their last validation (the final weights), VALIDATE and TEST runs their
+    one evaluation: `<stage>_confusion_matrix.csv`, `<stage>_confusion_matrix.png` and
+    `<stage>_per_class_accuracy.csv` in `out_dir` (see `sesemi.evaluation`).
+    """
+
+    def __init__(self, out_dir: str, class_names: list[str] | None, num_classes: int) -> None:
+        """Initializes the callback.
+
+        Args:
+            out_dir: The folder to write to (the run directory).
+            class_names: The class names in target order (None: the class indices).
+            num_classes: The number of classes.
+        """
+        self.out_dir = out_dir
+        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        self.matrix = MulticlassConfusionMatrix(num_classes)
+        self.last: tuple[str, Tensor] | None = None
+        self.reports: list[str] = []
+
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> None:
+        if trainer.sanity_checking or not isinstance(outputs, Mapping):
+            return
+        self.matrix = self.matrix.to(pl_module.device)
+        self.matrix.update(outputs["logits"].detach(), outputs["targets"])
+
+    def _keep(self, trainer: pl.Trainer, stage: str) -> None:
+        if trainer.sanity_checking:
+            return
+        # compute() reduces over processes; the matrix is kept on the CPU for the report.
+        self.last = stage, self.matrix.compute().cpu()
+        self.matrix.reset()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, *args: Any) -> None:
+        self._update(trainer, pl_module, outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, *args: Any) -> None:
+        self._update(trainer, pl_module, outputs)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._keep(trainer, "val")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._keep(trainer, "test")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.last is not None and trainer.is_global_zero:
+            stage_name, matrix = self.last
+            self.reports = write_confusion_report(
+                matrix, self.class_names, self.out_dir, stage_name
+            )

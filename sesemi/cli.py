@@ -10,45 +10,10 @@ import warnings
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
 import sesemi.config  # noqa: F401  (registers the schema and the ${sesemi:...} resolver)
-
-# Mistakes a user can make in a config or on disk; they get one line, not a traceback.
-USER_ERRORS = (
-    ValueError,
-    KeyError,
-    TypeError,
-    FileNotFoundError,
-    FileExistsError,
-    FloatingPointError,
-    OSError,
-    OmegaConfBaseException,
-    InstantiationException,
-)
-
-
-def _root_cause(error: BaseException) -> BaseException:
-    # Hydra wraps errors raised while building objects (InstantiationException); show the cause.
-    while isinstance(error, InstantiationException) and error.__cause__ is not None:
-        error = error.__cause__
-    return error
-
-
-def _one_line(error: BaseException) -> str:
-    # Errors from DataLoader workers carry the worker's traceback; its last line is the message.
-    cause = _root_cause(error)
-    text = str(cause).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    if isinstance(cause, KeyError) or "Original Traceback" in str(cause):
-        text = text.strip("'\"")  # str(KeyError) quotes its message
-    # Some messages (Hydra's "Error loading 'x':") put the reason on the next line.
-    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or (
-        type(error).__name__
-    )
+from sesemi.errors import exit_with, reporting_user_errors
 
 
 def _option(argv: list[str], *names: str) -> str | None:
@@ -62,11 +27,14 @@ def _option(argv: list[str], *names: str) -> str | None:
     return value
 
 
-def builtin_configs() -> list[str]:
-    """The names of the configs shipped in `sesemi/conf`."""
+def builtin_configs(group: str | None = None) -> list[str]:
+    """The names of the configs shipped in `sesemi/conf` (or in one of its groups)."""
     from importlib.resources import files
 
-    return sorted(f.name[:-5] for f in files("sesemi.conf").iterdir() if f.name.endswith(".yaml"))
+    folder = files("sesemi.conf")
+    if group is not None:
+        folder = folder / group
+    return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml"))
 
 
 def missing_config_error(argv: list[str]) -> str | None:
@@ -85,9 +53,9 @@ def missing_config_error(argv: list[str]) -> str | None:
     close = difflib.get_close_matches(stem, builtin, n=3)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
     return (
-        f"no config named '{name}': not a built-in config{where}; {hint}built-in: base, demo, "
-        "imagewoof, demo_<method>, imagewoof_<method> (see the README); for your own configs "
-        "use -cd DIR -cn NAME with DIR/NAME.yaml"
+        f"no config named '{name}': not a built-in config{where}; {hint}built-in: "
+        f"{', '.join(builtin)} (methods are chosen with method=NAME, e.g. -cn demo "
+        "method=fixmatch); for your own configs use -cd DIR -cn NAME with DIR/NAME.yaml"
     )
 
 
@@ -99,8 +67,12 @@ def _next_command(argv: list[str]) -> str:
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="sesemi_config")
-def cli(cfg: DictConfig) -> None:
-    """Runs one composed configuration (one job of a multirun)."""
+def cli(cfg: DictConfig) -> float | None:
+    """Runs one composed configuration (one job of a multirun).
+
+    Returns:
+        The run's best val/top1 (else its val/top1 or test/top1), the value sweepers maximize.
+    """
     from pytorch_lightning.utilities import rank_zero_only
 
     from sesemi.runner import format_summary, run
@@ -114,14 +86,10 @@ def cli(cfg: DictConfig) -> None:
     warnings.filterwarnings(
         "ignore", message=r".*Experiment logs directory .* exists and is not empty.*"
     )
-    try:
-        result = run(cfg, HydraConfig.get().runtime.output_dir)
-    except USER_ERRORS as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"open_sesemi: error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(1)
+    output_dir = HydraConfig.get().runtime.output_dir
+    result = reporting_user_errors("open_sesemi", lambda: run(cfg, output_dir))
     rank_zero_only(print)(format_summary(result, _next_command(sys.argv[1:])))
+    return result.objective()
 
 
 def main() -> None:
@@ -140,8 +108,7 @@ def main() -> None:
         return
     error = missing_config_error(sys.argv[1:])
     if error is not None:
-        print(f"open_sesemi: error: {error}", file=sys.stderr)
-        sys.exit(1)
+        exit_with("open_sesemi", ValueError(error))
     # The spec's own experiment configs (`defaults: [base]`) omit `_self_`; Hydra's default of
     # applying the file last is what they mean, so the upgrade notice is noise for users.
     warnings.filterwarnings("ignore", message=r".*Defaults list is missing `_self_`.*")

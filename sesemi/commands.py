@@ -14,6 +14,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from sesemi.errors import reporting_user_errors
+
 SUBCOMMANDS = ("predict", "export", "pseudo-label")
 
 
@@ -221,13 +223,7 @@ RUNNERS = {"predict": run_predict, "export": run_export, "pseudo-label": run_pse
 def main(argv: Sequence[str]) -> None:
     """Runs one subcommand; user errors print one line and exit with status 1."""
     args = build_parser().parse_args(list(argv))
-    from sesemi.cli import USER_ERRORS, _one_line
-
-    try:
-        summary = RUNNERS[args.command](args)
-    except USER_ERRORS as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"open_sesemi {args.command}: error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(1)
+    summary = reporting_user_errors(
+        f"open_sesemi {args.command}", lambda: RUNNERS[args.command](args)
+    )
     print(summary)

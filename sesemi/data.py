@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from sesemi.datasets import dataset as build_dataset_by_name
 
 # DataLoader arguments passed through as they are when set in a DataLoaderConfig.
+LOADER_GROUPS = ("train", "val", "test")  # The `data` keys that hold loaders.
 _PLAIN_ARGS = ("shuffle", "num_workers", "pin_memory", "drop_last", "timeout", "persistent_workers")
 
 
@@ -136,8 +137,12 @@ class SESEMIDataModule(pl.LightningDataModule):
                 for loaders that leave them null (see `DevicePlan.loader_defaults`).
         """
         super().__init__()
-        if isinstance(data, DictConfig):
-            data = OmegaConf.to_container(data, resolve=True)
+        if isinstance(data, DictConfig):  # only the loaders: the data's facts may not resolve yet
+            nodes = {k: data.get(k) for k in LOADER_GROUPS}
+            data = {
+                k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                for k, v in nodes.items()
+            }
         bs = batch_size_per_gpu
         self.loader_defaults = dict(loader_defaults or {})
         auto = self.loader_defaults
@@ -160,6 +165,10 @@ class SESEMIDataModule(pl.LightningDataModule):
     def specs(self) -> list[LoaderSpec]:
         """Every configured loader: train loaders by name, then val and test."""
         return [*self.train.values(), *(s for s in (self.val, self.test) if s is not None)]
+
+    def dataset_sizes(self) -> dict[str, int]:
+        """The length of each training loader's dataset, by loader name."""
+        return {name: len(spec.dataset) for name, spec in self.train.items()}
 
     def knn_bank_loader(self) -> DataLoader:
         """The labeled training images with the val transform, in order: the kNN memory bank.

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from sesemi import __version__
-from sesemi.inference import ClassifierNet, TrainedModel
+from sesemi.inference import TrainedModel
+from sesemi.models.net import ClassifierNet
 
 log = logging.getLogger(__name__)
 

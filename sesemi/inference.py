@@ -3,7 +3,6 @@ list input images, and predict class probabilities with optional test-time augme
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import os
@@ -12,13 +11,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from sesemi.datasets.image_folder import _is_image, load_image
+from sesemi.checkpoints import read_checkpoint, upgrade_state_dict
+from sesemi.datasets.image_folder import ImageReadError, _is_image, load_image
 from sesemi.learners import METADATA_KEY
+from sesemi.models.backbones import PyTorchImageModels
+from sesemi.models.net import ClassifierNet
 from sesemi.transforms import center_crop_transforms, interpolation_mode, to_normalized_tensor
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,8 @@ PREPROCESSING_KEYS = tuple(
     k for k in inspect.signature(center_crop_transforms).parameters if k != "uint8_output"
 )
 TTA_VIEWS = ("flip", "crops")
+# `_target_`s of the one backbone an old checkpoint's hyperparameters may name to be rebuilt.
+TIMM_BACKBONE_TARGETS = ("sesemi.PyTorchImageModels", "sesemi.models.backbones.PyTorchImageModels")
 
 
 def preprocessing_from_transform(node: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -48,17 +52,19 @@ def preprocessing_from_transform(node: Mapping[str, Any] | None) -> dict[str, An
     return {k: list(v) if isinstance(v, tuple | list) else v for k, v in merged.items()}
 
 
-class ClassifierNet(nn.Module):
-    """A trained classifier's inference part: backbone and linear head, returning logits."""
+@dataclass
+class ClassPrediction:
+    """One image's prediction.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
+    Attributes:
+        label: The most probable class's name.
+        probability: Its probability.
+        probabilities: Every class's probability, by class name (in the model's class order).
+    """
 
-    def forward(self, images: Tensor) -> Tensor:
-        """Maps normalized images `(B, C, H, W)` to class logits `(B, num_classes)`."""
-        return self.head(self.backbone(images))
+    label: str
+    probability: float
+    probabilities: dict[str, float]
 
 
 @dataclass
@@ -81,18 +87,73 @@ class TrainedModel:
         """The eval preprocessing: PIL image to a normalized `(3, H, W)` tensor."""
         return center_crop_transforms(**self.preprocessing)
 
+    def predict(
+        self,
+        images: Sequence[str | os.PathLike | Image.Image] | str | os.PathLike | Image.Image,
+        batch_size: int = 64,
+        device: str | torch.device = "cpu",
+        tta: str | Sequence[str] | None = None,
+    ) -> list[ClassPrediction]:
+        """Predicts image files or PIL images, as `open_sesemi predict` does.
 
-def _read_checkpoint(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+        Args:
+            images: Image paths, PIL images, or a mix (one image alone is fine too).
+            batch_size: Images per forward pass.
+            device: Where the network runs ("cpu", "cuda", ...).
+            tta: Test-time augmentation: None, "flip", "crops" or "flip,crops".
+
+        Returns:
+            One `ClassPrediction` per image, in order: the top class, its probability and every
+            class's probability. An unreadable file raises `ImageReadError` naming it.
+        """
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            images = [images]
+        items = [i if isinstance(i, Image.Image) else os.fspath(i) for i in images]
+        results = []
+        for p in predict(self, items, batch_size, 0, device, parse_tta(tta)):
+            if p.probabilities is None:
+                raise ImageReadError(p.error)
+            label = self.class_names[int(p.probabilities.argmax())]
+            every = dict(zip(self.class_names, p.probabilities.tolist(), strict=True))
+            results.append(ClassPrediction(label, every[label], every))
+        return results
+
+
+def _backbone_from_spec(spec: Any, path: str) -> nn.Module:
+    """Rebuilds a backbone from plain values; only sesemi's timm backbone can be rebuilt."""
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+        raise ValueError(
+            f"'{path}' describes no sesemi.PyTorchImageModels backbone, so it cannot be rebuilt "
+            "from the file alone; load it in Python with your backbone and load_state_dict"
+        )
+    kwargs = dict(spec)
+    plain = (str, int, float, bool, type(None), list, tuple)
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or not isinstance(value, plain):
+            raise ValueError(f"'{path}': backbone argument '{key}' is not a plain value")
+    kwargs["pretrained"] = False  # the checkpoint holds the weights; no download
+    kwargs.pop("freeze", None)
+    return PyTorchImageModels(**kwargs)
+
+
+def _legacy_backbone_spec(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The backbone of a checkpoint written before it recorded its `model` description: the
+    plain arguments of a `sesemi.PyTorchImageModels` node in its hyperparameters, if any."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ValueError(f"'{path}' is not a readable PyTorch checkpoint ({e})") from e
+        node = dict(checkpoint["hyper_parameters"]["hparams"]["model"]["backbone"])
+    except (KeyError, TypeError):
+        return None
+    if node.pop("_target_", None) not in TIMM_BACKBONE_TARGETS:
+        return None
+    return node
 
 
 def load_trained_model(path: str, ema: bool = False) -> TrainedModel:
-    """Loads a `Classifier` checkpoint's backbone and classifier on the CPU (weights only).
+    """Loads a `Classifier` checkpoint's network on the CPU, as data.
+
+    The file is read with `weights_only=True` and the network is rebuilt from the plain
+    description the checkpoint records (a timm model name and its arguments); nothing named in
+    the file is imported or called.
 
     Args:
         path: A checkpoint written by `open_sesemi` (best or last).
@@ -103,39 +164,34 @@ def load_trained_model(path: str, ema: bool = False) -> TrainedModel:
         checkpoints without them get class indices as names and default preprocessing, with a
         warning.
     """
-    checkpoint = _read_checkpoint(path)
-    try:
-        hparams = copy.deepcopy(checkpoint["hyper_parameters"]["hparams"])
-        state = checkpoint["state_dict"]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"'{path}' is not an open_sesemi checkpoint (no hyper_parameters.hparams or state_dict)"
-        ) from None
-    backbone_node = dict(hparams["model"]["backbone"])
-    backbone_node["pretrained"] = False  # the checkpoint holds the weights; no download
-    backbone = instantiate(backbone_node)
-    num_classes = int(hparams["num_classes"])
-    net = ClassifierNet(backbone, nn.Linear(backbone.out_features, num_classes))
-    prefix = "ema.average.module." if ema else ""
-    if ema and not any(k.startswith(prefix) for k in state):
-        raise ValueError(f"'{path}' holds no EMA weights (its run had no model.ema); drop --ema")
-    weights = {}
-    for key, value in state.items():
-        if not key.startswith(prefix):
-            continue
-        rest = key[len(prefix) :]
-        if rest.startswith("backbone."):
-            weights[rest] = value
-        elif rest.startswith("supervised_head."):
-            weights["head." + rest[len("supervised_head.") :]] = value
-    net.load_state_dict(weights)
-    net.eval()
+    checkpoint = read_checkpoint(path)
     meta = checkpoint.get(METADATA_KEY) or {}
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, Mapping):
+        raise ValueError(f"'{path}' is not an open_sesemi checkpoint (no state_dict)")
+    state = upgrade_state_dict(state)
+    spec = (meta.get("model") or {}).get("backbone") or _legacy_backbone_spec(checkpoint)
+    backbone = _backbone_from_spec(spec, path)
+    prefix = "ema.average.module." if ema else "net."
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if ema and not weights:
+        raise ValueError(f"'{path}' holds no EMA weights (its run had no model.ema); drop --ema")
+    head = weights.get("supervised_head.weight")
+    if head is None:
+        raise ValueError(f"'{path}' holds no classifier weights (net.supervised_head)")
+    net = ClassifierNet(backbone, int(head.shape[0]))
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(
+            f"'{path}': its weights do not fit the network it describes ({str(e).splitlines()[0]})"
+        ) from None
+    net.eval()
     class_names = meta.get("class_names")
     preprocessing = meta.get("preprocessing")
     if class_names is None:
         log.warning("'%s' records no class names; using class indices", path)
-        class_names = [str(i) for i in range(num_classes)]
+        class_names = [str(i) for i in range(net.num_classes)]
     if preprocessing is None:
         log.warning("'%s' records no preprocessing; using center_crop_transforms()", path)
         preprocessing = preprocessing_from_transform({"input_h": 224})
@@ -237,7 +293,7 @@ def tta_views(images: Tensor, views: Sequence[str], size: tuple[int, int]) -> li
 class _ImageFiles(Dataset):
     """Image files decoded and prepared for prediction; an unreadable file yields its error."""
 
-    def __init__(self, files: Sequence[str], transform: Any) -> None:
+    def __init__(self, files: Sequence[str | Image.Image], transform: Any) -> None:
         self.files = list(files)
         self.transform = transform
 
@@ -245,8 +301,10 @@ class _ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[Tensor | None, int, str]:
+        item = self.files[index]
         try:
-            return self.transform(load_image(self.files[index])), index, ""
+            image = item.convert("RGB") if isinstance(item, Image.Image) else load_image(item)
+            return self.transform(image), index, ""
         except OSError as e:
             return None, index, str(e)
 

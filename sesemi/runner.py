@@ -2,31 +2,34 @@
 
 from __future__ import annotations
 
-import glob
+import json
 import logging
 import os
 import time
-import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
-from hydra.utils import instantiate, to_absolute_path
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-from sesemi.callbacks import LastCheckpoint
-from sesemi.config.resolvers import SESEMIConfigAttributes, set_attributes
+from sesemi.build import build_learner, build_trainer, knn_options
+from sesemi.callbacks import ConfusionReport, KNNEvaluation, LastCheckpoint
+from sesemi.checkpoints import find_checkpoint, load_pretrained_weights
+from sesemi.compare import SUMMARY_NAME
+from sesemi.config.resolvers import SESEMIConfigAttributes, resolve
 from sesemi.config.structs import RunMode
-from sesemi.data import SESEMIDataModule
-from sesemi.devices import DevicePlan, plan_devices, warn_slow_cpu_precision
-from sesemi.evaluation import write_confusion_report
+from sesemi.data import LOADER_GROUPS, SESEMIDataModule
+from sesemi.devices import DevicePlan, plan_devices
 from sesemi.inference import preprocessing_from_transform
+from sesemi.learners import Classifier
 
 log = logging.getLogger(__name__)
+
+
+STAGES = {RunMode.FIT: ("train", "val"), RunMode.VALIDATE: ("val",), RunMode.TEST: ("test",)}
 
 
 @dataclass
@@ -40,6 +43,13 @@ class RunResult:
     last_checkpoint: str | None = None
     seconds: float = 0.0
     reports: list[str] = field(default_factory=list)
+
+    def objective(self) -> float | None:
+        """The value a sweep maximizes: the best val/top1, else val/top1, else test/top1."""
+        for key in ("val/top1_best", "val/top1", "test/top1"):
+            if key in self.metrics:
+                return self.metrics[key]
+        return None
 
 
 def missing_keys(node: Any, prefix: str = "") -> list[str]:
@@ -76,7 +86,9 @@ def check_classes(data: SESEMIDataModule, num_classes: int) -> None:
             raise ValueError(
                 f"learner.hparams.num_classes={num_classes} but {where} has {len(classes)} "
                 f"classes ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}); "
-                f"set learner.hparams.num_classes={len(classes)}"
+                f"set learner.hparams.num_classes={len(classes)} (in the built-in configs: "
+                f"data.num_classes={len(classes)}, or data.num_classes='${{sesemi:num_classes}}' "
+                "to count the class folders)"
             )
     for where, classes in labeled[1:]:
         if classes != labeled[0][1]:
@@ -87,11 +99,10 @@ def check_classes(data: SESEMIDataModule, num_classes: int) -> None:
             )
 
 
-def check_head_inputs(cfg: DictConfig, data: SESEMIDataModule) -> None:
+def check_head_inputs(heads: Mapping[str, Any] | None, data: SESEMIDataModule) -> None:
     """Checks that every loss head reads a configured training loader."""
-    heads = cfg.learner.hparams.model.get("regularization_loss_heads") or {}
-    for name, node in heads.items():
-        wanted = node.head.get("input_data") if node is not None else None
+    for name, node in (heads or {}).items():
+        wanted = node["head"].get("input_data") if node is not None else None
         if wanted is not None and wanted not in data.train:
             raise ValueError(
                 f"regularization_loss_heads.{name} reads data.train.{wanted}, which is not "
@@ -110,20 +121,21 @@ def class_names(data: SESEMIDataModule) -> list[str] | None:
 
 
 def eval_preprocessing(
-    data: DictConfig, normalization: Mapping[str, Any] | None = None
+    data: Mapping[str, Any], normalization: Mapping[str, Any] | None = None
 ) -> dict[str, Any] | None:
     """The preprocessing a checkpoint records: the val (else test, else supervised) transform's.
 
     A transform with `uint8_output: true` leaves normalization to the learner, so the learner's
     `input_normalization` (`{mean, std}`) is recorded instead.
+
+    Args:
+        data: The resolved loader groups (`train`, `val`, `test`).
+        normalization: The learner's `input_normalization`.
     """
     loaders = [data.get("val"), data.get("test"), (data.get("train") or {}).get("supervised")]
     for loader in loaders:
-        node = loader.dataset.get("image_transform") if loader is not None else None
-        if node is None:
-            continue
-        node = OmegaConf.to_container(node, resolve=True)
-        found = preprocessing_from_transform(node)
+        node = loader["dataset"].get("image_transform") if loader is not None else None
+        found = preprocessing_from_transform(node) if isinstance(node, Mapping) else None
         if found is None:
             continue
         if node.get("uint8_output") and normalization:
@@ -143,94 +155,15 @@ def check_fresh_run_dir(run_dir: str) -> None:
         )
 
 
-def find_checkpoint(path: str, key: str, run: DictConfig) -> str:
-    """Resolves a checkpoint option; "last" is the newest last.ckpt of this run id."""
-    if path == "last":
-        pattern = os.path.join(to_absolute_path(run.dir), run.id, "*", "checkpoints", "last.ckpt")
-        found = sorted(glob.glob(pattern), key=os.path.getmtime)
-        if not found:
-            raise FileNotFoundError(f"run.{key}=last: no {pattern} exists yet")
-        return found[-1]
-    path = to_absolute_path(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"run.{key}: checkpoint '{path}' does not exist")
-    if not zipfile.is_zipfile(path):  # torch.save writes zip archives
-        raise ValueError(f"run.{key}: '{path}' is not a PyTorch checkpoint")
-    return path
-
-
-def load_pretrained_weights(model: torch.nn.Module, path: str) -> None:
-    """Loads weights only (on the CPU), skipping tensors whose shapes differ, with a warning."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ValueError(f"'{path}' is not a readable PyTorch checkpoint ({e})") from e
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"'{path}' holds no state_dict")
-    own = model.state_dict()
-    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if skipped:
-        log.warning("pretrained weights: skipping %s (shapes differ, e.g. class count)", skipped)
-    state = {k: v for k, v in state.items() if k not in skipped}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        log.warning("pretrained weights: missing %s, unexpected %s", missing, unexpected)
-
-
-def _callbacks(trainer_cfg: dict[str, Any], run_dir: str, monitor: str | None) -> list:
-    callbacks = [instantiate(c) for c in trainer_cfg.pop("callbacks", None) or []]
-    checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
-    if not checkpoints:
-        checkpoints = [ModelCheckpoint(monitor=monitor, mode="max")]
-        callbacks += checkpoints
-    for c in checkpoints:
-        if c.dirpath is None:
-            c.dirpath = os.path.join(run_dir, "checkpoints")
-        # LastCheckpoint owns last.ckpt: Lightning's save_last goes stale between improvements.
-        c.save_last = False
-    return [*callbacks, LastCheckpoint(checkpoints[0].dirpath)]
-
-
-def _loggers(trainer_cfg: dict[str, Any], run_dir: str) -> Any:
-    if "logger" in trainer_cfg:
-        node = trainer_cfg.pop("logger")
-        if isinstance(node, (list, tuple)):
-            return [instantiate(n) for n in node]
-        return instantiate(node) if isinstance(node, dict) else node
-    return [
-        TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False),
-        CSVLogger(run_dir, name="", version=""),
-    ]
-
-
-def build_trainer(
-    cfg: DictConfig, plan: DevicePlan, run_dir: str, has_val: bool, steps_per_epoch: int | None
-) -> tuple[pl.Trainer, list]:
-    """Builds the Trainer from run options plus the free-form `trainer:` section (which wins)."""
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.trainer else {}
-    callbacks = _callbacks(trainer_cfg, run_dir, "val/top1" if has_val else None)
-    kwargs: dict[str, Any] = {
-        **plan.trainer_kwargs(),
-        "default_root_dir": run_dir,
-        "logger": _loggers(trainer_cfg, run_dir),
-        "callbacks": callbacks,
-        # Short epochs still log their training curves.
-        "log_every_n_steps": max(1, min(10, steps_per_epoch or 10)),
-    }
-    if cfg.run.num_epochs is not None:
-        kwargs["max_epochs"] = cfg.run.num_epochs
-    elif cfg.run.num_iterations is not None:
-        kwargs.update(max_epochs=-1, max_steps=cfg.run.num_iterations)
-    kwargs.update(trainer_cfg)
-    warn_slow_cpu_precision(plan, kwargs.get("precision"))
-    return pl.Trainer(**kwargs), callbacks
-
-
 def _attributes(
     cfg: DictConfig, data: SESEMIDataModule, plan: DevicePlan
 ) -> SESEMIConfigAttributes:
-    attributes = SESEMIConfigAttributes(num_gpus=plan.num_gpus, num_nodes=plan.num_nodes)
+    names = class_names(data)
+    attributes = SESEMIConfigAttributes(
+        num_gpus=plan.num_gpus,
+        num_nodes=plan.num_nodes,
+        num_classes=len(names) if names else None,
+    )
     if data.train:
         accumulate = (cfg.trainer or {}).get("accumulate_grad_batches", 1) or 1
         for spec in data.train.values():
@@ -245,6 +178,62 @@ def _attributes(
         epochs, iterations = cfg.run.num_epochs, cfg.run.num_iterations
         attributes.max_iterations = iterations if iterations else (epochs or 0) * per_epoch
     return attributes
+
+
+def _drop_training_schedules(learner: DictConfig) -> None:
+    # Evaluation steps no optimizer and weighs no loss, and these schedules may name
+    # training-only attributes (${sesemi:max_iterations}).
+    hparams = learner.get("hparams")
+    if hparams is None or "lr_scheduler" not in hparams:
+        return
+    hparams.lr_scheduler = None
+    for node in (hparams.model.get("regularization_loss_heads") or {}).values():
+        if node is not None:
+            node.scheduler = None
+
+
+def build_data(cfg: DictConfig, mode: RunMode, plan: DevicePlan) -> SESEMIDataModule:
+    """Prepares the data (`data.prepare`) and builds every dataset the mode needs."""
+    known = SESEMIConfigAttributes(num_gpus=plan.num_gpus, num_nodes=plan.num_nodes)
+    prepare = resolve(cfg.data.get("prepare"), known)
+    if prepare is not None:
+        instantiate(prepare)
+    data = SESEMIDataModule(
+        {group: resolve(cfg.data.get(group), known) for group in LOADER_GROUPS},
+        cfg.run.data_root,
+        cfg.run.batch_size_per_gpu,
+        STAGES[mode],
+        plan.loader_defaults(),
+    )
+    if mode == RunMode.FIT and "supervised" not in data.train:
+        raise ValueError("data.train needs a 'supervised' loader of labeled images to train on")
+    if mode != RunMode.FIT:
+        stage = "val" if mode == RunMode.VALIDATE else "test"
+        if getattr(data, stage) is None:
+            raise ValueError(
+                f"run.mode={mode.value} needs a data.{stage} loader; add one to the config "
+                "(shaped like data.val, e.g. with subset: test)"
+            )
+    return data
+
+
+def _evaluation_callbacks(
+    learner: pl.LightningModule,
+    hparams: Mapping[str, Any],
+    data: SESEMIDataModule,
+    run_dir: str,
+    mode: RunMode,
+) -> list:
+    if not isinstance(learner, Classifier):
+        return []
+    callbacks: list = [ConfusionReport(run_dir, learner.class_names, learner.num_classes)]
+    knn = knn_options(hparams)
+    if knn is not None:
+        if mode == RunMode.FIT and "supervised" in data.train and data.val is not None:
+            callbacks.append(KNNEvaluation(data.knn_bank_loader(), **knn))
+        else:  # VALIDATE / TEST build no training data to vote with
+            log.info("kNN evaluation runs only in FIT with data.val; skipped")
+    return callbacks
 
 
 def run(cfg: DictConfig, run_dir: str) -> RunResult:
@@ -266,47 +255,39 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
         pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     cpu_devices = (cfg.trainer or {}).get("devices")
     plan = plan_devices(cfg.run.gpus, cfg.run.accelerator, cfg.run.num_nodes, cpu_devices)
-    stages = {RunMode.FIT: ("train", "val"), RunMode.VALIDATE: ("val",), RunMode.TEST: ("test",)}
-    data = SESEMIDataModule(
-        cfg.data,
-        cfg.run.data_root,
-        cfg.run.batch_size_per_gpu,
-        stages[mode],
-        plan.loader_defaults(),
-    )
-    if mode == RunMode.FIT and "supervised" not in data.train:
-        raise ValueError("data.train needs a 'supervised' loader of labeled images to train on")
-    if mode != RunMode.FIT:
-        stage = "val" if mode == RunMode.VALIDATE else "test"
-        if getattr(data, stage) is None:
-            raise ValueError(
-                f"run.mode={mode.value} needs a data.{stage} loader; add one to the config "
-                "(shaped like data.val, e.g. with subset: test)"
-            )
-        # Evaluation steps no optimizer, and its schedule may name training-only attributes.
-        cfg.learner.hparams.lr_scheduler = None
-    check_classes(data, cfg.learner.hparams.num_classes)
-    if mode == RunMode.FIT:
-        check_head_inputs(cfg, data)
-    check_fresh_run_dir(run_dir)
+    data = build_data(cfg, mode, plan)
     attributes = _attributes(cfg, data, plan)
-    set_attributes(attributes)
-    learner = instantiate(cfg.learner, _recursive_=False)
-    if hasattr(learner, "set_metadata"):
-        normalization = cfg.learner.get("hparams", {}).get("input_normalization")
-        learner.set_metadata(class_names(data), eval_preprocessing(cfg.data, normalization))
-    if getattr(learner, "knn", None) is not None:
-        if "supervised" in data.train and data.val is not None:
-            learner.knn_bank_loader = data.knn_bank_loader()
-        else:  # VALIDATE / TEST build no training data to vote with
-            log.info("kNN evaluation runs only in FIT with data.val; skipped")
+    if mode != RunMode.FIT:
+        _drop_training_schedules(cfg.learner)
+    learner_cfg = resolve(cfg.learner, attributes)
+    hparams = learner_cfg.get("hparams") or {}
+    if hparams.get("num_classes") is not None:
+        check_classes(data, int(hparams["num_classes"]))
+    if mode == RunMode.FIT:
+        check_head_inputs(hparams.get("model", {}).get("regularization_loss_heads"), data)
+    check_fresh_run_dir(run_dir)
+    learner = build_learner(learner_cfg, data.dataset_sizes())
+    if isinstance(learner, Classifier):
+        loaders = {group: resolve(cfg.data.get(group), attributes) for group in LOADER_GROUPS}
+        preprocessing = eval_preprocessing(loaders, hparams.get("input_normalization"))
+        learner.set_metadata(class_names(data), preprocessing)
+    reports = _evaluation_callbacks(learner, hparams, data, run_dir, mode)
     resume = cfg.run.resume_from_checkpoint
-    ckpt_path = find_checkpoint(resume, "resume_from_checkpoint", cfg.run) if resume else None
+    ckpt_path = None
+    if resume:
+        ckpt_path = find_checkpoint(resume, "resume_from_checkpoint", cfg.run.dir, cfg.run.id)
     if cfg.run.pretrained_checkpoint_path:
         key = "pretrained_checkpoint_path"
-        load_pretrained_weights(learner, find_checkpoint(cfg.run[key], key, cfg.run))
-    trainer, callbacks = build_trainer(
-        cfg, plan, run_dir, data.val is not None, attributes.iterations_per_epoch
+        path = find_checkpoint(cfg.run[key], key, cfg.run.dir, cfg.run.id)
+        load_pretrained_weights(learner, path)
+    trainer = build_trainer(
+        resolve(cfg.trainer, attributes),
+        resolve(cfg.run, attributes),
+        plan,
+        run_dir,
+        "val/top1" if data.val is not None else None,
+        attributes.iterations_per_epoch,
+        reports,
     )
     if mode == RunMode.FIT:
         trainer.fit(learner, datamodule=data, ckpt_path=ckpt_path)
@@ -315,28 +296,34 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     else:
         trainer.test(learner, datamodule=data, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    reports = []
-    if trainer.is_global_zero:
-        # FIT reports its last validation (the final weights, not the best checkpoint's).
-        stage = "test" if mode == RunMode.TEST else "val"
-        matrix = getattr(learner, "confusion_matrices", {}).get(stage)
-        if matrix is not None:
-            names = learner.class_names or [str(i) for i in range(matrix.shape[0])]
-            reports = write_confusion_report(matrix, names, run_dir, stage)
     skipped = sum(getattr(spec.dataset, "skipped", 0) for spec in data.specs())
     if skipped:
         metrics["skipped_unreadable_images"] = float(skipped)
-    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
-    last = next(c for c in callbacks if isinstance(c, LastCheckpoint))
-    return RunResult(
+    checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    last = next(c for c in trainer.callbacks if isinstance(c, LastCheckpoint))
+    result = RunResult(
         mode=mode,
         run_dir=run_dir,
         metrics=metrics,
         best_checkpoint=(checkpoint.best_model_path or None) if checkpoint else None,
         last_checkpoint=last.path if os.path.isfile(last.path) else None,
         seconds=time.time() - start,
-        reports=reports,
+        reports=[p for c in reports if isinstance(c, ConfusionReport) for p in c.reports],
     )
+    if trainer.is_global_zero:
+        write_summary(result)
+    return result
+
+
+def write_summary(result: RunResult) -> str:
+    """Writes the result as `summary.json` in its run folder (what multirun tables read)."""
+    path = os.path.join(result.run_dir, SUMMARY_NAME)
+    record = {**asdict(result), "mode": result.mode.value}
+    os.makedirs(result.run_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def format_summary(result: RunResult, command: str = "open_sesemi") -> str:

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# The spec's experiment layout (`defaults: [base]`) made tiny: a 2-class folder at 32 px, the test
+# model, one epoch of batches of 4 on the CPU.
 TINY_CONFIG = """\
 defaults:
   - base
@@ -24,33 +26,15 @@ run:
   dir: {runs}
   batch_size_per_gpu: 4
 data:
-  train:
-    supervised:
-      num_workers: 0
-      pin_memory: false
-      dataset:
-        image_transform: {{_target_: sesemi.transforms.train_transforms, input_h: 32, input_w: 32}}
-    rotation_prediction:
-      num_workers: 0
-      pin_memory: false
-      dataset:
-        image_transform: {{_target_: sesemi.transforms.train_transforms, input_h: 32, input_w: 32}}
-  val:
-    num_workers: 0
-    pin_memory: false
-    dataset:
-      image_transform: &eval
-        {{_target_: sesemi.transforms.center_crop_transforms, input_h: 32, input_w: 32}}
+  image_size: 32
   test:
-    num_workers: 0
     batch_size: 4
     dataset:
       name: image_folder
       subset: val
-      image_transform: *eval
+      image_transform: ${{data.transforms.eval}}
 learner:
   hparams:
-    num_classes: 2
     model:
       backbone:
         name: test_resnet
@@ -58,6 +42,20 @@ learner:
       scheduler:
         warmup_epochs: 0
 """
+
+# Overrides that make any built-in config (demo, imagewoof, ...) train a few CPU steps quickly.
+FAST = [
+    "run.num_epochs=null",
+    "run.num_iterations=2",
+    "run.batch_size_per_gpu=4",
+    "learner.hparams.model.backbone.name=test_resnet",
+    "++trainer.val_check_interval=2",
+    "++trainer.check_val_every_n_epoch=null",
+    "++trainer.limit_val_batches=1",
+    "++trainer.num_sanity_val_steps=0",
+    "++trainer.enable_progress_bar=false",
+    "++trainer.enable_model_summary=false",
+]
 
 
 def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -134,6 +132,25 @@ def experiment(tmp_path: Path, image_root: Path) -> Path:
     text = TINY_CONFIG.format(data_root=image_root, runs=tmp_path / "runs")
     (configs / "custom.yaml").write_text(text)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's digits folder (5 labels per class), written once per test session."""
+    from sesemi.datasets.digits import prepare_digits
+
+    return prepare_digits(tmp_path_factory.getbasetemp() / "sesemi_digits", labels_per_class=5)
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training on one thread (CI's 2 cores are shared; tiny models gain nothing)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

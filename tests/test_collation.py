@@ -1,6 +1,8 @@
-"""RotationTransformer: every quarter-turn of every image, image-major, labeled by the turn."""
+"""Collate functions: RotationTransformer (every quarter turn, image-major) and the package."""
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
@@ -41,11 +43,24 @@ def test_rotation_direction_is_counter_clockwise() -> None:
     assert torch.all(rotated[:, 1:] == rotated[:, :1])  # channels rotate together
 
 
-def test_bare_images(images: list[torch.Tensor]) -> None:
+def test_bare_images_and_indexed_samples(images: list[torch.Tensor]) -> None:
     from_pairs, pair_labels = RotationTransformer()([(image, 0) for image in images])
     bare, bare_labels = RotationTransformer()(images)
     assert torch.equal(bare, from_pairs)
     assert torch.equal(bare_labels, pair_labels)
+    # (image, label, index) samples, from datasets that return indices: the index is dropped.
+    indexed, indexed_labels = RotationTransformer()([(x, 0, i) for i, x in enumerate(images)])
+    assert torch.equal(indexed, from_pairs)
+    assert torch.equal(indexed_labels, pair_labels)
+
+
+def test_one_package_holds_every_collate_function() -> None:
+    import sesemi.collation as collation
+
+    assert collation.RotationTransformer.__module__ == "sesemi.collation.rotation"
+    assert collation.JigsawTransformer.__module__ == "sesemi.collation.jigsaw"
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("sesemi.jigsaw")  # no second path to the same class
 
 
 def test_two_rotations(images: list[torch.Tensor]) -> None:

@@ -1,21 +1,15 @@
-"""Entropy minimization, Pi model and Mean Teacher heads: values, gradients, EMA, configs."""
+"""Entropy minimization, Pi model and Mean Teacher heads: values, gradients, teacher checks."""
 
 from __future__ import annotations
 
 import copy
-import glob
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from test_cli import open_sesemi
 from torch import nn
 
-import sesemi.config  # noqa: F401  (registers the schema and the ${sesemi:...} resolver)
-from sesemi.config.resolvers import SESEMIConfigAttributes, get_attributes, set_attributes
-from sesemi.learners import Classifier
-from sesemi.models.heads.base import HeadInputs
+from sesemi.models.heads.base import HeadContext, HeadInputs
 from sesemi.models.heads.consistency import (
     EntropyMinimizationLossHead,
     MeanTeacherLossHead,
@@ -23,7 +17,7 @@ from sesemi.models.heads.consistency import (
 )
 
 NUM_CLASSES = 3
-TEACHER_ERROR = "learner.hparams.model.ema: {decay: 0.999}"
+TEACHER_ERROR = r"learner.hparams.model.ema: \{decay: 0.999\}"
 
 
 class TinyBackbone(nn.Module):
@@ -203,144 +197,28 @@ def test_mean_teacher_loss_is_student_on_view_2_vs_teacher_on_view_1_and_only_st
 
 def test_mean_teacher_build_without_a_teacher_says_how_to_add_one():
     backbone, head = _student()
-    with pytest.raises(ValueError, match=f"needs an EMA teacher.*{TEACHER_ERROR}"):
-        MeanTeacherLossHead("unlabeled").build({"backbone": backbone}, {"supervised_head": head})
-
-
-def _classifier_hparams(ema):
-    return {
-        "num_classes": NUM_CLASSES,
-        "model": {
-            "backbone": {"_target_": "sesemi.PyTorchImageModels", "name": "test_resnet"},
-            "supervised_loss": {"callable": {"_target_": "torch.nn.CrossEntropyLoss"}},
-            "regularization_loss_heads": {
-                "mean_teacher": {
-                    "head": {
-                        "_target_": "sesemi.models.heads.consistency.MeanTeacherLossHead",
-                        "input_data": "unlabeled",
-                    },
-                    "scale_factor": 10.0,
-                }
-            },
-            "ema": ema,
-        },
-        "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1},
-    }
-
-
-def test_mean_teacher_in_a_classifier_trains_the_student_and_follows_the_ema_formula():
-    with pytest.raises(ValueError, match=TEACHER_ERROR):
-        Classifier(_classifier_hparams(ema=None))
-
-    torch.manual_seed(0)
-    learner = Classifier(_classifier_hparams(ema={"decay": 0.5}))
-    images = torch.randn(4, 3, 32, 32)
-    batch = {
-        "supervised": (images, torch.tensor([0, 1, 2, 0])),
-        "unlabeled": ([images, images.flip(-1)], torch.full((4,), -1)),
-    }
-    total, logs = learner.compute_losses(batch, step=0)
-    assert logs["mean_teacher_loss"] > 0 and logs["mean_teacher_weight"] == 10.0
-    total.backward()
-    teacher = learner.ema.average
-    assert all(p.grad is None for p in teacher.parameters())
-    assert learner.supervised_head.weight.grad is not None
-
-    # AveragedModel's first update copies the student; later ones average with the decay.
-    learner.ema.update(learner.backbone, learner.supervised_head)
-    torch.testing.assert_close(learner.ema.supervised_head.weight, learner.supervised_head.weight)
-    with torch.no_grad():
-        learner.supervised_head.weight.add_(1.0)
-    old_teacher = learner.ema.supervised_head.weight.detach().clone()
-    learner.ema.update(learner.backbone, learner.supervised_head)
-    expected = 0.5 * old_teacher + 0.5 * learner.supervised_head.weight.detach()
-    torch.testing.assert_close(learner.ema.supervised_head.weight, expected)
-
-
-# --- Configs ----------------------------------------------------------------------------------
-
-
-def _compose(name: str, overrides=(), hydra: bool = False):
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module(config_module="sesemi.conf", version_base=None):
-        return compose(name, overrides=list(overrides), return_hydra_config=hydra)
-
-
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory) -> Path:
-    # One launch directory for all demo runs: the digits are prepared there once.
-    return tmp_path_factory.mktemp("demos")
-
-
-DEMOS = {
-    "demo_entropy_minimization": ["entropy_minimization"],
-    "demo_pi_model": ["pi_model"],
-    "demo_mean_teacher": ["mean_teacher"],
-    "demo_rotation_entropy": ["rotation_prediction", "entropy_minimization"],
-}
-
-
-@pytest.mark.cli
-@pytest.mark.parametrize("name", list(DEMOS))
-def test_demo_config_composes_and_trains_a_few_steps(name, digits_dir, monkeypatch):
-    cfg = _compose(name)
-    heads = cfg.learner.hparams.model.regularization_loss_heads
-    assert sorted(k for k, v in heads.items() if v is not None) == sorted(DEMOS[name])
-    transform = cfg.data.train.unlabeled.dataset.image_transform
-    for view in transform.get("views") or [transform]:  # MultiView or one transform
-        assert view.p_hflip == 0.0 and view.input_h == 32  # digits are not mirror-symmetric
-    # The digits are prepared by demo.yaml's Hydra callback, inherited.
-    assert "prepare_digits" in _compose(name, hydra=True).hydra.callbacks
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # far faster on a busy 2-core CPU
-    out = open_sesemi(
-        "-cn",
-        name,
-        "run.num_iterations=2",
-        "trainer.val_check_interval=2",
-        "learner.hparams.model.backbone.name=test_resnet",
-        "run.batch_size_per_gpu=8",
-        "data.train.unlabeled.batch_size=8",
-        "data.val.batch_size=32",
-        "+trainer.limit_val_batches=1",
-        "+trainer.num_sanity_val_steps=0",
-        "+trainer.enable_progress_bar=false",
-        cwd=digits_dir,
+    context = HeadContext({"backbone": backbone}, {"supervised_head": head}, NUM_CLASSES)
+    message = f"MeanTeacherLossHead reads the backbone 'teacher_backbone'.*{TEACHER_ERROR}"
+    with pytest.raises(ValueError, match=message):
+        MeanTeacherLossHead("unlabeled").build(context)
+    teacher = _teacher_of(backbone, head)
+    context = HeadContext(
+        {"backbone": backbone, "teacher_backbone": teacher[0]},
+        {"supervised_head": head, "teacher_supervised_head": teacher[1]},
+        NUM_CLASSES,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "sesemi FIT finished" in out.stdout
-    if name == "demo_mean_teacher":
-        (metrics,) = glob.glob(str(digits_dir / "runs" / name / "*" / "metrics.csv"))
-        assert "val/ema/top1" in Path(metrics).read_text().splitlines()[0]
+    MeanTeacherLossHead("unlabeled").build(context)
+    with pytest.raises(ValueError, match="reads the head 'ema_head'.*learner.hparams.model.ema"):
+        MeanTeacherLossHead("unlabeled", teacher_head="ema_head").build(context)
 
 
-@pytest.mark.parametrize(
-    ("name", "head", "ema"),
-    [
-        ("imagewoof_entropy_minimization", "entropy_minimization", None),
-        ("imagewoof_pi_model", "pi_model", None),
-        ("imagewoof_mean_teacher", "mean_teacher", 0.999),
-    ],
-)
-def test_imagewoof_config_composes_and_builds_its_learner(name, head, ema):
-    from hydra.utils import instantiate
-
-    cfg = _compose(name, ["learner.hparams.model.backbone.name=test_resnet"])
-    assert cfg.data.train.rotation_prediction is None
-    assert cfg.learner.hparams.model.regularization_loss_heads.rotation_prediction is None
-    assert cfg.data.train.unlabeled.dataset.subset == "train"
-    previous = get_attributes()
-    set_attributes(
-        SESEMIConfigAttributes(iterations_per_epoch=10, max_iterations=100, num_gpus=0, num_nodes=1)
+@pytest.mark.parametrize("head_type", [EntropyMinimizationLossHead, PiModelLossHead])
+def test_student_only_heads_need_no_teacher(head_type):
+    backbone, head = _student()
+    head_type("unlabeled").build(
+        HeadContext({"backbone": backbone}, {"supervised_head": head}, NUM_CLASSES)
     )
-    try:
-        learner = instantiate(cfg.learner, _recursive_=False)
-    finally:
-        set_attributes(previous)
-    assert list(learner.regularization_heads) == [head]
-    assert (learner.ema is None) == (ema is None)
-    if ema is not None:
-        assert learner.ema.decay == ema
-    term = learner.regularization_terms[head]
-    assert term.weight(0) < term.weight(5000) == term.scale_factor
+    with pytest.raises(ValueError, match="reads the head 'classifier'"):
+        head_type("unlabeled", input_head="classifier").build(
+            HeadContext({"backbone": backbone}, {"supervised_head": head}, NUM_CLASSES)
+        )

@@ -1,22 +1,22 @@
-"""FixMatch and FlexMatch heads: masks, losses, gradients, teachers, thresholds, configs."""
+"""FixMatch and FlexMatch heads and threshold policies: masks, losses, gradients, teachers."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_module
-from hydra.utils import instantiate
-from test_cli import open_sesemi
 from torch import nn
 
-from sesemi.config.resolvers import SESEMIConfigAttributes, get_attributes, set_attributes
-from sesemi.learners import WeightedTerm
-from sesemi.models.heads.base import HeadInputs
-from sesemi.models.heads.fixmatch import FixMatchLossHead, FlexMatchLossHead, convex_mapping
+from sesemi.models.heads.base import HeadContext, HeadInputs
+from sesemi.models.heads.fixmatch import FixMatchLossHead, FlexMatchLossHead
+from sesemi.models.heads.thresholds import (
+    FixedThreshold,
+    FlexMatchThreshold,
+    ThresholdPolicy,
+    convex_mapping,
+)
 
 
 class Scale(nn.Module):
@@ -42,16 +42,20 @@ class Roll(nn.Module):
 def _modules(teacher: bool = False, num_classes: int = 3):
     backbones = {"backbone": Scale(1.0, num_classes)}
     heads = {"supervised_head": nn.Identity()}
-    heads["supervised_head"].out_features = num_classes
     if teacher:
         backbones["teacher_backbone"] = Roll()
         heads["teacher_supervised_head"] = nn.Identity()
     return backbones, heads
 
 
+def _context(teacher: bool = False, num_classes: int = 3, sizes=None) -> HeadContext:
+    backbones, heads = _modules(teacher, num_classes)
+    return HeadContext(backbones, heads, num_classes, {"unlabeled": 100, **(sizes or {})})
+
+
 def _run(head, weak, strong, targets=None, indices=None, teacher=False):
     backbones, heads = _modules(teacher, weak.shape[1])
-    head.build(backbones, heads)
+    head.build(HeadContext(backbones, heads, weak.shape[1], {"unlabeled": 100}))
     targets = torch.full((len(weak),), -1) if targets is None else targets
     batch = [[weak, strong], targets] + ([indices] if indices is not None else [])
     return head(HeadInputs(data={"unlabeled": batch}, backbones=backbones, heads=heads))
@@ -80,7 +84,7 @@ def test_loss_is_the_mean_over_the_whole_unlabeled_batch():
     losses = _run(FixMatchLossHead("unlabeled", threshold=0.95), weak, strong)
     ce_0 = -F.log_softmax(strong[0], 0)[0]
     ce_2 = -F.log_softmax(strong[2], 0)[2]
-    reduced = WeightedTerm("mean", 1.0, None).reduce(losses)  # the learner's default
+    reduced = losses.mean()  # the learner's default reduction
     assert reduced.item() == pytest.approx(((ce_0 + 0.0 + ce_2) / 3).item())  # not / 2
 
 
@@ -90,7 +94,7 @@ def test_no_gradient_flows_through_the_weak_view(joint_forward):
     strong = torch.randn(2, 3, requires_grad=True)
     backbones, heads = _modules()
     head = FixMatchLossHead("unlabeled", joint_forward=joint_forward)
-    head.build(backbones, heads)
+    head.build(HeadContext(backbones, heads, 3))
     data = {"unlabeled": [[weak, strong], torch.tensor([0, 1])]}
     losses = head(HeadInputs(data=data, backbones=backbones, heads=heads))
     losses.mean().backward()
@@ -118,9 +122,9 @@ def test_ema_teacher_gives_the_pseudo_labels():
 
 
 def test_ema_teacher_without_ema_is_a_clear_error():
-    backbones, heads = _modules(teacher=False)
-    with pytest.raises(ValueError, match="learner.hparams.model.ema"):
-        FixMatchLossHead("unlabeled", teacher="ema").build(backbones, heads)
+    with pytest.raises(ValueError, match="learner.hparams.model.ema.*teacher=student"):
+        FixMatchLossHead("unlabeled", teacher="ema").build(_context(teacher=False))
+    FixMatchLossHead("unlabeled").build(_context(teacher=False))  # the student needs none
 
 
 def test_mask_rate_and_pseudo_label_accuracy():
@@ -155,6 +159,25 @@ def test_bad_batches_and_arguments_are_clear_errors():
         FixMatchLossHead("unlabeled", teacher="mean")
     with pytest.raises(ValueError, match="threshold"):
         FixMatchLossHead("unlabeled", threshold=1.5)
+    with pytest.raises(ValueError, match="joint_forward"):
+        FixMatchLossHead("unlabeled", teacher="ema", joint_forward=True)
+
+
+def test_a_policy_object_sets_the_mask_and_soft_weights_scale_the_loss():
+    class Half(ThresholdPolicy):  # a soft policy, as SoftMatch's would be: every weight 0.5
+        def mask(self, probs):
+            return torch.full(probs.shape[:1], 0.5)
+
+    weak = _logits_with_max_prob([[0.98, 0.01, 0.01], [0.2, 0.3, 0.5]])
+    strong = torch.randn(2, 3)
+    head = FixMatchLossHead("unlabeled", threshold=Half())
+    losses = _run(head, weak, strong, targets=torch.tensor([0, 1]))
+    ce = F.cross_entropy(strong, torch.tensor([0, 2]), reduction="none")
+    assert torch.allclose(losses, 0.5 * ce)
+    assert head.log_values["mask_rate"].item() == 0.5
+    assert head.log_values["pseudo_label_acc"].item() == 0.5
+    fixed = FixedThreshold(0.9)
+    assert fixed.mask(weak.exp()).tolist() == [1.0, 0.0]
 
 
 # FlexMatch
@@ -169,52 +192,65 @@ def _flex(**kwargs) -> FlexMatchLossHead:
 @pytest.mark.parametrize("warmup", [True, False])
 def test_flexmatch_thresholds_start_at_zero(learning_status, warmup):
     head = _flex(learning_status=learning_status, threshold_warmup=warmup)
-    assert torch.equal(head.class_thresholds(), torch.zeros(3))
+    assert torch.equal(head.policy.class_thresholds(), torch.zeros(3))
     # ... so every pseudo-label is used at first, however unconfident.
     weak = _logits_with_max_prob([[0.4, 0.3, 0.3], [0.2, 0.3, 0.5]])
     indices = torch.tensor([0, 1]) if learning_status == "index" else None
     losses = _run(head, weak, torch.randn(2, 3), indices=indices)
     assert (losses > 0).all()
     assert head.log_values["mask_rate"].item() == 1.0
+    assert head.log_values["threshold_max"].item() == 0.0  # the thresholds the mask used
 
 
 def test_flexmatch_thresholds_match_the_formula():
-    head = _flex()
-    head.class_status.copy_(torch.tensor([0.3, 0.1, 0.0]))  # sigma / N; unused 0.6
+    policy = FlexMatchThreshold(0.9, num_classes=3, unlabeled_size=100)
+    policy.class_status.copy_(torch.tensor([0.3, 0.1, 0.0]))  # sigma / N; unused 0.6
     beta = torch.tensor([0.3, 0.1, 0.0]) / 0.6  # warm-up: max(max sigma, N - sum sigma)
     expected = beta / (2 - beta) * 0.9
-    assert torch.allclose(head.class_thresholds(), expected)
+    assert torch.allclose(policy.class_thresholds(), expected)
     assert torch.allclose(expected, torch.tensor([1 / 3, 1 / 11, 0.0]) * 0.9)
-    head.threshold_warmup = False
+    policy.warmup = False
     beta = torch.tensor([1.0, 1 / 3, 0.0])  # sigma / max sigma
-    assert torch.allclose(head.class_thresholds(), convex_mapping(beta) * 0.9)
-    assert torch.allclose(head.class_thresholds(), torch.tensor([0.9, 0.18, 0.0]))
+    assert torch.allclose(policy.class_thresholds(), convex_mapping(beta) * 0.9)
+    assert torch.allclose(policy.class_thresholds(), torch.tensor([0.9, 0.18, 0.0]))
+    policy.mapping = "linear"
+    assert torch.allclose(policy.class_thresholds(), torch.tensor([0.9, 0.3, 0.0]))
 
-    index = _flex(learning_status="index", unlabeled_size=10)
+    index = FlexMatchThreshold(0.9, learning_status="index", num_classes=3, unlabeled_size=10)
     index.selected_label.copy_(torch.tensor([0, 0, 0, 1, -1, -1, -1, -1, -1, -1]))
     assert torch.allclose(index.class_thresholds(), torch.tensor([1 / 3, 1 / 11, 0.0]) * 0.9)
+    # The mask compares each image's confidence with its pseudo-label's threshold.
+    index.selected_label.fill_(0)  # every image confidently class 0: T = [0.9, 0, 0]
+    assert torch.allclose(index.class_thresholds(), torch.tensor([0.9, 0.0, 0.0]))
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.3, 0.5, 0.2], [0.95, 0.03, 0.02], [0.9, 0.1, 0.0]])
+    assert index.mask(probs).tolist() == [0.0, 1.0, 1.0, 1.0]
 
 
 def test_flexmatch_estimate_update_is_the_expected_paper_update():
     head = _flex(unlabeled_size=40)
-    head.class_status.copy_(torch.tensor([0.2, 0.1, 0.0]))
+    head.policy.class_status.copy_(torch.tensor([0.2, 0.1, 0.0]))
     # 10 images (r = 10 / 40): 4 confident class 0, 1 confident class 2, 5 not confident.
     probs = [[0.95, 0.03, 0.02]] * 4 + [[0.02, 0.03, 0.95]] + [[0.5, 0.3, 0.2]] * 5
     _run(head, _logits_with_max_prob(probs), torch.randn(10, 3))
     r, q_c = 0.25, torch.tensor([0.4, 0.0, 0.1])
     expected = torch.tensor([0.2, 0.1, 0.0]) * (1 - r * q_c.sum()) + r * q_c
-    assert torch.allclose(head.class_status, expected)
+    assert torch.allclose(head.policy.class_status, expected)
+    head.eval()  # evaluation batches leave the state alone
+    _run(head, _logits_with_max_prob(probs), torch.randn(10, 3))
+    assert torch.allclose(head.policy.class_status, expected)
 
 
 def test_flexmatch_index_status_keeps_the_latest_confident_class():
     head = _flex(learning_status="index", unlabeled_size=6)
-    head.selected_label.copy_(torch.tensor([1, 1, -1, -1, -1, -1]))
+    head.policy.selected_label.copy_(torch.tensor([1, 1, -1, -1, -1, -1]))
     probs = [[0.95, 0.03, 0.02], [0.4, 0.3, 0.3], [0.02, 0.03, 0.95]]
     _run(head, _logits_with_max_prob(probs), torch.randn(3, 3), indices=torch.tensor([0, 1, 5]))
     # 0: newly confident class 0; 1: not confident, keeps its old class; 5: class 2.
-    assert head.selected_label.tolist() == [0, 1, -1, -1, -1, 2]
-    with pytest.raises(ValueError, match="indices"):
+    assert head.policy.selected_label.tolist() == [0, 1, -1, -1, -1, 2]
+    with pytest.raises(ValueError, match="data.train.unlabeled batches must be .*indices"):
         _run(head, _logits_with_max_prob(probs), torch.randn(3, 3))
+    with pytest.raises(ValueError, match="out of range"):
+        _run(head, _logits_with_max_prob(probs), torch.randn(3, 3), indices=torch.tensor([0, 1, 6]))
 
 
 def test_flexmatch_often_confident_class_gets_the_higher_threshold():
@@ -223,7 +259,7 @@ def test_flexmatch_often_confident_class_gets_the_higher_threshold():
     probs = [[0.97, 0.02, 0.01]] * 6 + [[0.01, 0.02, 0.97]] + [[0.3, 0.4, 0.3]] * 3
     for _ in range(5):
         _run(head, _logits_with_max_prob(probs), torch.randn(10, 3))
-    thresholds = head.class_thresholds()
+    thresholds = head.policy.class_thresholds()
     assert thresholds[0] > thresholds[2] > thresholds[1] == 0
     assert thresholds[0] <= 0.9
     # The mask follows the class thresholds: 0.6 passes for class 2, not for class 0.
@@ -239,80 +275,48 @@ def test_flexmatch_state_is_in_the_state_dict_and_restored():
     probs = [[0.97, 0.02, 0.01]] * 3 + [[0.01, 0.02, 0.97]]
     _run(head, _logits_with_max_prob(probs), torch.randn(4, 3))
     state = head.state_dict()
-    assert "class_status" in state and state["class_status"].sum() > 0
-    restored = _flex()
+    assert list(state) == ["policy.class_status"] and state["policy.class_status"].sum() > 0
+    restored = FlexMatchLossHead("unlabeled", threshold=0.9)  # sizes from the context
+    restored.build(_context())
     restored.load_state_dict(state)
-    assert torch.equal(restored.class_thresholds(), head.class_thresholds())
-    assert "selected_label" in _flex(learning_status="index").state_dict()
+    assert torch.equal(restored.policy.class_thresholds(), head.policy.class_thresholds())
+    index = FlexMatchLossHead("unlabeled", learning_status="index")
+    index.build(_context(sizes={"unlabeled": 7}))
+    assert index.state_dict()["policy.selected_label"].tolist() == [-1] * 7
 
 
-def test_flexmatch_checks_num_classes_against_the_classifier():
-    backbones, heads = _modules(num_classes=3)
-    with pytest.raises(ValueError, match="num_classes"):
-        FlexMatchLossHead("unlabeled", num_classes=5, unlabeled_size=10).build(backbones, heads)
+def test_flexmatch_takes_num_classes_and_unlabeled_size_from_the_context():
+    head = FlexMatchLossHead("unlabeled", threshold=0.9)
+    assert "policy.class_status" not in head.state_dict()  # sizes unknown before build
+    head.build(_context(num_classes=4, sizes={"unlabeled": 40, "other": 7}))
+    assert (head.policy.num_classes, head.policy.unlabeled_size) == (4, 40)
+    assert head.policy.class_status.tolist() == [0.0] * 4
+    # N = 40 sets the update rate: 10 images, all confident class 1, move f_1 by 10 / 40.
+    probs = [[0.01, 0.97, 0.01, 0.01]] * 10
+    _run(head, _logits_with_max_prob(probs), torch.randn(10, 4))
+    assert torch.allclose(head.policy.class_status, torch.tensor([0.0, 0.25, 0.0, 0.0]))
+    explicit = FlexMatchLossHead("unlabeled", unlabeled_size=10)
+    explicit.build(_context(sizes={"unlabeled": 40}))
+    assert explicit.policy.unlabeled_size == 10  # a given size wins
 
 
-# Configs
+def test_flexmatch_sizes_it_cannot_know_or_that_disagree_are_clear_errors():
+    with pytest.raises(ValueError, match="num_classes=5 but the classifier predicts 3"):
+        FlexMatchLossHead("unlabeled", num_classes=5, unlabeled_size=10).build(_context())
+    backbones, heads = _modules()
+    unsized = HeadContext(backbones, heads, 3, {"other": 10})
+    with pytest.raises(ValueError, match="data.train.unlabeled.*unlabeled_size"):
+        FlexMatchLossHead("unlabeled").build(unsized)
+    FlexMatchLossHead("unlabeled", unlabeled_size=10).build(unsized)
+    with pytest.raises(ValueError, match="mapping"):
+        FlexMatchLossHead("unlabeled", mapping="cubic")
+    with pytest.raises(ValueError, match="learning_status"):
+        FlexMatchLossHead("unlabeled", learning_status="guess")
 
 
-@pytest.mark.cli
-@pytest.mark.parametrize(
-    "name,head", [("demo_fixmatch", "fixmatch"), ("demo_flexmatch", "flexmatch")]
-)
-def test_demo_config_trains_a_few_steps(tmp_path: Path, tmp_path_factory, monkeypatch, name, head):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a tiny model: more threads only contend
-    digits = tmp_path_factory.getbasetemp() / "sesemi_digits"  # prepared once per session
-    out = open_sesemi(
-        "-cn",
-        name,
-        f"run.data_root={digits}",
-        "+trainer.num_sanity_val_steps=0",
-        "run.num_iterations=2",
-        "trainer.val_check_interval=2",
-        "trainer.log_every_n_steps=1",
-        "+trainer.limit_val_batches=1",
-        "data.train.supervised.batch_size=8",
-        "data.train.unlabeled.batch_size=16",
-        "learner.hparams.model.backbone.name=test_resnet",
-        cwd=tmp_path,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "sesemi FIT finished" in out.stdout
-    assert (digits / "sesemi_digits.json").is_file()  # prepared by demo's Hydra callback
-    (metrics,) = (tmp_path / "runs" / name).glob("*/metrics.csv")
-    header = metrics.read_text().splitlines()[0].split(",")
-    for column in (f"train/{head}_loss", f"train/{head}/mask_rate", "val/top1"):
-        assert column in header
-
-
-@pytest.fixture
-def attributes():
-    previous = get_attributes()
-    set_attributes(
-        SESEMIConfigAttributes(iterations_per_epoch=10, max_iterations=100, num_gpus=0, num_nodes=1)
-    )
-    yield
-    set_attributes(previous)
-
-
-@pytest.mark.parametrize(
-    "name,head_name,head_type",
-    [
-        ("imagewoof_fixmatch", "fixmatch", FixMatchLossHead),
-        ("imagewoof_flexmatch", "flexmatch", FlexMatchLossHead),
-    ],
-)
-def test_imagewoof_config_builds_its_learner(attributes, name, head_name, head_type):
-    with initialize_config_module(config_module="sesemi.conf", version_base=None):
-        cfg = compose(name, overrides=["learner.hparams.model.backbone.name=test_resnet"])
-    assert cfg.data.train.rotation_prediction is None
-    assert cfg.data.train.unlabeled.batch_size == 7 * cfg.run.batch_size_per_gpu
-    assert cfg.data.train.unlabeled.dataset.image_transform.views[1].input_h == 224
-    learner = instantiate(cfg.learner, _recursive_=False)
-    assert list(learner.regularization_heads) == [head_name]
-    head = learner.regularization_heads[head_name]
-    assert type(head) is head_type and head.threshold == 0.95
-    assert learner.ema is not None  # the EMA model the paper evaluates
-    if head_type is FlexMatchLossHead:
-        assert head.num_classes == 10
-        assert f"regularization_heads.{head_name}.class_status" in learner.state_dict()
+def test_flexmatch_passes_fixmatch_arguments_through():
+    head = FlexMatchLossHead("unlabeled", teacher="ema", temperature=0.5, input_backbone="other")
+    assert (head.teacher, head.temperature, head.input_backbone) == ("ema", 0.5, "other")
+    assert isinstance(head.policy, FlexMatchThreshold)
+    with pytest.raises(TypeError):
+        FlexMatchLossHead("unlabeled", "backbone")  # FixMatch's arguments by name only

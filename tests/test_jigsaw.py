@@ -1,20 +1,15 @@
-"""Jigsaw puzzles: the permutation set, tiling, the collation, the head and the configs."""
+"""Jigsaw puzzles: the permutation set, tiling, the collation and its grid, the head."""
 
 from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from hydra.utils import instantiate
-from test_cli import open_sesemi
 from torch import nn
 
-from sesemi.config.resolvers import SESEMIConfigAttributes, get_attributes, set_attributes
-from sesemi.jigsaw import (
+from sesemi.collation import (
     JigsawTransformer,
     crop_to_grid,
     inverse_permutation,
@@ -23,7 +18,8 @@ from sesemi.jigsaw import (
     tile,
     untile,
 )
-from sesemi.models.heads.base import HeadInputs
+from sesemi.collation.jigsaw import AUTO_GRID_MIN_SIDE
+from sesemi.models.heads.base import HeadContext, HeadInputs
 from sesemi.models.heads.jigsaw import JigsawPredictionLossHead
 
 
@@ -91,6 +87,7 @@ def test_collation_rows_match_their_labels(size):
     torch.manual_seed(0)
     collate = JigsawTransformer(grid=3, num_permutations=24, seed=0)
     samples = [(torch.randn(3, size, size), 7) for _ in range(16)]
+    state = torch.get_rng_state()  # the permutation draws' start, replayed below
     images, labels = collate(samples)
     assert images.shape == (16, 3, 30, 30)  # 32 px is center-cropped to 30 (1 px each side)
     assert labels.shape == (16,) and labels.dtype == torch.long
@@ -99,11 +96,46 @@ def test_collation_rows_match_their_labels(size):
     if size == 32:
         assert torch.equal(originals, torch.stack([s[0] for s in samples])[:, :, 1:31, 1:31])
     for b in range(16):
-        perm = collate.permutations[labels[b]]
+        perm = collate.permutations(3)[labels[b]]
         unshuffled = tile(images[b : b + 1], 3)[0, inverse_permutation(perm)]
         assert torch.equal(untile(unshuffled[None], 3)[0], originals[b])
-    bare, _ = collate([s[0] for s in samples])  # bare images (unlabeled folders) work too
-    assert bare.shape == images.shape
+    torch.set_rng_state(state)
+    bare, bare_labels = collate([s[0] for s in samples])  # bare images (unlabeled folders)
+    assert torch.equal(bare, images) and torch.equal(bare_labels, labels)
+    torch.set_rng_state(state)
+    indexed, _ = collate([(s[0], 7, i) for i, s in enumerate(samples)])  # (image, label, index)
+    assert torch.equal(indexed, images)
+
+
+@pytest.mark.parametrize("size,grid", [(32, 2), (95, 2), (96, 3), (224, 3)])
+def test_automatic_grid_is_3_from_96_px_up_else_2(size, grid):
+    assert AUTO_GRID_MIN_SIDE == 96
+    collate = JigsawTransformer(num_permutations=24)  # grid=None: automatic
+    assert collate.grid is None and collate.grid_for(size, size) == grid
+    assert collate.grid_for(size, 500) == grid and collate.grid_for(500, size) == grid  # min side
+    torch.manual_seed(0)
+    samples = [torch.randn(3, size, size) for _ in range(4)]
+    images, labels = collate(samples)
+    crop = size - size % grid
+    assert images.shape == (4, 3, crop, crop)
+    originals = crop_to_grid(torch.stack(samples), grid)
+    perms = collate.permutations(grid)
+    assert perms.shape == (24, grid * grid)
+    assert torch.equal(shuffle_tiles(originals, perms[labels], grid), images)
+    assert collate.permutations(grid) is perms  # built once per grid
+    assert JigsawTransformer(grid=2).grid_for(224, 224) == 2  # a given grid always wins
+
+
+def test_automatic_grid_with_too_many_permutations_for_small_images_says_what_to_do():
+    collate = JigsawTransformer(num_permutations=30)
+    images, labels = collate([torch.randn(3, 96, 96)])  # 3x3: 30 of 9! permutations
+    assert images.shape == (1, 3, 96, 96) and labels.item() < 30
+    with pytest.raises(ValueError, match="under 96 px get a 2x2 grid.*set grid: 3"):
+        collate([torch.randn(3, 32, 32)])
+    with pytest.raises(ValueError, match="24 distinct"):
+        JigsawTransformer(grid=2, num_permutations=30)  # a fixed grid fails at once
+    with pytest.raises(ValueError, match="grid must be at least 2"):
+        JigsawTransformer(grid=1)
 
 
 class _Stub(nn.Module):
@@ -116,7 +148,8 @@ class _Stub(nn.Module):
 def test_head_loss_is_the_per_puzzle_cross_entropy():
     backbones = {"backbone": _Stub()}
     head = JigsawPredictionLossHead("jigsaw", num_permutations=4)
-    head.build(backbones, {})
+    head.build(HeadContext(backbones, {}, num_classes=10))
+    assert (head.fc.in_features, head.fc.out_features) == (5, 4)
     images = torch.randn(6, 5)
     labels = torch.tensor([0, 1, 2, 3, 0, 1])
     data = {"jigsaw": (images, labels)}
@@ -135,55 +168,12 @@ def test_head_loss_is_the_per_puzzle_cross_entropy():
 def test_head_rejects_labels_beyond_its_permutations():
     backbones = {"backbone": _Stub()}
     head = JigsawPredictionLossHead("jigsaw", num_permutations=4)
-    head.build(backbones, {})
+    head.build(HeadContext(backbones, {}, num_classes=10))
     data = {"jigsaw": (torch.randn(2, 5), torch.tensor([0, 9]))}
-    with pytest.raises(ValueError, match="num_permutations"):
+    message = "label 9, but the head predicts 4; .* JigsawTransformer the same num_permutations"
+    with pytest.raises(ValueError, match=message):
         head(HeadInputs(data=data, backbones=backbones, heads={}))
-
-
-@pytest.mark.cli
-def test_demo_jigsaw_trains_a_few_steps(tmp_path: Path, tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a tiny model: more threads only contend
-    digits = tmp_path_factory.getbasetemp() / "sesemi_digits"  # prepared once per session
-    out = open_sesemi(
-        "-cn",
-        "demo_jigsaw",
-        f"run.data_root={digits}",
-        "+trainer.num_sanity_val_steps=0",
-        "run.num_iterations=2",
-        "trainer.val_check_interval=2",
-        "trainer.log_every_n_steps=1",
-        "+trainer.limit_val_batches=1",
-        "data.train.supervised.batch_size=8",
-        "data.train.jigsaw_prediction.batch_size=16",
-        "learner.hparams.model.backbone.name=test_resnet",
-        cwd=tmp_path,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "sesemi FIT finished" in out.stdout
-    (metrics,) = (tmp_path / "runs" / "demo_jigsaw").glob("*/metrics.csv")
-    header = metrics.read_text().splitlines()[0].split(",")
-    for column in ("train/jigsaw_prediction_loss", "train/jigsaw_prediction/top1", "val/top1"):
-        assert column in header
-
-
-def test_imagewoof_jigsaw_builds_its_learner():
-    previous = get_attributes()
-    set_attributes(
-        SESEMIConfigAttributes(iterations_per_epoch=10, max_iterations=100, num_gpus=0, num_nodes=1)
-    )
-    try:
-        with initialize_config_module(config_module="sesemi.conf", version_base=None):
-            cfg = compose(
-                "imagewoof_jigsaw", overrides=["learner.hparams.model.backbone.name=test_resnet"]
-            )
-        learner = instantiate(cfg.learner, _recursive_=False)
-    finally:
-        set_attributes(previous)
-    assert cfg.data.train.rotation_prediction is None
-    collate = instantiate(cfg.data.train.jigsaw_prediction.collate_fn)
-    assert cfg.data.train.jigsaw_prediction.dataset.image_transform.input_h % collate.grid == 0
-    assert list(learner.regularization_heads) == ["jigsaw_prediction"]
-    head = learner.regularization_heads["jigsaw_prediction"]
-    assert isinstance(head, JigsawPredictionLossHead)
-    assert head.fc.out_features == collate.num_permutations == 30
+    data = {"jigsaw": (torch.randn(2, 5), torch.tensor([0, 3]))}
+    assert head(HeadInputs(data=data, backbones=backbones, heads={})).shape == (2,)
+    with pytest.raises(ValueError, match="num_permutations must be at least 1"):
+        JigsawPredictionLossHead("jigsaw", num_permutations=0)

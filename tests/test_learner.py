@@ -1,22 +1,32 @@
-"""The Classifier: loss weighting, probabilities, non-finite losses, and optimizer wiring."""
+"""The Classifier: built from objects or from a config, loss weighting, EMA, metadata, wiring."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from sesemi import PyTorchImageModels
+from sesemi.build import build_classifier, build_loss, knn_options
+from sesemi.callbacks import KNNEvaluation
+from sesemi.checkpoints import load_pretrained_weights
 from sesemi.collation import RotationTransformer
-from sesemi.learners import Classifier
-from sesemi.models.heads.base import HeadInputs, LossHead
+from sesemi.learners import Classifier, LRSchedulerSpec
+from sesemi.models.heads import LossHead, RotationPredictionLossHead
+from sesemi.models.heads.base import HeadInputs
 from sesemi.schedulers.lr import PolynomialLR
+from sesemi.schedulers.weight import LinearRampupScheduler, WeightedTerm
 
 
 class ConstantHead(LossHead):
     """A head whose per-sample losses are fixed numbers, to check weighting and reduction."""
+
+    reads_classifier = False
 
     def __init__(self, input_data: str, values: list[float]) -> None:
         super().__init__(input_data)
@@ -24,6 +34,13 @@ class ConstantHead(LossHead):
 
     def forward(self, inputs: HeadInputs) -> Tensor:
         return self.values
+
+
+class NoReductionLoss(nn.Module):
+    """A user's loss without a `reduction` argument: it returns per-sample losses itself."""
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return 2.0 * F.cross_entropy(logits, targets, reduction="none")
 
 
 def _hparams(heads=None, num_classes=3):
@@ -45,6 +62,29 @@ def _batch(n=4, num_classes=3):
     torch.manual_seed(0)
     images = torch.randn(n, 3, 32, 32)
     return {"supervised": (images, torch.arange(n) % num_classes)}
+
+
+def test_a_classifier_is_built_from_plain_objects_without_hydra():
+    torch.manual_seed(0)
+    learner = Classifier(
+        backbone=PyTorchImageModels("test_resnet"),
+        num_classes=3,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        heads={"rotation": RotationPredictionLossHead("rotation")},
+        weights={"rotation": WeightedTerm(scale_factor=0.5)},
+    )
+    batch = _batch()
+    batch["rotation"] = RotationTransformer()([(img, 0) for img in batch["supervised"][0]])
+    learner.eval()
+    total, logs = learner.compute_losses(batch, step=0)
+    images, targets = batch["supervised"]
+    supervised = F.cross_entropy(learner.net(images), targets)
+    rotated, labels = batch["rotation"]
+    head = learner.heads["rotation"]
+    rotation = F.cross_entropy(head.fc(learner.backbone(rotated)), labels)
+    torch.testing.assert_close(total, supervised + 0.5 * rotation)
+    assert logs["rotation_weight"] == 0.5
+    assert isinstance(learner.configure_optimizers(), torch.optim.SGD)
 
 
 def test_total_is_weighted_sum_of_reduced_terms():
@@ -71,16 +111,32 @@ def test_total_is_weighted_sum_of_reduced_terms():
             "reduction": "sum",
         },
     }
-    learner = Classifier(_hparams(heads)).eval()
+    learner = build_classifier(_hparams(heads)).eval()
     batch = _batch()
     total, logs = learner.compute_losses(batch, step=4)
     images, targets = batch["supervised"]
-    supervised = F.cross_entropy(learner.supervised_head(learner.backbone(images)), targets)
+    supervised = F.cross_entropy(learner.net(images), targets)
     # const: mean 2.0 weighted 0.5 * 4/10; summed: 4.0 weighted 1.
     expected = supervised + 0.5 * 0.4 * 2.0 + 1.0 * 4.0
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
     assert logs["const_weight"] == pytest.approx(0.2)
     assert logs["summed_loss"].item() == pytest.approx(4.0)
+    assert isinstance(learner.weights["const"].scheduler, LinearRampupScheduler)
+
+
+def test_a_loss_without_a_reduction_argument_is_used_as_it_is():
+    # Decided by the callable's signature: Hydra wraps a TypeError, so trying and catching
+    # cannot tell "no such argument" from an error inside the loss.
+    own = build_loss({"_target_": "test_learner.NoReductionLoss"})
+    torch_loss = build_loss({"_target_": "torch.nn.CrossEntropyLoss"})
+    assert isinstance(own, NoReductionLoss) and torch_loss.reduction == "none"
+    hp = _hparams()
+    hp["model"]["supervised_loss"]["callable"] = {"_target_": "test_learner.NoReductionLoss"}
+    learner = build_classifier(hp).eval()
+    batch = _batch()
+    total, _ = learner.compute_losses(batch, step=0)
+    images, targets = batch["supervised"]
+    torch.testing.assert_close(total, 2.0 * F.cross_entropy(learner.net(images), targets))
 
 
 def test_rotation_head_is_built_on_backbone_width():
@@ -89,12 +145,11 @@ def test_rotation_head_is_built_on_backbone_width():
             "head": {
                 "_target_": "sesemi.models.heads.loss.RotationPredictionLossHead",
                 "input_data": "rotation_prediction",
-                "input_backbone": "backbone",
             }
         }
     }
-    learner = Classifier(_hparams(heads))
-    head = learner.regularization_heads["rotation_prediction"]
+    learner = build_classifier(_hparams(heads))
+    head = learner.heads["rotation_prediction"]
     assert head.fc.in_features == learner.backbone.out_features and head.fc.out_features == 4
     batch = _batch()
     batch["rotation_prediction"] = RotationTransformer()(
@@ -106,10 +161,11 @@ def test_rotation_head_is_built_on_backbone_width():
 
 
 def test_forward_returns_probabilities():
-    learner = Classifier(_hparams()).eval()
-    probs = learner(torch.randn(5, 3, 32, 32))
-    assert probs.shape == (5, 3)
-    assert torch.allclose(probs.sum(dim=1), torch.ones(5), atol=1e-6) and (probs >= 0).all()
+    learner = build_classifier(_hparams()).eval()
+    images = torch.randn(5, 3, 32, 32)
+    probs = learner(images)
+    torch.testing.assert_close(probs, torch.softmax(learner.net(images), dim=1))
+    assert torch.allclose(probs.sum(dim=1), torch.ones(5), atol=1e-6)
 
 
 def test_non_finite_loss_names_term_and_step():
@@ -122,7 +178,7 @@ def test_non_finite_loss_names_term_and_step():
             }
         }
     }
-    learner = Classifier(_hparams(heads))
+    learner = build_classifier(_hparams(heads))
     with pytest.raises(FloatingPointError, match=r"'bad'.*step 7"):
         learner.compute_losses(_batch(), step=7)
 
@@ -130,65 +186,99 @@ def test_non_finite_loss_names_term_and_step():
 def test_head_must_be_a_loss_head():
     heads = {"oops": {"head": {"_target_": "torch.nn.Identity"}}}
     with pytest.raises(TypeError, match="regularization_loss_heads.oops.head"):
-        Classifier(_hparams(heads))
+        build_classifier(_hparams(heads))
 
 
 def test_optimizer_and_scheduler_are_wired():
-    learner = Classifier(_hparams())
+    learner = build_classifier(_hparams())
     config = learner.configure_optimizers()
     optimizer, sched = config["optimizer"], config["lr_scheduler"]
     assert isinstance(optimizer, torch.optim.SGD) and isinstance(sched["scheduler"], PolynomialLR)
-    assert sched["interval"] == "step"
+    assert sched["interval"] == "step" and optimizer.param_groups[0]["momentum"] == 0.9
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)  # warm-up starts at warmup_lr
+    assert sched["scheduler"].max_iters == 10
 
 
-def test_hparams_round_trip_through_checkpoint(tmp_path):
-    import pytorch_lightning as pl
-
-    learner = Classifier(_hparams())
+def test_checkpoints_carry_a_plain_description_and_reload_into_a_rebuilt_learner(tmp_path):
+    learner = build_classifier(_hparams())
+    learner.set_metadata(["a", "b", "c"], {"input_h": 32})
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.strategy.connect(learner)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
-    loaded = Classifier.load_from_checkpoint(path, map_location="cpu")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # data only
+    assert checkpoint["hyper_parameters"]["hparams"]["num_classes"] == 3
+    model = checkpoint["sesemi"]["model"]
+    assert model["num_classes"] == 3 and model["backbone"]["name"] == "test_resnet"
+    assert checkpoint["sesemi"]["class_names"] == ["a", "b", "c"]
+    rebuilt = build_classifier(checkpoint["hyper_parameters"]["hparams"])
+    rebuilt.load_state_dict(checkpoint["state_dict"])
     x = torch.randn(2, 3, 32, 32)
-    assert torch.allclose(loaded.eval()(x), learner.eval()(x))
+    torch.testing.assert_close(rebuilt.eval()(x), learner.eval()(x))
 
 
 def test_null_head_entry_is_switched_off():
-    heads = {"rotation": None}
-    learner = Classifier(_hparams(heads))
-    assert len(learner.regularization_heads) == 0
+    learner = build_classifier(_hparams({"rotation": None}))
+    assert len(learner.heads) == 0
 
 
 def test_ema_teacher_is_offered_to_heads_and_not_optimized():
     hp = _hparams()
     hp["model"]["ema"] = {"decay": 0.9}
-    learner = Classifier(hp)
-    assert learner.backbones["teacher_backbone"] is learner.ema.backbone
-    assert learner.heads["teacher_supervised_head"] is learner.ema.supervised_head
+    learner = build_classifier(hp)
+    assert learner.backbones["teacher_backbone"] is learner.ema.net.backbone
+    assert learner.classifiers["teacher_supervised_head"] is learner.ema.net.supervised_head
     assert not any(p.requires_grad for p in learner.ema.parameters())
     optimized = {
         id(p) for p in learner.configure_optimizers()["optimizer"].param_groups[0]["params"]
     }
     assert not optimized & {id(p) for p in learner.ema.parameters()}
     # One EMA step after the student moved: teacher = 0.9 * teacher + 0.1 * student.
-    learner.ema.update(learner.backbone, learner.supervised_head)  # first call copies the student
-    before = learner.ema.supervised_head.weight.clone()
+    learner.ema.update(learner.net)  # the first call copies the student
+    before = learner.ema.net.supervised_head.weight.clone()
     with torch.no_grad():
         learner.supervised_head.weight.add_(1.0)
-    learner.ema.update(learner.backbone, learner.supervised_head)
+    learner.ema.update(learner.net)
     expected = 0.9 * before + 0.1 * learner.supervised_head.weight
-    assert torch.allclose(learner.ema.supervised_head.weight, expected, atol=1e-6)
+    assert torch.allclose(learner.ema.net.supervised_head.weight, expected, atol=1e-6)
+
+
+class _Batches(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int):
+        torch.manual_seed(index)
+        return torch.randn(3, 32, 32), index % 3
+
+
+def test_the_ema_teacher_moves_once_per_optimizer_step_under_gradient_accumulation():
+    hp = _hparams()
+    hp["model"]["ema"] = {"decay": 0.5}
+    hp["lr_scheduler"] = None
+    learner = build_classifier(hp)
+    updates = []
+    original = learner.ema.update
+    learner.ema.update = lambda net: (updates.append(learner.global_step), original(net))
+    loader = torch.utils.data.DataLoader(_Batches(), batch_size=2)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(learner, train_dataloaders={"supervised": loader})
+    assert trainer.global_step == 3  # 6 batches, 3 optimizer steps
+    assert updates == [1, 2, 3]  # one EMA update after each optimizer step
 
 
 def test_pretrained_weights_skip_a_classifier_of_another_size(tmp_path, caplog):
-    from sesemi.runner import load_pretrained_weights
-
-    source = Classifier(_hparams(num_classes=3))
+    source = build_classifier(_hparams(num_classes=3))
     path = tmp_path / "weights.ckpt"
     torch.save({"state_dict": source.state_dict()}, path)
-    target = Classifier(_hparams(num_classes=5))
+    target = build_classifier(_hparams(num_classes=5))
     before = target.supervised_head.weight.clone()
     with caplog.at_level("WARNING"):
         load_pretrained_weights(target, str(path))
@@ -200,22 +290,30 @@ def test_pretrained_weights_skip_a_classifier_of_another_size(tmp_path, caplog):
         assert torch.equal(p, q), name  # the backbone came from the checkpoint
 
 
-def test_pretrained_weights_reject_a_file_that_is_not_a_checkpoint(tmp_path):
-    from sesemi.runner import load_pretrained_weights
+def test_pretrained_weights_of_the_older_key_layout_still_load(tmp_path):
+    source = build_classifier(_hparams())
+    old = {k.removeprefix("net."): v for k, v in source.state_dict().items()}
+    assert "backbone.model.conv1.weight" in old or any(k.startswith("backbone.") for k in old)
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": old}, path)
+    target = build_classifier(_hparams())
+    load_pretrained_weights(target, str(path))
+    torch.testing.assert_close(target.supervised_head.weight, source.supervised_head.weight)
 
+
+def test_pretrained_weights_reject_a_file_that_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "notes.ckpt"
     path.write_text("not a checkpoint")
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
-        load_pretrained_weights(Classifier(_hparams()), str(path))
+        load_pretrained_weights(build_classifier(_hparams()), str(path))
 
 
 def test_knn_votes_weight_the_k_nearest_labeled_features():
-    hparams = {**_hparams(num_classes=3), "knn": {"k": 2, "temperature": 0.5}}
-    learner = Classifier(hparams)
+    knn = KNNEvaluation(bank_loader=[], k=2, temperature=0.5)
     bank = F.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]]), dim=1)
-    learner._knn_bank = (bank, torch.tensor([0, 1, 2, 2]))
+    knn._bank = (bank, torch.tensor([0, 1, 2, 2]))
     query = F.normalize(torch.tensor([[1.0, 0.1]]), dim=1)
-    votes = learner.knn_scores(query)
+    votes = knn.scores(query, num_classes=3)
     similarity = query @ bank.T  # the two nearest are bank rows 0 (class 0) and 1 (class 1)
     expected = torch.zeros(1, 3)
     expected[0, 0] = math.exp(similarity[0, 0] / 0.5)
@@ -227,11 +325,11 @@ def test_knn_votes_weight_the_k_nearest_labeled_features():
 @pytest.mark.parametrize("knn", [{"k": 0}, {"temperature": 0.0}, {"neighbours": 5}])
 def test_bad_knn_settings_are_refused(knn):
     with pytest.raises(ValueError, match="learner.hparams.knn"):
-        Classifier({**_hparams(), "knn": knn})
+        KNNEvaluation([], **knn_options({"knn": knn}))
 
 
 def test_soft_targets_train_and_count_as_their_argmax():
-    learner = Classifier(_hparams(num_classes=3))
+    learner = build_classifier(_hparams(num_classes=3))
     images = torch.randn(4, 3, 32, 32)
     soft = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.9, 0.05, 0.05]])
     total, logs = learner.compute_losses({"supervised": (images, soft)}, step=0)
@@ -241,7 +339,7 @@ def test_soft_targets_train_and_count_as_their_argmax():
 
 def test_uint8_batches_are_normalized_on_the_device_and_made_channels_last():
     normalization = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
-    learner = Classifier(
+    learner = build_classifier(
         {**_hparams(), "input_normalization": normalization, "channels_last": True}
     )
     pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
@@ -257,14 +355,28 @@ def test_uint8_batches_are_normalized_on_the_device_and_made_channels_last():
 
 
 def test_uint8_batches_without_normalization_are_an_error():
-    learner = Classifier(_hparams())
+    learner = build_classifier(_hparams())
     with pytest.raises(ValueError, match="input_normalization"):
-        learner.prepare_images(torch.zeros(1, 3, 4, 4, dtype=torch.uint8))
+        learner.prepare_batch(torch.zeros(1, 3, 4, 4, dtype=torch.uint8))
 
 
 def test_compile_keeps_checkpoint_keys():
-    learner = Classifier({**_hparams(), "compile": {"dynamic": False}})
+    learner = build_classifier({**_hparams(), "compile": {"dynamic": False}})
     keys = set(learner.state_dict())
     learner.configure_model()
     assert learner.backbone._compiled_call_impl is not None
     assert set(learner.state_dict()) == keys
+
+
+def test_an_lr_scheduler_spec_is_stepped_as_configured():
+    learner = Classifier(
+        PyTorchImageModels("test_resnet"),
+        3,
+        functools.partial(torch.optim.SGD, lr=0.1),
+        lr_scheduler=LRSchedulerSpec(
+            lambda opt: torch.optim.lr_scheduler.StepLR(opt, 5), interval="epoch", frequency=2
+        ),
+    )
+    config = learner.configure_optimizers()["lr_scheduler"]
+    assert (config["interval"], config["frequency"]) == ("epoch", 2)
+    assert isinstance(config["scheduler"], torch.optim.lr_scheduler.StepLR)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -23,7 +26,7 @@ class AttributeResolver:
         if value is None:
             raise ValueError(
                 f"'${{sesemi:{name}}}' is not known yet: it is set when the run is built "
-                "(it needs data.train for the iteration counts)"
+                "(it needs data.train for the iteration counts and the class count)"
             )
         return value
 
@@ -42,29 +45,57 @@ class SESEMIConfigAttributes(AttributeResolver):
         max_iterations: The maximum number of training iterations if training data is available.
         num_gpus: The number of GPUs that will be used (0 on the CPU).
         num_nodes: The number of compute nodes that will be used.
+        num_classes: The number of classes of the labeled images (the supervised loader's, else
+            the val or test loader's class folders).
     """
 
     iterations_per_epoch: int | None = None
     max_iterations: int | None = None
     num_gpus: int | None = None
     num_nodes: int | None = None
+    num_classes: int | None = None
 
 
-_ATTRIBUTES = SESEMIConfigAttributes()
+# The values `${sesemi:...}` resolves to, set only while the runner resolves a config.
+_CURRENT: ContextVar[SESEMIConfigAttributes | None] = ContextVar("sesemi_attributes", default=None)
 
 
-def set_attributes(attributes: SESEMIConfigAttributes) -> None:
-    """Makes `attributes` the values that `${sesemi:...}` resolves to."""
-    global _ATTRIBUTES
-    _ATTRIBUTES = attributes
+@contextmanager
+def use_attributes(attributes: SESEMIConfigAttributes) -> Iterator[SESEMIConfigAttributes]:
+    """Makes `${sesemi:...}` resolve to `attributes` inside the `with` block."""
+    token = _CURRENT.set(attributes)
+    try:
+        yield attributes
+    finally:
+        _CURRENT.reset(token)
 
 
-def get_attributes() -> SESEMIConfigAttributes:
-    """Returns the values that `${sesemi:...}` currently resolves to."""
-    return _ATTRIBUTES
+def resolve(node: Any, attributes: SESEMIConfigAttributes) -> Any:
+    """A plain, fully resolved copy (dicts and lists) of a config node under `attributes`."""
+    with use_attributes(attributes):
+        if OmegaConf.is_config(node):
+            return OmegaConf.to_container(node, resolve=True)
+        return node
+
+
+def _multiply(*factors: Any) -> Any:
+    if any(f is None for f in factors):
+        raise ValueError(
+            "${sesemi.mul:...} got null: set the value it multiplies (e.g. run.batch_size_per_gpu)"
+        )
+    product = 1
+    for f in factors:
+        product *= f
+    return product
+
+
+def _attribute(name: str) -> Any:
+    return (_CURRENT.get() or SESEMIConfigAttributes())(name)
 
 
 def register_resolvers() -> None:
-    """Registers the `sesemi` resolver with OmegaConf (idempotent)."""
+    """Registers `${sesemi:name}` and `${sesemi.mul:a,b}` (a product) with OmegaConf."""
     if not OmegaConf.has_resolver("sesemi"):
-        OmegaConf.register_new_resolver("sesemi", lambda name: _ATTRIBUTES(name))
+        OmegaConf.register_new_resolver("sesemi", _attribute)
+    if not OmegaConf.has_resolver("sesemi.mul"):
+        OmegaConf.register_new_resolver("sesemi.mul", _multiply)

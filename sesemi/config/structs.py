@@ -126,11 +126,33 @@ class DataConfig:
             (e.g. `data.train.rotation_prediction=null` on the command line).
         val: An optional data loader configuration to use during validation.
         test: An optional data loader configuration to use for testing.
+        num_classes: The number of classes of the labeled images; `${sesemi:num_classes}`
+            counts the supervised loader's class folders.
+        image_size: The side of the square images the model sees, in pixels.
+        norm_mean: The per-channel mean that image transforms subtract.
+        norm_std: The per-channel standard deviation that image transforms divide by.
+        unlabeled_subset: The subset(s) that losses on unlabeled images read (e.g.
+            `[train, unlabeled]`; a name ending in `?` is read only where it exists).
+        transforms: The data's image transforms by role, which loaders name by interpolation:
+            `train` (the labeled images' augmentation, FixMatch's weak view), `strong`
+            (RandAugment-style, FixMatch's strong view) and `eval` (val / test / predict).
+        prepare: An optional node called once before any dataset is built (e.g. to write a
+            dataset to disk: `sesemi.datasets.digits.prepare_digits`).
+
+    The fields after `test` are facts of the data that `method` configs read by interpolation
+    (`${data.transforms.train}`, `${data.unlabeled_subset}`); a `data` group file sets them.
     """
 
     train: dict[str, DataLoaderConfig | None] | None = None
     val: DataLoaderConfig | None = None
     test: DataLoaderConfig | None = None
+    num_classes: int | None = None
+    image_size: int | None = None
+    norm_mean: list[float] | None = None
+    norm_std: list[float] | None = None
+    unlabeled_subset: Any = None
+    transforms: Any = None
+    prepare: Any = None
 
 
 @dataclass

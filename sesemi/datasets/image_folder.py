@@ -213,7 +213,8 @@ def image_folder(
         root: The dataset folder.
         subset: One subfolder of `root` (e.g. "train"), a list of them (concatenated with one
             shared class index; their class lists must agree), or None for all of them. With
-            None, a root whose subfolders hold images directly is used as one class folder.
+            None, a root whose subfolders hold images directly is used as one class folder. A
+            name ending in `?` ("unlabeled?") is optional: read where it exists, else skipped.
         image_transform: The transform applied to each PIL image (or uint8 tensor, see
             `cache_output`).
         skip_unreadable: Skip (and count) corrupt or truncated images instead of stopping
@@ -327,6 +328,22 @@ def _cached(
     return CachedImageFolder(folder, cache, output)
 
 
+def _existing_subsets(root: str, subsets: list[str]) -> list[str]:
+    """Drops optional subsets (a name ending in `?`, e.g. "unlabeled?") that `root` lacks."""
+    kept = [
+        name.rstrip("?")
+        for name in subsets
+        if not name.endswith("?") or os.path.isdir(os.path.join(root, name.rstrip("?")))
+    ]
+    if not kept:
+        found = ", ".join(_scan(root)[0]) or "none"
+        raise FileNotFoundError(
+            f"none of the optional subsets {', '.join(subsets)} exists in '{root}' "
+            f"(subfolders: {found}); fix the dataset's subset or root"
+        )
+    return kept
+
+
 def _image_folder(
     root: str,
     subset: str | Sequence[str] | None,
@@ -344,7 +361,7 @@ def _image_folder(
             return wrap(_folder(root, image_transform, loader))
         subsets: list[str] = dirs
     else:
-        subsets = [subset] if isinstance(subset, str) else list(subset)
+        subsets = _existing_subsets(root, [subset] if isinstance(subset, str) else list(subset))
     parts = []
     for name in subsets:
         path = os.path.join(root, name)

@@ -1,4 +1,4 @@
-"""The EMA teacher: an exponential moving average of the student's backbone and classifier."""
+"""The EMA teacher: an exponential moving average of the student's `ClassifierNet`."""
 
 from __future__ import annotations
 
@@ -6,50 +6,44 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from sesemi.models.net import ClassifierNet
+
 
 class EMATeacher(nn.Module):
-    """Averages `theta_t = decay * theta_t + (1 - decay) * theta_s` after every optimizer step.
+    """Averages `theta_t = decay * theta_t + (1 - decay) * theta_s` once per optimizer step.
 
     Parameters and buffers (BatchNorm running statistics) are both averaged, using PyTorch's
     `AveragedModel`. The teacher never receives gradients; it starts as a copy of the student.
     Reference: Tarvainen & Valpola, "Mean teachers are better role models", arXiv:1703.01780.
     """
 
-    def __init__(self, backbone: nn.Module, supervised_head: nn.Module, decay: float = 0.999):
+    def __init__(self, student: ClassifierNet, decay: float = 0.999) -> None:
         """Copies the student into the teacher.
 
         Args:
-            backbone: The student backbone.
-            supervised_head: The student classifier.
+            student: The student network.
             decay: The EMA decay per optimizer step, in [0, 1).
         """
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema.decay must be in [0, 1), got {decay}")
         self.decay = decay
-        student = nn.ModuleDict({"backbone": backbone, "supervised_head": supervised_head})
         self.average = AveragedModel(
             student, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True
         )
         self.average.requires_grad_(False)
 
     @property
-    def backbone(self) -> nn.Module:
-        """The teacher's backbone."""
-        return self.average.module["backbone"]
-
-    @property
-    def supervised_head(self) -> nn.Module:
-        """The teacher's classifier."""
-        return self.average.module["supervised_head"]
+    def net(self) -> ClassifierNet:
+        """The teacher's network."""
+        return self.average.module
 
     @torch.no_grad()
-    def update(self, backbone: nn.Module, supervised_head: nn.Module) -> None:
+    def update(self, student: ClassifierNet) -> None:
         """Moves the teacher towards the student by one EMA step."""
-        student = nn.ModuleDict({"backbone": backbone, "supervised_head": supervised_head})
         self.average.update_parameters(student)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         """Returns the teacher's class logits `(B, num_classes)`."""
-        return self.supervised_head(self.backbone(images))
+        return self.net(images)

@@ -1,8 +1,11 @@
-"""Loss-weight schedules: callables of the global step returning a factor for a loss term."""
+"""Loss weights: schedules of the global step, and how a weighted term enters the total loss."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+
+from torch import Tensor
 
 
 class _Rampup:
@@ -43,3 +46,39 @@ class LinearRampupScheduler(_Rampup):
 
     def shape(self, t: float) -> float:
         return t
+
+
+class WeightedTerm:
+    """How one loss term enters the total: `scale_factor * scheduler(step) * reduce(losses)`."""
+
+    REDUCTIONS = ("mean", "sum")
+
+    def __init__(
+        self,
+        reduction: str = "mean",
+        scale_factor: float = 1.0,
+        scheduler: Callable[[int], float] | None = None,
+    ) -> None:
+        """Initializes the term.
+
+        Args:
+            reduction: How per-sample losses become a scalar: "mean" or "sum".
+            scale_factor: A constant weight.
+            scheduler: An optional factor of the global step (e.g. `SigmoidRampupScheduler`).
+        """
+        if reduction not in self.REDUCTIONS:
+            raise ValueError(f"unknown loss reduction '{reduction}'; use 'mean' or 'sum'")
+        self.reduction = reduction
+        self.scale_factor = float(scale_factor)
+        self.scheduler = scheduler
+
+    def weight(self, step: int) -> float:
+        """The term's weight at the global step."""
+        factor = self.scheduler(step) if self.scheduler is not None else 1.0
+        return self.scale_factor * factor
+
+    def reduce(self, losses: Tensor) -> Tensor:
+        """Reduces per-sample losses `(N,)` to a scalar (a scalar passes unchanged)."""
+        if losses.ndim == 0:
+            return losses
+        return losses.mean() if self.reduction == "mean" else losses.sum()

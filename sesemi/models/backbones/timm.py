@@ -67,6 +67,9 @@ class PyTorchImageModels(nn.Module):
             ) from e
         self.name = name
         self.freeze = freeze
+        # Plain values that rebuild this backbone's architecture (see `spec`).
+        plain = {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}
+        self._spec = {"name": name, "global_pool": global_pool, "drop_rate": drop_rate, **plain}
         # Models with a pre-logits MLP (e.g. MambaOut) return `head_hidden_size` features, not
         # `num_features`, even with num_classes=0.
         self.out_features: int = getattr(self.model, "head_hidden_size", None) or (
@@ -76,6 +79,12 @@ class PyTorchImageModels(nn.Module):
         if freeze:
             self.model.requires_grad_(False)
             self.model.eval()
+
+    def spec(self) -> dict[str, Any]:
+        """Plain values (name, pooling, dropout, other timm arguments) that rebuild the same
+        architecture with `PyTorchImageModels(**spec)`; checkpoints store them, so a network is
+        rebuilt from data, never from code named in a file."""
+        return dict(self._spec)
 
     def train(self, mode: bool = True) -> PyTorchImageModels:
         """Sets training mode; a frozen backbone stays in eval mode (BatchNorm stats stay fixed)."""

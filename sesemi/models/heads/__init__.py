@@ -1,6 +1,6 @@
-"""Loss heads: regularization losses on named training batches."""
+"""Loss heads: regularization losses on named training batches, and their threshold policies."""
 
-from sesemi.models.heads.base import HeadInputs, LossHead
+from sesemi.models.heads.base import HeadContext, HeadInputs, LossHead
 from sesemi.models.heads.consistency import (
     EntropyMinimizationLossHead,
     MeanTeacherLossHead,
@@ -8,16 +8,30 @@ from sesemi.models.heads.consistency import (
 )
 from sesemi.models.heads.fixmatch import FixMatchLossHead, FlexMatchLossHead
 from sesemi.models.heads.jigsaw import JigsawPredictionLossHead
-from sesemi.models.heads.loss import RotationPredictionLossHead
+from sesemi.models.heads.loss import RotationPredictionLossHead, TransformationPredictionLossHead
+from sesemi.models.heads.pseudo_label import PseudoLabelLossHead
+from sesemi.models.heads.thresholds import (
+    FixedThreshold,
+    FlexMatchThreshold,
+    ThresholdPolicy,
+    convex_mapping,
+)
 
 __all__ = [
     "EntropyMinimizationLossHead",
     "FixMatchLossHead",
+    "FixedThreshold",
     "FlexMatchLossHead",
+    "FlexMatchThreshold",
+    "HeadContext",
     "HeadInputs",
     "JigsawPredictionLossHead",
     "LossHead",
     "MeanTeacherLossHead",
     "PiModelLossHead",
+    "PseudoLabelLossHead",
     "RotationPredictionLossHead",
+    "ThresholdPolicy",
+    "TransformationPredictionLossHead",
+    "convex_mapping",
 ]

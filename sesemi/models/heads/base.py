@@ -1,12 +1,40 @@
-"""The loss-head interface: what a regularization head gets each step and what it returns."""
+"""The loss-head interface: what a head is built from, what it reads each step, shared plumbing."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
+
+# How to give the learner an EMA teacher, for every head that reads one.
+EMA_HINT = (
+    "set learner.hparams.model.ema: {decay: 0.999} "
+    "(on the command line: +learner.hparams.model.ema.decay=0.999)"
+)
+
+
+@dataclass
+class HeadContext:
+    """What a head may look at when the learner builds it (once, before training or loading a
+    checkpoint).
+
+    Attributes:
+        backbones: Feature extractors by name: "backbone" (the student) and, when the learner
+            has an EMA teacher, "teacher_backbone".
+        heads: Prediction heads by name: "supervised_head" (features to class logits) and, with
+            an EMA teacher, "teacher_supervised_head".
+        num_classes: The classifier's number of classes.
+        dataset_sizes: The number of images in each `data.train` loader's whole dataset (over
+            all processes), by loader name; loaders of unknown size are absent.
+    """
+
+    backbones: Mapping[str, nn.Module]
+    heads: Mapping[str, nn.Module]
+    num_classes: int
+    dataset_sizes: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -31,28 +59,141 @@ class HeadInputs:
     step: int = 0
 
 
+def _require(owner: str, kind: str, name: str, available: Mapping[str, Any], hint: str) -> None:
+    if name not in available:
+        raise ValueError(
+            f"{owner} reads the {kind} '{name}', which the learner does not offer "
+            f"(it has: {', '.join(available) or 'none'}){hint}"
+        )
+
+
 class LossHead(nn.Module):
     """A regularization loss computed from one named training batch.
 
-    Subclasses may create layers in `build`, once the backbone's width is known, and implement
-    `forward`, returning one loss per sample; the learner reduces, weights and sums them. Extra
-    scalars to log (e.g. a mask rate) go in `self.log_values` during `forward`.
+    A head names what it reads: the loader `input_data`, the backbone `input_backbone`, the
+    classifier `input_head` (unless `reads_classifier` is False) and, when `uses_teacher`, the EMA
+    teacher's `teacher_backbone` and `teacher_head`. `build` checks once that the learner offers
+    them all; subclasses then create their layers there. `forward` returns one loss per sample
+    (the learner reduces, weights and sums them) and puts extra scalars to log (e.g. a mask rate)
+    in `self.log_values`.
+
+    Batches are `(images, targets)` or `(images, targets, indices)`: `images` is a tensor
+    `(B, C, H, W)` or, from a `sesemi.transforms.MultiView` transform, a list of such views;
+    `targets` `(B,)` (or None); `indices` `(B,)` the samples' dataset indices.
     """
 
-    def __init__(self, input_data: str, input_backbone: str = "backbone") -> None:
+    #: Whether the head reads the classifier `input_head` (False: backbone features only).
+    reads_classifier: ClassVar[bool] = True
+    #: An alternative to adding an EMA teacher, named in the missing-teacher error.
+    teacher_alternative: ClassVar[str] = ""
+    teacher_backbone: str | None = None
+    teacher_head: str | None = None
+
+    def __init__(
+        self,
+        input_data: str,
+        input_backbone: str = "backbone",
+        input_head: str = "supervised_head",
+    ) -> None:
         """Initializes the head.
 
         Args:
             input_data: The name of the `data.train` loader whose batch the head reads.
             input_backbone: The name of the backbone it extracts features with.
+            input_head: The name of the classifier mapping features to class logits (ignored by
+                heads that do not read one).
         """
         super().__init__()
         self.input_data = input_data
         self.input_backbone = input_backbone
+        self.input_head = input_head
         self.log_values: dict[str, Any] = {}
 
-    def build(self, backbones: Mapping[str, nn.Module], heads: Mapping[str, nn.Module]) -> None:
-        """Creates layers that depend on the backbones or heads (called once by the learner)."""
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the head reads the EMA teacher (`teacher_backbone` and `teacher_head`)."""
+        return self.teacher_backbone is not None
+
+    def build(self, context: HeadContext) -> None:
+        """Checks that every backbone and head the head reads exists (called once by the learner).
+
+        Subclasses that create layers call this first.
+
+        Raises:
+            ValueError: A name the learner does not offer; a missing teacher says how to add one.
+        """
+        owner = type(self).__name__
+        _require(owner, "backbone", self.input_backbone, context.backbones, "")
+        if self.reads_classifier:
+            _require(owner, "head", self.input_head, context.heads, "")
+        if self.uses_teacher:
+            alternative = f" or use {self.teacher_alternative}" if self.teacher_alternative else ""
+            hint = f"; it is the EMA teacher's: {EMA_HINT}{alternative}"
+            _require(owner, "backbone", str(self.teacher_backbone), context.backbones, hint)
+            _require(owner, "head", str(self.teacher_head), context.heads, hint)
+
+    def features(self, inputs: HeadInputs, images: Tensor, teacher: bool = False) -> Tensor:
+        """The student's (or, under `torch.no_grad()`, the teacher's) features of `images`."""
+        if teacher:
+            with torch.no_grad():
+                return inputs.backbones[str(self.teacher_backbone)](images)
+        return inputs.backbones[self.input_backbone](images)
+
+    def logits(self, inputs: HeadInputs, images: Tensor, teacher: bool = False) -> Tensor:
+        """The student's (or, under `torch.no_grad()`, the teacher's) class logits `(B, K)`."""
+        if teacher:
+            with torch.no_grad():
+                features = inputs.backbones[str(self.teacher_backbone)](images)
+                return inputs.heads[str(self.teacher_head)](features)
+        return inputs.heads[self.input_head](inputs.backbones[self.input_backbone](images))
+
+    def batch(self, inputs: HeadInputs) -> tuple[Any, Tensor | None, Tensor | None]:
+        """Returns `(images or views, targets, indices or None)` of the head's batch."""
+        if self.input_data not in inputs.data:
+            raise ValueError(
+                f"{type(self).__name__} reads data.train.{self.input_data}, which the batch "
+                f"lacks (it has: {', '.join(inputs.data) or 'none'})"
+            )
+        batch = inputs.data[self.input_data]
+        if not isinstance(batch, (list, tuple)) or len(batch) not in (2, 3):
+            raise ValueError(
+                f"data.train.{self.input_data} batches must be (images, targets) or "
+                "(images, targets, indices)"
+            )
+        return batch[0], batch[1], batch[2] if len(batch) == 3 else None
+
+    def single_view(self, inputs: HeadInputs) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Returns `(images (B, C, H, W), targets, indices)` of a one-view batch."""
+        images, targets, indices = self.batch(inputs)
+        if isinstance(images, (list, tuple)):
+            raise ValueError(
+                f"data.train.{self.input_data} gives several views per image; this head reads "
+                "one view, so give that loader a plain image_transform (e.g. "
+                "sesemi.transforms.train_transforms)"
+            )
+        return images, targets, indices
+
+    def two_views(
+        self,
+        inputs: HeadInputs,
+        names: Sequence[str] = ("<transform>", "<transform>"),
+        hint: str = "",
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Returns the first two views, the targets and the indices of a multi-view batch.
+
+        Args:
+            inputs: The step's inputs.
+            names: What the two views are, for the error message (e.g. "<weak>", "<strong>").
+            hint: Appended to the error message (e.g. which transforms to use).
+        """
+        views, targets, indices = self.batch(inputs)
+        if not isinstance(views, (list, tuple)) or len(views) < 2:
+            raise ValueError(
+                f"data.train.{self.input_data} must give two views of each image; set its "
+                "image_transform to {_target_: sesemi.transforms.MultiView, views: "
+                f"[{names[0]}, {names[1]}]}}{hint}"
+            )
+        return views[0], views[1], targets, indices
 
     def forward(self, inputs: HeadInputs) -> Tensor:
         """Returns per-sample losses `(N,)` (or a scalar) for the head's batch."""

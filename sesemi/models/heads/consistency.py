@@ -1,5 +1,4 @@
-"""Classic semi-supervised loss heads on unlabeled batches: entropy minimization, the Pi model
-and Mean Teacher.
+"""Classic semi-supervised heads on unlabeled batches: entropy minimization, Pi model, Mean Teacher.
 
 All three read the supervised classifier's predictions (`inputs.heads["supervised_head"]`) on
 an unlabeled loader's batch and return one loss per sample; the learner reduces and weights
@@ -20,12 +19,9 @@ Pi model can opt back into the original two-sided gradient with `detach_target: 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from sesemi.models.heads.base import HeadInputs, LossHead
 
@@ -65,42 +61,6 @@ def _check_loss(loss: str) -> str:
             f"unknown consistency loss '{loss}'; use one of: {', '.join(CONSISTENCY_LOSSES)}"
         )
     return loss
-
-
-def _require(kind: str, name: str, available: Mapping[str, nn.Module], owner: str) -> None:
-    if name not in available:
-        raise ValueError(
-            f"{owner} reads the {kind} '{name}', which the learner does not offer "
-            f"(it has: {', '.join(available) or 'none'})"
-        )
-
-
-def _single_view(batch: Any, where: str) -> tuple[Tensor, Tensor | None]:
-    """Returns `(images, targets)` of a plain `(images, targets)` batch."""
-    images, targets = _unpack(batch, where)
-    if isinstance(images, (list, tuple)):
-        raise ValueError(
-            f"data.train.{where} gives several views per image; this head reads one view, so "
-            "give that loader a plain image_transform (e.g. sesemi.transforms.train_transforms)"
-        )
-    return images, targets
-
-
-def _two_views(batch: Any, where: str) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Returns the first two views and the targets of a `([view_1, view_2, ...], targets)` batch."""
-    images, targets = _unpack(batch, where)
-    if not isinstance(images, (list, tuple)) or len(images) < 2:
-        raise ValueError(
-            f"data.train.{where} must give two views of each image; set its image_transform to "
-            "{_target_: sesemi.transforms.MultiView, views: [<transform>, <transform>]}"
-        )
-    return images[0], images[1], targets
-
-
-def _unpack(batch: Any, where: str) -> tuple[Any, Tensor | None]:
-    if isinstance(batch, (list, tuple)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise ValueError(f"data.train.{where} batches must be (images, targets)")
 
 
 @torch.no_grad()
@@ -150,19 +110,12 @@ class EntropyMinimizationLossHead(LossHead):
             input_backbone: The backbone to extract features with.
             input_head: The classifier that maps those features to class logits.
         """
-        super().__init__(input_data, input_backbone)
-        self.input_head = input_head
-
-    def build(self, backbones: Mapping[str, nn.Module], heads: Mapping[str, nn.Module]) -> None:
-        """Checks that the backbone and classifier it reads exist."""
-        _require("backbone", self.input_backbone, backbones, type(self).__name__)
-        _require("head", self.input_head, heads, type(self).__name__)
+        super().__init__(input_data, input_backbone, input_head)
 
     def forward(self, inputs: HeadInputs) -> Tensor:
         """Returns the prediction entropy of each image `(B,)`, in nats."""
-        images, targets = _single_view(inputs.data[self.input_data], self.input_data)
-        features = inputs.backbones[self.input_backbone](images)
-        logits = inputs.heads[self.input_head](features).float()
+        images, targets, _ = self.single_view(inputs)
+        logits = self.logits(inputs, images).float()
         log_probs = F.log_softmax(logits, dim=1)
         entropy = -(log_probs.exp() * log_probs).sum(dim=1)
         self.log_values = prediction_stats(logits, targets)
@@ -206,29 +159,19 @@ class PiModelLossHead(LossHead):
             detach_target: Whether the view-1 prediction is a fixed target (no gradient).
             input_head: The classifier that maps features to class logits.
         """
-        super().__init__(input_data, input_backbone)
+        super().__init__(input_data, input_backbone, input_head)
         self.loss = _check_loss(loss)
         self.detach_target = detach_target
-        self.input_head = input_head
-
-    def build(self, backbones: Mapping[str, nn.Module], heads: Mapping[str, nn.Module]) -> None:
-        """Checks that the backbone and classifier it reads exist."""
-        _require("backbone", self.input_backbone, backbones, type(self).__name__)
-        _require("head", self.input_head, heads, type(self).__name__)
-
-    def _logits(self, inputs: HeadInputs, images: Tensor) -> Tensor:
-        features = inputs.backbones[self.input_backbone](images)
-        return inputs.heads[self.input_head](features)
 
     def forward(self, inputs: HeadInputs) -> Tensor:
         """Returns the consistency loss of each image `(B,)`."""
-        view_1, view_2, targets = _two_views(inputs.data[self.input_data], self.input_data)
+        view_1, view_2, targets, _ = self.two_views(inputs)
         if self.detach_target:
             with torch.no_grad():
-                target_logits = self._logits(inputs, view_1)
+                target_logits = self.logits(inputs, view_1)
         else:
-            target_logits = self._logits(inputs, view_1)
-        student_logits = self._logits(inputs, view_2)
+            target_logits = self.logits(inputs, view_1)
+        student_logits = self.logits(inputs, view_2)
         losses = consistency_loss(student_logits, target_logits, self.loss)
         self.log_values = {
             **prediction_stats(target_logits, targets),
@@ -279,32 +222,16 @@ class MeanTeacherLossHead(LossHead):
             input_head: The student classifier.
             teacher_head: The EMA teacher's classifier.
         """
-        super().__init__(input_data, input_backbone)
+        super().__init__(input_data, input_backbone, input_head)
         self.teacher_backbone = teacher_backbone
-        self.loss = _check_loss(loss)
-        self.input_head = input_head
         self.teacher_head = teacher_head
-
-    def build(self, backbones: Mapping[str, nn.Module], heads: Mapping[str, nn.Module]) -> None:
-        """Checks that the student and the EMA teacher exist."""
-        if self.teacher_backbone not in backbones or self.teacher_head not in heads:
-            raise ValueError(
-                f"MeanTeacherLossHead needs an EMA teacher ('{self.teacher_backbone}' and "
-                f"'{self.teacher_head}'), but the learner has none; set "
-                "learner.hparams.model.ema: {decay: 0.999} in the config (as "
-                "sesemi/conf/demo_mean_teacher.yaml does)"
-            )
-        _require("backbone", self.input_backbone, backbones, type(self).__name__)
-        _require("head", self.input_head, heads, type(self).__name__)
+        self.loss = _check_loss(loss)
 
     def forward(self, inputs: HeadInputs) -> Tensor:
         """Returns the student-teacher consistency loss of each image `(B,)`."""
-        view_1, view_2, targets = _two_views(inputs.data[self.input_data], self.input_data)
-        with torch.no_grad():
-            teacher_features = inputs.backbones[self.teacher_backbone](view_1)
-            teacher_logits = inputs.heads[self.teacher_head](teacher_features)
-        student_features = inputs.backbones[self.input_backbone](view_2)
-        student_logits = inputs.heads[self.input_head](student_features)
+        view_1, view_2, targets, _ = self.two_views(inputs)
+        teacher_logits = self.logits(inputs, view_1, teacher=True)
+        student_logits = self.logits(inputs, view_2)
         losses = consistency_loss(student_logits, teacher_logits, self.loss)
         self.log_values = {
             **prediction_stats(teacher_logits, targets, prefix="teacher_"),

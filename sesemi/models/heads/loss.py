@@ -1,22 +1,82 @@
-"""Built-in regularization loss heads."""
+"""Transformation-prediction heads: classify which transformation made each image (rotation)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from typing import ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sesemi.models.heads.base import HeadInputs, LossHead
+from sesemi.models.heads.base import HeadContext, HeadInputs, LossHead
 
 
-class RotationPredictionLossHead(LossHead):
+class TransformationPredictionLossHead(LossHead):
+    """A linear classifier on the backbone's features that predicts which of
+    `num_transformations` transformations the collation applied to each image.
+
+    Reads `(images (N, C, H, W), transformation labels (N,)[, indices])` batches, as made by a
+    collate function (`sesemi.collation.RotationTransformer`, `JigsawTransformer`); returns each
+    image's cross-entropy `(N,)` and logs `top1`, the share of transformations recognized. The
+    first batch's labels are checked against `num_transformations` (later ones are not: `.max()`
+    waits for the GPU).
+    """
+
+    reads_classifier = False
+    #: The subclass's name for `num_transformations` and its collation, for error messages.
+    argument: ClassVar[str] = "num_transformations"
+    collation: ClassVar[str] = "collate function"
+
+    def __init__(
+        self, input_data: str, input_backbone: str = "backbone", num_transformations: int = 4
+    ) -> None:
+        """Initializes the head.
+
+        Args:
+            input_data: The loader name of the transformed batches.
+            input_backbone: The backbone to extract features with.
+            num_transformations: The number of transformation classes (the collation's).
+        """
+        super().__init__(input_data, input_backbone)
+        if num_transformations < 1:
+            raise ValueError(f"{self.argument} must be at least 1, got {num_transformations}")
+        self.num_transformations = num_transformations
+        self.fc: nn.Module = nn.Identity()
+        self._checked = False
+
+    def build(self, context: HeadContext) -> None:
+        """Creates the transformation classifier on top of the backbone's features."""
+        super().build(context)
+        in_features = context.backbones[self.input_backbone].out_features
+        self.fc = nn.Linear(in_features, self.num_transformations)
+
+    def forward(self, inputs: HeadInputs) -> Tensor:
+        """Returns the cross-entropy of each transformed image `(N,)`."""
+        images, labels, _ = self.single_view(inputs)
+        if labels is None:
+            raise ValueError(f"data.train.{self.input_data} batches carry no transformation labels")
+        if not self._checked and labels.numel() and int(labels.max()) >= self.num_transformations:
+            raise ValueError(
+                f"data.train.{self.input_data} has transformation label {int(labels.max())}, "
+                f"but the head predicts {self.num_transformations}; give the head and the "
+                f"{self.collation} the same {self.argument}"
+            )
+        self._checked = True
+        logits = self.fc(self.features(inputs, images)).float()
+        accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        self.log_values = {"top1": accuracy.detach()}
+        return F.cross_entropy(logits, labels, reduction="none")
+
+
+class RotationPredictionLossHead(TransformationPredictionLossHead):
     """Predicts by how many quarter turns each image was rotated (cross-entropy per image).
 
     Reads `(images (4B, C, H, W), rotation labels (4B,))` batches as made by
     `sesemi.collation.RotationTransformer`. Reference: Gidaris et al., arXiv:1803.07728; SESEMI
     (Tran, arXiv:1906.10343) trains it jointly with the supervised loss.
     """
+
+    argument = "num_rotations"
+    collation = "RotationTransformer"
 
     def __init__(
         self, input_data: str, input_backbone: str = "backbone", num_rotations: int = 4
@@ -26,21 +86,6 @@ class RotationPredictionLossHead(LossHead):
         Args:
             input_data: The loader name of the rotated batches.
             input_backbone: The backbone to extract features with.
-            num_rotations: The number of rotation classes.
+            num_rotations: The number of rotation classes (the collation's).
         """
-        super().__init__(input_data, input_backbone)
-        self.num_rotations = num_rotations
-        self.fc: nn.Module = nn.Identity()
-
-    def build(self, backbones: Mapping[str, nn.Module], heads: Mapping[str, nn.Module]) -> None:
-        """Creates the rotation classifier on top of the backbone's features."""
-        self.fc = nn.Linear(backbones[self.input_backbone].out_features, self.num_rotations)
-
-    def forward(self, inputs: HeadInputs) -> Tensor:
-        """Returns the rotation cross-entropy of each rotated image `(4B,)`."""
-        images, labels = inputs.data[self.input_data]
-        features = inputs.backbones[self.input_backbone](images)
-        logits = self.fc(features)
-        accuracy = (logits.argmax(dim=1) == labels).float().mean()
-        self.log_values = {"top1": accuracy.detach()}
-        return F.cross_entropy(logits, labels, reduction="none")
+        super().__init__(input_data, input_backbone, num_rotations)

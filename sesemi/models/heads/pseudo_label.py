@@ -18,9 +18,9 @@ from sesemi.models.heads.base import HeadInputs, LossHead
 class PseudoLabelLossHead(LossHead):
     """Cross-entropy of the classifier on pseudo-labeled images, hard or soft labels alike.
 
-    Reads `(images (B, C, H, W), targets)` batches: class indices `(B,)` or class probabilities
-    `(B, num_classes)`. Logs "agreement", the share of images whose predicted class is the
-    pseudo-label's.
+    Reads `(images (B, C, H, W), targets[, indices])` batches, targets being class indices `(B,)`
+    or class probabilities `(B, num_classes)`. Logs "agreement", the share of images whose
+    predicted class is the pseudo-label's.
     """
 
     def __init__(
@@ -36,13 +36,14 @@ class PseudoLabelLossHead(LossHead):
             input_backbone: The backbone to extract features with.
             input_head: The classifier that maps features to class logits.
         """
-        super().__init__(input_data, input_backbone)
-        self.input_head = input_head
+        super().__init__(input_data, input_backbone, input_head)
 
     def forward(self, inputs: HeadInputs) -> Tensor:
         """Returns each pseudo-labeled image's cross-entropy `(B,)`."""
-        images, targets = inputs.data[self.input_data]
-        logits = inputs.heads[self.input_head](inputs.backbones[self.input_backbone](images))
+        images, targets, _ = self.single_view(inputs)
+        if targets is None:
+            raise ValueError(f"data.train.{self.input_data} batches carry no pseudo-labels")
+        logits = self.logits(inputs, images)
         hard = targets.argmax(dim=1) if targets.ndim == 2 else targets
         self.log_values = {"agreement": (logits.argmax(dim=1) == hard).float().mean().detach()}
         return F.cross_entropy(logits, targets, reduction="none")

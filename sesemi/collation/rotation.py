@@ -1,4 +1,4 @@
-"""Collation functions that turn a list of dataset samples into self-supervised batches."""
+"""The rotation collation: every quarter turn of every image, labeled by the number of turns."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
-def _images(batch: Sequence[Any]) -> list[Tensor]:
-    # Samples are (image, label) pairs from labeled folders or bare images from unlabeled ones.
-    return [sample[0] if isinstance(sample, (tuple, list)) else sample for sample in batch]
+from sesemi.collation._samples import stack_images
 
 
 class RotationTransformer:
@@ -39,23 +36,14 @@ class RotationTransformer:
         """Rotates and stacks a batch.
 
         Args:
-            batch: A list of `(image, label)` samples or bare images, images `(C, H, W)`.
+            batch: A list of `(image, label[, index])` samples or bare images `(C, H, W)`.
 
         Returns:
             Rotated images `(B * R, C, H, W)` and rotation labels `(B * R,)`, R = num_rotations.
         """
-        images = torch.stack(_images(batch))  # (B, C, H, W)
+        images = stack_images(batch)  # (B, C, H, W)
         rotated = torch.stack(
             [torch.rot90(images, k, dims=(2, 3)) for k in range(self.num_rotations)], dim=1
         )  # (B, R, C, H, W)
         labels = torch.arange(self.num_rotations).repeat(images.shape[0])
         return rotated.flatten(0, 1), labels
-
-
-def __getattr__(name: str) -> Any:
-    # `sesemi.collation.JigsawTransformer` for configs; it lives with its tile utilities.
-    if name == "JigsawTransformer":
-        from sesemi.jigsaw import JigsawTransformer
-
-        return JigsawTransformer
-    raise AttributeError(f"module 'sesemi.collation' has no attribute '{name}'")

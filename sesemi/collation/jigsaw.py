@@ -1,4 +1,4 @@
-"""Jigsaw puzzles: a fixed set of tile permutations, tiling helpers and the collation callable.
+"""Jigsaw puzzles: a fixed set of tile permutations, tiling helpers and the collate function.
 
 An image is cut into `grid x grid` tiles, numbered row-major (tile `r * grid + c` is at row `r`,
 column `c`). A permutation `p` of the tile numbers shuffles the tiles: position `i` of the
@@ -26,10 +26,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sesemi.collation._samples import stack_images
+
 # Enumerate every permutation up to this many (9! = 362,880, a 3x3 grid); above it the greedy
 # search runs over a seeded random pool of candidates.
 _MAX_ENUMERATED = math.factorial(9)
 _POOL_SIZE = 100_000
+# With grid=None, images whose smaller side has at least this many pixels get a 3x3 grid, else 2x2.
+AUTO_GRID_MIN_SIDE = 96
 
 
 @functools.lru_cache(maxsize=4)
@@ -163,11 +167,6 @@ def shuffle_tiles(images: Tensor, permutations: Tensor, grid: int) -> Tensor:
     return untile(torch.gather(tiles, 1, index), grid)
 
 
-def _images(batch: Sequence[Any]) -> list[Tensor]:
-    # Samples are (image, label) pairs from labeled folders or bare images.
-    return [sample[0] if isinstance(sample, (tuple, list)) else sample for sample in batch]
-
-
 class JigsawTransformer:
     """Collates images into jigsaw puzzles labeled by the index of their tile permutation.
 
@@ -178,6 +177,12 @@ class JigsawTransformer:
     are first center-cropped to the largest size that is (e.g. 32 px with grid 3 gives 30 px);
     set the loader's image size to a multiple of `grid` to keep every pixel.
 
+    `grid=None` (the default) picks the grid per batch from the images' smaller side: 3 from
+    `AUTO_GRID_MIN_SIDE` = 96 px up (tiles of at least 32 px), 2 below (a 3x3 grid would cut a
+    32 px digit into 10 px tiles with too little content each). The permutation set of each grid
+    is built once and kept; both have `num_permutations` entries, so the head's classes stay the
+    same, but a 2x2 grid has only 4! = 24 permutations.
+
     References: Noroozi & Favaro, arXiv:1603.09246 (puzzles and the permutation set); JiGen,
     Carlucci et al., arXiv:1903.06864 (reassembled whole-image puzzles). Deviations from
     Noroozi & Favaro: the reassembled image goes through the ordinary backbone instead of their
@@ -186,29 +191,58 @@ class JigsawTransformer:
     permutations (they use 100 to 1,000).
     """
 
-    def __init__(self, grid: int = 3, num_permutations: int = 24, seed: int = 0) -> None:
+    def __init__(self, grid: int | None = None, num_permutations: int = 24, seed: int = 0) -> None:
         """Initializes the collation.
 
         Args:
-            grid: Tiles per side.
+            grid: Tiles per side; None: 3 for images of at least 96 px (smaller side), else 2.
             num_permutations: The size of the permutation set (the puzzle's classes).
             seed: The seed that fixes the permutation set (not the per-image draws).
         """
+        if grid is not None and grid < 2:
+            raise ValueError(f"grid must be at least 2 (or None: automatic), got {grid}")
+        if num_permutations < 1:
+            raise ValueError(f"num_permutations must be at least 1, got {num_permutations}")
         self.grid = grid
         self.num_permutations = num_permutations
-        self.permutations = permutation_set(grid, num_permutations, seed)
+        self.seed = seed
+        self._permutations: dict[int, Tensor] = {}
+        if grid is not None:
+            self.permutations(grid)  # a bad num_permutations fails now, not in a worker
+
+    def grid_for(self, height: int, width: int) -> int:
+        """The grid used for images of this size: `grid`, or the automatic choice."""
+        if self.grid is not None:
+            return self.grid
+        return 3 if min(height, width) >= AUTO_GRID_MIN_SIDE else 2
+
+    def permutations(self, grid: int) -> Tensor:
+        """The permutation set `(num_permutations, grid * grid)` of a grid (built once)."""
+        if grid not in self._permutations:
+            try:
+                self._permutations[grid] = permutation_set(grid, self.num_permutations, self.seed)
+            except ValueError as error:
+                if self.grid is not None:
+                    raise
+                raise ValueError(
+                    f"{error}: images under {AUTO_GRID_MIN_SIDE} px get a {grid}x{grid} grid; "
+                    "lower num_permutations or set grid: 3"
+                ) from None
+        return self._permutations[grid]
 
     def __call__(self, batch: Sequence[Any]) -> tuple[Tensor, Tensor]:
         """Makes a batch of puzzles.
 
         Args:
-            batch: A list of `(image, label)` samples or bare images, images `(C, H, W)`.
+            batch: A list of `(image, label[, index])` samples or bare images `(C, H, W)`.
 
         Returns:
-            Shuffled images `(B, C, H', W')` (H', W' the sizes cropped to multiples of `grid`)
+            Shuffled images `(B, C, H', W')` (H', W' the sizes cropped to multiples of the grid)
             and permutation indices `(B,)`: row `b` is image `b` shuffled by
-            `self.permutations[labels[b]]`.
+            `self.permutations(grid)[labels[b]]`, grid = `self.grid_for(H, W)`.
         """
-        images = crop_to_grid(torch.stack(_images(batch)), self.grid)
+        images = stack_images(batch)  # (B, C, H, W)
+        grid = self.grid_for(*images.shape[-2:])
+        images = crop_to_grid(images, grid)
         labels = torch.randint(self.num_permutations, (images.shape[0],))
-        return shuffle_tiles(images, self.permutations[labels], self.grid), labels
+        return shuffle_tiles(images, self.permutations(grid)[labels], grid), labels

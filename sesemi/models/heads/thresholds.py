@@ -1,0 +1,299 @@
+"""Threshold policies: how much each pseudo-label counts, given the weak view's probabilities."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from sesemi.models.heads.base import HeadContext
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _check_threshold(threshold: float) -> float:
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    return float(threshold)
+
+
+class ThresholdPolicy(nn.Module):
+    """Decides how much each pseudo-label counts in a confidence-thresholded head (FixMatch).
+
+    A policy sees the class probabilities `(B, C)` of the weak views (after the head's
+    temperature) and weighs each image's pseudo-label in [0, 1]: a hard 0/1 mask (FixMatch,
+    FlexMatch) or a soft weight (e.g. SoftMatch's truncated Gaussian). A policy with state
+    (class-wise counts, running means of confidence) keeps it in registered buffers that exist
+    once `build` has run, so checkpoints save and restore it; `update` moves it after each
+    training batch, identically on every process.
+    """
+
+    def build(self, context: HeadContext, input_data: str) -> None:
+        """Reads what it needs from the learner and creates its state (called once by the head).
+
+        Args:
+            context: The learner's modules, class count and dataset sizes.
+            input_data: The `data.train` loader of the head's unlabeled images.
+        """
+
+    def mask(self, probs: Tensor) -> Tensor:
+        """Returns each image's weight in [0, 1] `(B,)` from its class probabilities `(B, C)`."""
+        raise NotImplementedError
+
+    def update(self, probs: Tensor, pseudo_labels: Tensor, indices: Tensor | None) -> None:
+        """Moves the state by a training batch (stateless policies keep none).
+
+        Args:
+            probs: The weak views' class probabilities `(B, C)`.
+            pseudo_labels: Their argmax `(B,)`.
+            indices: The images' dataset indices `(B,)`, when the batch carries them.
+        """
+
+    def log_values(self) -> dict[str, Tensor]:
+        """Scalars worth logging about the policy's current state."""
+        return {}
+
+
+class FixedThreshold(ThresholdPolicy):
+    """FixMatch's rule: an image counts (weight 1) when its max probability is at least tau."""
+
+    def __init__(self, threshold: float = 0.95) -> None:
+        """Initializes the policy.
+
+        Args:
+            threshold: The confidence threshold tau in [0, 1].
+        """
+        super().__init__()
+        self.threshold = _check_threshold(threshold)
+
+    def mask(self, probs: Tensor) -> Tensor:
+        """Returns `max_c probs >= threshold` as floats `(B,)`."""
+        return (probs.max(dim=1).values >= self.threshold).float()
+
+
+def convex_mapping(x: Tensor) -> Tensor:
+    """FlexMatch's non-linear mapping `M(x) = x / (2 - x)`: 0 at 0, 1 at 1, convex in between."""
+    return x / (2.0 - x)
+
+
+def linear_mapping(x: Tensor) -> Tensor:
+    """The identity mapping `M(x) = x`."""
+    return x
+
+
+MAPPINGS: dict[str, Callable[[Tensor], Tensor]] = {
+    "convex": convex_mapping,
+    "linear": linear_mapping,
+}
+LEARNING_STATUS = ("estimate", "index")
+
+
+class FlexMatchThreshold(ThresholdPolicy):
+    """FlexMatch's class-wise thresholds that follow how well each class is learned (curriculum
+    pseudo-labelling).
+
+    A class's learning effect `sigma_c` counts the unlabeled images whose latest confident
+    prediction (max probability >= `threshold`) was class c. With the threshold warm-up, it is
+    normalized as `beta_c = sigma_c / max(max_k sigma_k, N - sum_k sigma_k)` (N - sum sigma: the
+    images never predicted confidently yet); without it, `beta_c = sigma_c / max_k sigma_k`. The
+    class threshold is `T_c = M(beta_c) * threshold` with `M(x) = x / (2 - x)` (`mapping:
+    convex`; `linear` is M(x) = x), and the image's mask is `max q >= T_{argmax q}`. At the
+    start every sigma is 0, so every threshold is 0 and every pseudo-label is used; thresholds
+    rise towards `threshold` as classes are learned, well-learned classes first. Thresholds come
+    from the state before the batch; the batch's confident predictions then update it.
+
+    The paper's sigma needs each unlabeled image's index. Two ways to keep the learning status
+    (`learning_status`):
+
+    * "estimate" (default, needs no indices): the fractions `f_c = sigma_c / N` are kept
+      (buffer `class_status`, unused fraction `1 - sum f`) and moved by each batch in the
+      expected way the paper's per-image update moves them: a batch of B images revisits B of
+      the N images (rate `r = B / N`, N = `unlabeled_size`); the share q of them predicted
+      confidently take their new class (share `q_c` for class c) and the rest keep their old
+      status, so `f_c <- f_c * (1 - r * q) + r * q_c`. This assumes the revisited images' old
+      statuses are distributed like the whole set's (in the paper, images not confident now were
+      more likely unused before), so it is an approximation; N only sets how fast the estimate
+      moves (one pass over N images is about one of the paper's epochs), so a rough value works.
+    * "index" (the paper's algorithm): batches must be `(views, targets, indices)` with each
+      image's dataset index in [0, unlabeled_size); buffer `selected_label` (N,) holds each
+      image's latest confident class (-1: unused), as in the paper.
+
+    The state is kept in registered buffers, so it is saved in checkpoints, restored on resume
+    and moves with the module's device. They are created as soon as `num_classes` and
+    `unlabeled_size` are known: at construction when both are given, otherwise in `build`, which
+    takes the classifier's class count and the unlabeled loader's dataset size. Under DDP the
+    per-batch counts ("estimate") or the indices and labels ("index") are gathered from every
+    process before the update, so every process keeps the same state, computed from the global
+    batch (exact, not approximate).
+
+    Reference: Zhang et al., "FlexMatch: Boosting Semi-Supervised Learning with Curriculum
+    Pseudo Labeling", arXiv:2110.08263. Deviations: the "estimate" learning status above; a
+    prediction counts as confident at `max q >= threshold` (the same test as FixMatch's mask).
+    Logs `threshold_min`, `threshold_mean`, `threshold_max` (the class thresholds) and
+    `unused_rate` (the share of unlabeled images not confidently predicted yet).
+    """
+
+    class_status: Tensor
+    selected_label: Tensor
+
+    def __init__(
+        self,
+        threshold: float = 0.95,
+        warmup: bool = True,
+        mapping: str = "convex",
+        learning_status: str = "estimate",
+        num_classes: int | None = None,
+        unlabeled_size: int | None = None,
+    ) -> None:
+        """Initializes the policy.
+
+        Args:
+            threshold: The fixed threshold tau the class thresholds are scaled from.
+            warmup: Normalize by `max(max sigma, N - sum sigma)` (the paper's threshold warm-up)
+                rather than by `max sigma`.
+            mapping: "convex" (`M(x) = x / (2 - x)`, the paper's choice) or "linear".
+            learning_status: "estimate" or "index" (see the class docstring).
+            num_classes: The number of classes; None: the classifier's (from `build`).
+            unlabeled_size: N, the number of images in the unlabeled loader's dataset; None: the
+                loader's dataset size (from `build`).
+        """
+        super().__init__()
+        if mapping not in MAPPINGS:
+            raise ValueError(f"unknown mapping '{mapping}'; use one of: {', '.join(MAPPINGS)}")
+        if learning_status not in LEARNING_STATUS:
+            raise ValueError(
+                f"unknown learning_status '{learning_status}'; use one of: "
+                f"{', '.join(LEARNING_STATUS)}"
+            )
+        for name, value in (("num_classes", num_classes), ("unlabeled_size", unlabeled_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        self.threshold = _check_threshold(threshold)
+        self.warmup = warmup
+        self.mapping = mapping
+        self.learning_status = learning_status
+        self.num_classes = num_classes
+        self.unlabeled_size = unlabeled_size
+        self.input_data = "<loader>"  # for error messages; `build` names the head's loader
+        self._allocate()
+
+    def _allocate(self) -> None:
+        """Creates the state buffer once the class count and dataset size are known."""
+        if self.num_classes is None or self.unlabeled_size is None:
+            return
+        if self.learning_status == "estimate" and "class_status" not in self._buffers:
+            self.register_buffer("class_status", torch.zeros(self.num_classes))
+        if self.learning_status == "index" and "selected_label" not in self._buffers:
+            full = torch.full((self.unlabeled_size,), -1, dtype=torch.long)
+            self.register_buffer("selected_label", full)
+
+    def build(self, context: HeadContext, input_data: str) -> None:
+        """Takes unset sizes from the learner, checks set ones, and creates the state."""
+        self.input_data = input_data
+        if self.num_classes is None:
+            self.num_classes = int(context.num_classes)
+        elif self.num_classes != context.num_classes:
+            raise ValueError(
+                f"FlexMatch has num_classes={self.num_classes} but the classifier predicts "
+                f"{context.num_classes} classes; leave num_classes unset to use the classifier's"
+            )
+        if self.unlabeled_size is None:
+            if input_data not in context.dataset_sizes:
+                raise ValueError(
+                    f"FlexMatch needs the number of images of data.train.{input_data}, which "
+                    "the learner does not know; set the head's unlabeled_size"
+                )
+            self.unlabeled_size = int(context.dataset_sizes[input_data])
+        self._allocate()
+
+    def learning_effect(self) -> tuple[Tensor, Tensor]:
+        """Returns `sigma / N` per class `(C,)` and the unused share `1 - sum sigma / N`."""
+        if self.num_classes is None or self.unlabeled_size is None:
+            raise RuntimeError(
+                "FlexMatchThreshold has no state yet: build it (the learner does) or give "
+                "num_classes and unlabeled_size"
+            )
+        if self.learning_status == "estimate":
+            sigma = self.class_status
+        else:
+            selected = self.selected_label[self.selected_label >= 0]
+            sigma = torch.bincount(selected, minlength=self.num_classes).float()
+            sigma = sigma / self.unlabeled_size
+        return sigma, (1.0 - sigma.sum()).clamp(min=0.0)
+
+    def normalized_effect(self) -> Tensor:
+        """Returns beta `(C,)`: the learning effects normalized as the paper does."""
+        sigma, unused = self.learning_effect()
+        top = sigma.max()
+        if self.warmup:
+            top = torch.maximum(top, unused)
+        return torch.where(top > 0, sigma / top.clamp(min=1e-12), torch.zeros_like(sigma))
+
+    def class_thresholds(self) -> Tensor:
+        """Returns `T_c = M(beta_c) * threshold` per class `(C,)`."""
+        return MAPPINGS[self.mapping](self.normalized_effect()) * self.threshold
+
+    def mask(self, probs: Tensor) -> Tensor:
+        """Returns `max q >= T_{argmax q}` as floats `(B,)`."""
+        confidence, pseudo_labels = probs.max(dim=1)
+        return (confidence >= self.class_thresholds()[pseudo_labels]).float()
+
+    @torch.no_grad()
+    def update(self, probs: Tensor, pseudo_labels: Tensor, indices: Tensor | None) -> None:
+        """Moves the learning status by the batch's confident predictions (see the class)."""
+        confident = probs.max(dim=1).values >= self.threshold
+        if self.learning_status == "index":
+            self._update_selected(confident, pseudo_labels, indices)
+            return
+        counts = torch.bincount(pseudo_labels[confident], minlength=self.num_classes).float()
+        counts = torch.cat([counts, counts.new_tensor([len(pseudo_labels)])])
+        if _distributed():
+            dist.all_reduce(counts)
+        per_class, batch = counts[:-1], counts[-1].clamp(min=1.0)
+        rate = (batch / self.unlabeled_size).clamp(max=1.0)  # a tensor: no GPU sync
+        q_c = per_class / batch
+        self.class_status.mul_(1.0 - rate * q_c.sum()).add_(rate * q_c)
+
+    def _update_selected(
+        self, confident: Tensor, pseudo_labels: Tensor, indices: Tensor | None
+    ) -> None:
+        if indices is None:
+            raise ValueError(
+                f"FlexMatch with learning_status=index needs each image's dataset index: "
+                f"data.train.{self.input_data} batches must be (views, targets, indices); "
+                "use learning_status=estimate for (views, targets) batches"
+            )
+        indices = indices.to(self.selected_label.device).long()
+        labels = torch.where(confident, pseudo_labels, torch.full_like(pseudo_labels, -1))
+        packed = torch.stack([indices, labels.to(indices.device)])  # (2, B)
+        if _distributed():
+            size = torch.tensor([packed.shape[1]], device=packed.device)
+            dist.all_reduce(size, op=dist.ReduceOp.MAX)
+            padded = packed.new_full((2, int(size)), -1)
+            padded[:, : packed.shape[1]] = packed
+            gathered = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, padded)
+            packed = torch.cat(gathered, dim=1)
+        indices, labels = packed[0], packed[1]
+        keep = (indices >= 0) & (labels >= 0)
+        if keep.any() and int(indices[keep].max()) >= self.unlabeled_size:
+            raise ValueError(
+                f"sample index {int(indices[keep].max())} is out of range for "
+                f"unlabeled_size={self.unlabeled_size}; set it to the unlabeled dataset's size"
+            )
+        self.selected_label[indices[keep]] = labels[keep]
+
+    @torch.no_grad()
+    def log_values(self) -> dict[str, Tensor]:
+        """The class thresholds' min, mean and max, and the unused share of unlabeled images."""
+        thresholds = self.class_thresholds()
+        return {
+            "threshold_min": thresholds.min(),
+            "threshold_mean": thresholds.mean(),
+            "threshold_max": thresholds.max(),
+            "unused_rate": self.learning_effect()[1],
+        }
