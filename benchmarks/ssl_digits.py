@@ -1,68 +1,56 @@
-"""Semi-supervised benchmark on scikit-learn's digits: supervised-only vs. sesemi's methods.
+"""Semi-supervised benchmark on scikit-learn's digits: sesemi's methods vs. LabelSpreading.
 
-For every (labels per class, seed) the digits are written as an image folder with
-`sesemi.datasets.digits.prepare_digits` (train = the labeled images, unlabeled = the rest of the
-training pool, val = a stratified 30% held out). Every method in `METHODS` trains the demo's
-ResNet-18 (`sesemi/conf/demo.yaml`) for the same number of steps on that split, and
-scikit-learn's `LabelSpreading` (kNN graph on the raw 8x8 pixels, transductive on
-train + unlabeled) gives a classical reference. The val split is the test set here: each run is
-validated once, at the end of training, and that final accuracy is reported (no selection on it).
+For every count N of labels per class, the grid (methods x seeds) runs as ONE sesemi multirun,
+
+    python -m sesemi -cn demo -m method=<methods> run.seed=<seeds> run.id=l<N> ...
+
+Each job prepares its split with the demo's `data.prepare` (`sesemi.datasets.digits`) into
+`<workdir>/digits_l<N>_s<seed>` (train = N labeled images per class, unlabeled = the rest of the
+training pool, val = a stratified 30% held out), trains the demo's ResNet-18 for `--steps` steps
+and is validated once, at the end: the val split is the test set here, and that final accuracy is
+reported (no selection on it). The multirun's `comparison.csv` gives each method's per-seed
+val/top1 and seconds per run; checkpoints are deleted as jobs finish. scikit-learn's
+`LabelSpreading` (kNN graph on the raw 8x8 pixels, transductive on train + unlabeled) on the same
+prepared splits gives a classical reference.
 
 Usage (from the repository root, in the project's virtual environment):
 
     python benchmarks/ssl_digits.py --labels 2 5 10 --seeds 0 1 2 --steps 500 \
         --out benchmarks/results/ssl_digits.md
 
-A new method is one more entry in `METHODS`: the Hydra overrides that turn the demo config into
-that method (the demo itself is supervised + rotation prediction).
+Any method of the `method` config group can be named in `--methods`; `--set` adds Hydra overrides
+to every job, e.g. a lighter rotation loss (formerly `--rotation-weight 0.5`):
+
+    --set learner.hparams.model.regularization_loss_heads.rotation_prediction.scale_factor=0.5
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
-import logging
+import importlib.metadata
+import importlib.resources
 import os
 import pathlib
 import platform
+import re
 import shlex
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
 
-# With the default (active) OpenMP wait policy, torch's 2 threads spin while another process
-# holds a core, and a training step on a busy 2-core machine becomes several times slower than
-# on 1 thread; passive waiting avoids that. It must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import numpy as np
-import torch
 from sklearn.datasets import load_digits
 from sklearn.semi_supervised import LabelSpreading
 
-# Method name -> Hydra overrides applied to the `demo` config. The demo trains the supervised
-# loss on `train` plus rotation prediction on `[train, unlabeled]`.
-METHODS: dict[str, list[str]] = {
-    "supervised": [
-        "~data.train.rotation_prediction",
-        "learner.hparams.model.regularization_loss_heads=null",
-    ],
-    "rotation": [],
-    "entropy_minimization": [],
-    "pi_model": [],
-    "mean_teacher": [],
-    "fixmatch": [],
-    "flexmatch": [],
-    "jigsaw": [],
-    "rotation_entropy": [],
-}
-# The built-in config each method starts from (default: `demo`); `demo_<method>` derive from it.
-CONFIGS = {name: f"demo_{name}" for name in METHODS if name not in ("supervised", "rotation")}
-
-LABEL_SPREADING = "LabelSpreading (kNN, sklearn)"
+LABEL_SPREADING = "label_spreading"
 METHOD_LABELS = {
+    LABEL_SPREADING: "LabelSpreading (kNN, sklearn)",
     "supervised": "supervised only (ResNet-18)",
     "rotation": "rotation prediction (SESEMI, ResNet-18)",
     "entropy_minimization": "entropy minimization",
@@ -72,129 +60,170 @@ METHOD_LABELS = {
     "flexmatch": "FlexMatch",
     "jigsaw": "jigsaw prediction",
     "rotation_entropy": "rotation + entropy minimization",
+    "noisy_student_teacher": "Noisy Student teacher (noised supervised)",
+    "noisy_student": "Noisy Student",
 }
+# The `method` config group's files, in the order above (a new method's file joins at the end).
+_FILES = {
+    f.name[: -len(".yaml")]
+    for f in (importlib.resources.files("sesemi.conf") / "method").iterdir()
+    if f.name.endswith(".yaml")
+}
+METHODS = [m for m in METHOD_LABELS if m in _FILES] + sorted(_FILES - set(METHOD_LABELS))
+# The default grid: every method that needs nothing but the digits (not Noisy Student's stages).
+DEFAULT_METHODS = [m for m in METHODS if not m.startswith("noisy_student")]
+VERSIONS = ("torch", "pytorch-lightning", "hydra-core", "scikit-learn", "sesemi")
+TAIL_LINES = 40  # of the multirun's log, shown when it fails
 
 
-def split_indices(root: pathlib.Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Indices into `load_digits()` and class labels of one split, from `<class>/<index>.png`."""
-    paths = sorted((root / split).glob("*/*.png"))
-    indices = np.array([int(p.stem) for p in paths], dtype=np.int64)
-    labels = np.array([int(p.parent.name) for p in paths], dtype=np.int64)
-    return indices, labels
+def split_indices(root: pathlib.Path, split: str) -> np.ndarray:
+    """Indices into `load_digits()` of one prepared split, from its `<class>/<index>.png` names."""
+    return np.array(sorted(int(p.stem) for p in (root / split).glob("*/*.png")), dtype=np.int64)
 
 
 def run_label_spreading(root: pathlib.Path) -> tuple[float, float]:
     """LabelSpreading on the raw 64-dim pixels of this split; returns (val accuracy, seconds)."""
+    if not (root / "sesemi_digits.json").is_file():
+        raise RuntimeError(f"{root} was not prepared by the multirun")
     start = time.time()
     digits = load_digits()
-    train, _ = split_indices(root, "train")
-    unlabeled, _ = split_indices(root, "unlabeled")
-    val, _ = split_indices(root, "val")
+    train, unlabeled, val = (split_indices(root, s) for s in ("train", "unlabeled", "val"))
     pool = np.concatenate([train, unlabeled])
     targets = np.concatenate([digits.target[train], np.full(len(unlabeled), -1)])
     model = LabelSpreading(kernel="knn", n_neighbors=7)
     model.fit(digits.data[pool], targets)
-    with np.errstate(invalid="ignore"):
-        # A val image whose 7 neighbours all got no label mass (rare, at 2 labels per class)
-        # has all-NaN class probabilities; it is predicted as class 0 and so counts as an error
-        # unless it is a 0. That is how scikit-learn's LabelSpreading behaves; it is kept.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            predicted = model.predict(digits.data[val])
-    accuracy = float((predicted == digits.target[val]).mean())
-    return accuracy, time.time() - start
+    # A val image whose 7 neighbours all got no label mass (rare, at 2 labels per class) has
+    # all-NaN class probabilities; scikit-learn predicts class 0 for it, which is kept.
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        predicted = model.predict(digits.data[val])
+    return float((predicted == digits.target[val]).mean()), time.time() - start
 
 
-def run_method(
-    name: str,
-    data_root: pathlib.Path,
-    workdir: pathlib.Path,
-    seed: int,
-    steps: int,
-    extra: list[str],
-    rotation_weight: float | None,
-) -> tuple[float, float]:
-    """Trains one method on one split; returns (final val top-1, seconds)."""
-    from hydra import compose, initialize_config_module
-    from omegaconf import open_dict
+def hydra_quoted(path: pathlib.Path, interpolation: str = "") -> str:
+    """`path` (then `interpolation`, e.g. `${run.seed}`) as a double-quoted Hydra value."""
+    # Inside quotes Hydra unescapes `\\"` and the backslashes right before a quote.
+    escaped = re.sub(r'(\\*)"', lambda m: m[1] * 2 + '\\"', str(path))
+    return f'"{escaped}{interpolation}"'
 
-    import sesemi.config  # noqa: F401  (registers the schema and the ${sesemi:...} resolver)
-    from sesemi.runner import run
 
-    run_dir = workdir / "runs" / f"{name}_{data_root.name}"
-    overrides = [
-        *METHODS[name],
-        f"run.data_root={data_root}",
-        f"run.dir={workdir / 'runs'}",
-        f"run.seed={seed}",
-        f"run.num_iterations={steps}",
-        f"run.id={name}_{data_root.name}",
-        # Validate once, at the end: the val split is the test set of this benchmark.
-        f"trainer.val_check_interval={steps}",
-        "+trainer.num_sanity_val_steps=0",
-        "+trainer.enable_progress_bar=false",
-        "+trainer.enable_model_summary=false",
-        "+trainer.logger=false",
-        *extra,
+def multirun_command(n: int, args: argparse.Namespace, workdir: pathlib.Path) -> list[str]:
+    """The `python -m sesemi -cn demo -m ...` command of the grid for N labels per class."""
+    return [
+        sys.executable,
+        *("-m", "sesemi", "-cn", "demo", "-m"),
+        f"method={','.join(args.methods)}",
+        f"run.seed={','.join(map(str, args.seeds))}",
+        # One split per (N, seed): the path and the split's seed follow each job's run.seed.
+        f"run.data_root={hydra_quoted(workdir / f'digits_l{n}_s', '${run.seed}')}",
+        f"data.prepare.labels_per_class={n}",
+        "+data.prepare.seed=${run.seed}",
+        f"run.num_iterations={args.steps}",
+        f"trainer.val_check_interval={args.steps}",  # validate once, at the end
+        f"run.dir={hydra_quoted(workdir / 'runs')}",
+        f"run.id=l{n}",
+        "++trainer.num_sanity_val_steps=0",
+        "++trainer.enable_progress_bar=false",
+        "++trainer.enable_model_summary=false",
+        *args.set,
     ]
-    with initialize_config_module(config_module="sesemi.conf", version_base=None):
-        cfg = compose(config_name=CONFIGS.get(name, "demo"), overrides=overrides)
-    heads = cfg.learner.hparams.model.regularization_loss_heads
-    if rotation_weight is not None and heads and "rotation_prediction" in heads:
-        with open_dict(cfg):
-            heads.rotation_prediction.scale_factor = rotation_weight
-    result = run(cfg, str(run_dir))
-    if "val/top1" not in result.metrics:
-        raise RuntimeError(f"{name} on {data_root.name}: no val/top1 in {result.metrics}")
-    shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints are large and not needed here
-    return result.metrics["val/top1"], result.seconds
+
+
+def run_multirun(command: list[str], runs: pathlib.Path, log: pathlib.Path, threads: int):
+    """Runs one multirun, its output to `log`; returns its new `multirun_*` folder under `runs`.
+
+    Job launches are echoed; finished jobs' checkpoints are deleted as the multirun goes on.
+    """
+    before = set(runs.glob("multirun_*"))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    env["PYTHONUNBUFFERED"] = "1"
+
+    def drop_checkpoints() -> list[pathlib.Path]:
+        new = sorted(set(runs.glob("multirun_*")) - before)
+        for summary in (p for d in new for p in d.glob("*/summary.json")):
+            shutil.rmtree(summary.parent / "checkpoints", ignore_errors=True)
+        return new
+
+    with open(log, "w") as out:
+        out.write("$ " + shlex.join(command) + "\n")
+        out.flush()
+        process = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for line in process.stdout:
+            out.write(line)
+            launch = re.search(r"\[HYDRA\]\s+#(\d+) : (.*)", line)
+            if launch:
+                drop_checkpoints()
+                shown = [o for o in launch[2].split() if o.startswith(("method=", "run.seed="))]
+                print(f"  job #{launch[1]}: {' '.join(shown)}", flush=True)
+        returncode = process.wait()
+    new = drop_checkpoints()
+    if returncode != 0 or len(new) != 1 or not (new[0] / "comparison.csv").is_file():
+        tail = "".join(log.read_text().splitlines(keepends=True)[-TAIL_LINES:])
+        raise RuntimeError(
+            f"the multirun failed (exit status {returncode}, new folders {[str(d) for d in new]}); "
+            f"last {TAIL_LINES} lines of {log}:\n{tail}"
+        )
+    return new[0]
+
+
+def read_comparison(path: pathlib.Path, methods: list[str], seeds: list[int]) -> dict:
+    """Each method's (val/top1 per seed in `seeds` order, seconds per run) from `comparison.csv`."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    found: dict[str, tuple[list, float]] = {}
+    for row in rows:
+        named = re.findall(r"(?:^| )method=(\S+)", row["configuration"])
+        method = named[0] if named else methods[0] if len(methods) == 1 else None
+        if method not in methods or method in found:
+            raise RuntimeError(f"{path}: unexpected row {row['configuration']!r} (--set sweeps?)")
+        values = [float(v) for v in row["per_seed"].split()]
+        if row["seed_values"].split() != [str(s) for s in seeds]:
+            raise RuntimeError(f"{path}: {method} ran seeds {row['seed_values']}, not {seeds}")
+        if any(np.isnan(values)):
+            raise RuntimeError(f"{path}: a {method} job has no val/top1 ({row['per_seed']})")
+        found[method] = (values, float(row["seconds_per_run"]))
+    if set(found) != set(methods):
+        raise RuntimeError(f"{path}: no row for {sorted(set(methods) - set(found))}")
+    return found
 
 
 def cell(values: list[float]) -> str:
-    """`mean ± std` in percent (population std over seeds; 0 for one seed)."""
-    if not values:
-        return "—"
-    a = 100.0 * np.asarray(values)
-    return f"{a.mean():.1f} ± {a.std():.1f}"
+    """`mean ± std` in percent; std is the sample std over seeds (n-1, as compare.py; 0 for 1)."""
+    a = [100.0 * v for v in values]
+    return f"{statistics.fmean(a):.1f} ± {statistics.stdev(a) if len(a) > 1 else 0.0:.1f}"
 
 
-def format_table(
-    results: dict[str, dict[int, list[float]]],
-    seconds: dict[str, list[float]],
-    labels: list[int],
-    methods: list[str],
-) -> str:
+def format_table(results: dict, seconds: dict, labels: list[int]) -> str:
     """The markdown table: rows are methods, columns labels per class, plus seconds per run."""
     head = ["method", *[f"{n} labels/class" for n in labels], "s/run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
-    for key in [LABEL_SPREADING, *methods]:
-        row = [METHOD_LABELS.get(key, key)]
-        row += [cell(results[key][n]) for n in labels]
-        row.append(f"{np.mean(seconds[key]):.1f}" if seconds[key] else "—")
-        lines.append("| " + " | ".join(row) + " |")
+    for key, by_n in results.items():
+        row = [METHOD_LABELS.get(key, key), *[cell(by_n[n]) for n in labels]]
+        lines.append("| " + " | ".join([*row, f"{statistics.fmean(seconds[key]):.1f}"]) + " |")
     return "\n".join(lines)
 
 
-def environment(argv: list[str], steps: int, wall: float, args: argparse.Namespace) -> str:
-    """The footer: command, date, machine, threads and versions."""
-    command = shlex.join([os.path.relpath(sys.argv[0]) if sys.argv else "ssl_digits.py", *argv])
+def footer(argv: list[str], args: argparse.Namespace, example: list[str], wall: float) -> str:
+    """Command, date, machine, versions, budget, statistics and wall time."""
+    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in VERSIONS)
     lines = [
-        f"- command: `python {command}`",
+        f"- command: `{shlex.join(['python', os.path.relpath(sys.argv[0]), *argv])}`",
+        f"- each N ran as one multirun, e.g. N={args.labels[0]}: "
+        f"`{shlex.join(['python', *example[1:]])}`",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- machine: {platform.processor() or '?'} / {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, torch.set_num_threads({torch.get_num_threads()}), "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
-        f"- torch {torch.__version__}, Python {platform.python_version()}",
-        f"- budget: {steps} steps per run for every method (demo config otherwise: ResNet-18, "
-        "32 px, batch 32, SGD lr 0.05, polynomial decay)",
-        "- metric: top-1 accuracy (%) on the 30% stratified val split, after the last step "
-        "(mean ± std over seeds " + ", ".join(map(str, args.seeds)) + ")",
+        f"- machine: {platform.processor() or '?'} / {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"OMP_NUM_THREADS={args.threads}, OMP_WAIT_POLICY=PASSIVE",
+        f"- versions: {versions}, Python {platform.python_version()}",
+        f"- budget: {args.steps} steps per run for every method (demo config otherwise: "
+        "ResNet-18, 32 px, batch 32, SGD lr 0.05, polynomial decay)",
+        "- metric: top-1 accuracy (%) on the 30% stratified val split, after the last step; "
+        f"mean ± sample std (n-1) over seeds {', '.join(map(str, args.seeds))}",
         f"- total wall time: {wall / 60:.1f} min",
     ]
-    if args.rotation_weight is not None:
-        lines.append(f"- rotation loss weight (scale_factor): {args.rotation_weight}")
     if args.set:
-        lines.append(f"- extra overrides for every method: {' '.join(args.set)}")
+        lines.append(f"- extra overrides for every job: `{shlex.join(args.set)}`")
     return "\n".join(lines)
 
 
@@ -204,40 +233,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--labels", type=int, nargs="+", default=[2, 5, 10])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=500, help="training steps for every method")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--workdir", default=None, help="data and runs (default: a temp dir)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=DEFAULT_METHODS)
+    parser.add_argument("--workdir", default=None, help="data, runs, logs (default: a temp dir)")
     parser.add_argument("--out", default=None, help="also write the markdown report here")
-    parser.add_argument(
-        "--rotation-weight",
-        type=float,
-        default=None,
-        help="scale_factor of the rotation loss for methods that have it (default: the config's)",
-    )
+    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the jobs")
     parser.add_argument(
         "--set",
         nargs="*",
         default=[],
         metavar="OVERRIDE",
-        help="extra Hydra overrides applied to every method, e.g. learner.hparams.optimizer.lr=0.1",
+        help="extra Hydra overrides for every job, e.g. learner.hparams.optimizer.lr=0.1",
     )
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.methods = list(dict.fromkeys(args.methods))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the grid and prints (and optionally writes) the markdown report."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
-    warnings.filterwarnings("ignore", message=r".*pin_memory.*no accelerator.*")
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*GPU available but not used.*")
-    import pytorch_lightning  # noqa: F401  (sets its logger to INFO on import; quiet it after)
-
-    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
     temp = None
     if args.workdir is None:
         temp = tempfile.TemporaryDirectory(prefix="ssl_digits_")
@@ -245,43 +260,39 @@ def main(argv: list[str] | None = None) -> int:
     else:
         workdir = pathlib.Path(args.workdir).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
-
-    from sesemi.datasets.digits import prepare_digits
-
     keys = [LABEL_SPREADING, *args.methods]
     results = {k: {n: [] for n in args.labels} for k in keys}
     seconds: dict[str, list[float]] = {k: [] for k in keys}
     start = time.time()
     try:
         for n in args.labels:
+            command = multirun_command(n, args, workdir)
+            log = workdir / f"multirun_l{n}.log"
+            print(f"[{n} labels/class] multirun (log: {log})", flush=True)
+            sweep = run_multirun(command, workdir / "runs" / f"l{n}", log, args.threads)
+            found = read_comparison(sweep / "comparison.csv", args.methods, args.seeds)
+            for method, (values, secs) in found.items():
+                results[method][n] = values
+                seconds[method].append(secs)
             for seed in args.seeds:
-                root = prepare_digits(
-                    workdir / f"digits_l{n}_s{seed}", labels_per_class=n, seed=seed
-                )
-                acc, secs = run_label_spreading(root)
+                acc, secs = run_label_spreading(workdir / f"digits_l{n}_s{seed}")
                 results[LABEL_SPREADING][n].append(acc)
                 seconds[LABEL_SPREADING].append(secs)
-                print(f"[{n} labels, seed {seed}] {LABEL_SPREADING}: {100 * acc:.1f}%", flush=True)
-                for name in args.methods:
-                    acc, secs = run_method(
-                        name, root, workdir, seed, args.steps, args.set, args.rotation_weight
-                    )
-                    results[name][n].append(acc)
-                    seconds[name].append(secs)
-                    print(
-                        f"[{n} labels, seed {seed}] {name}: {100 * acc:.1f}% in {secs:.0f}s "
-                        f"(elapsed {(time.time() - start) / 60:.1f} min)",
-                        flush=True,
-                    )
+            for key in keys:
+                per_seed = ", ".join(f"{100 * v:.1f}" for v in results[key][n])
+                print(f"[{n} labels/class] {key}: {per_seed} %", flush=True)
+            print(f"  elapsed {(time.time() - start) / 60:.1f} min; results in {sweep}", flush=True)
+    except RuntimeError as error:
+        print(f"ssl_digits: {error}", file=sys.stderr)
+        return 1
     finally:
         if temp is not None:
             temp.cleanup()
-    wall = time.time() - start
     report = (
         "## Test accuracy (%) on digits, by labeled images per class\n\n"
-        + format_table(results, seconds, args.labels, args.methods)
+        + format_table(results, seconds, args.labels)
         + "\n\n"
-        + environment(argv, args.steps, wall, args)
+        + footer(argv, args, multirun_command(args.labels[0], args, workdir), time.time() - start)
         + "\n"
     )
     print("\n" + report)

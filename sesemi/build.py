@@ -11,7 +11,7 @@ from hydra.utils import get_class, instantiate
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-from sesemi.callbacks import LastCheckpoint
+from sesemi.callbacks import LastCheckpoint, ValidateLastStep
 from sesemi.devices import DevicePlan, warn_slow_cpu_precision
 from sesemi.learners import SUPERVISED, Classifier, LRSchedulerSpec
 from sesemi.schedulers.weight import WeightedTerm
@@ -205,6 +205,7 @@ def build_trainer(
         kwargs["max_epochs"] = run["num_epochs"]
     elif run.get("num_iterations") is not None:
         kwargs.update(max_epochs=-1, max_steps=run["num_iterations"])
+        kwargs["callbacks"].append(ValidateLastStep())
     kwargs.update(trainer_cfg)
     warn_slow_cpu_precision(plan, kwargs.get("precision"))
     return pl.Trainer(**kwargs)

@@ -224,3 +224,17 @@ class ConfusionReport(Callback):
             self.reports = write_confusion_report(
                 matrix, self.class_names, self.out_dir, stage_name
             )
+
+
+class ValidateLastStep(Callback):
+    """Validates the final weights of a run whose length is a step count (`run.num_iterations`).
+
+    Lightning validates at epoch ends and every `val_check_interval` steps, so a run whose last
+    step falls elsewhere (fewer steps than an epoch, say) would end without validating its
+    final weights; asking the trainer to stop at that step makes it validate there, which the
+    best and last checkpoints then see.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True

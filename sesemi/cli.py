@@ -52,6 +52,11 @@ def missing_config_error(argv: list[str]) -> str | None:
     where = f" nor {os.path.join(config_dir, stem + '.yaml')}" if config_dir else ""
     close = difflib.get_close_matches(stem, builtin, n=3)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
+    base, _, method = stem.partition("_")
+    if base in builtin and method:  # the old per-method names: demo_fixmatch, imagewoof_jigsaw
+        methods = difflib.get_close_matches(method, builtin_configs("method"), n=1, cutoff=0.5)
+        if methods:
+            hint = f"did you mean -cn {base} method={methods[0]}? "
     return (
         f"no config named '{name}': not a built-in config{where}; {hint}built-in: "
         f"{', '.join(builtin)} (methods are chosen with method=NAME, e.g. -cn demo "
@@ -60,8 +65,22 @@ def missing_config_error(argv: list[str]) -> str | None:
 
 
 def _next_command(argv: list[str]) -> str:
-    # The user's own invocation minus options the summary's suggestion replaces.
+    # The user's own invocation minus options the summary's suggestion replaces; in a multirun,
+    # the job's own overrides instead of the sweep's.
     drop = ("run.mode=", "run.pretrained_checkpoint_path=", "run.resume_from_checkpoint=")
+    hydra_cfg = HydraConfig.get()
+    if str(hydra_cfg.mode) == "RunMode.MULTIRUN":
+        flags, skip = [], False
+        for i, arg in enumerate(argv):
+            if skip:
+                skip = False
+                continue
+            if arg in ("-cn", "--config-name", "-cd", "--config-dir", "-cp", "--config-path"):
+                flags += argv[i : i + 2]
+                skip = True
+            elif arg.startswith("--config"):
+                flags.append(arg)
+        argv = [*flags, *hydra_cfg.overrides.task]
     kept = [a for a in argv if not a.startswith(drop)]
     return shlex.join(["open_sesemi", *kept])
 

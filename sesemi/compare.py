@@ -34,17 +34,22 @@ class Row:
     seconds: list[float] = field(default_factory=list)
 
     @property
+    def finite(self) -> list[float]:
+        """The seeds' values that exist (a run without the metric gives NaN)."""
+        return [v for v in self.values if not math.isnan(v)]
+
+    @property
     def mean(self) -> float:
         """The mean metric over seeds (NaN without any)."""
-        return statistics.fmean(self.values) if self.values else math.nan
+        return statistics.fmean(self.finite) if self.finite else math.nan
 
     @property
     def std(self) -> float:
         """The sample standard deviation over seeds (0 for one seed)."""
-        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+        return statistics.stdev(self.finite) if len(self.finite) > 1 else 0.0
 
 
-def _job_record(job_dir: str, metric: str) -> tuple[str, Any, float, float] | None:
+def _job_record(job_dir: str, metric: str) -> tuple[list[str], Any, float, float] | None:
     summary = os.path.join(job_dir, SUMMARY_NAME)
     if not os.path.isfile(summary):
         return None
@@ -54,21 +59,24 @@ def _job_record(job_dir: str, metric: str) -> tuple[str, Any, float, float] | No
     overrides: list[str] = []
     if os.path.isfile(overrides_path):
         with open(overrides_path) as f:
-            overrides = yaml.safe_load(f) or []
+            overrides = [str(o) for o in yaml.safe_load(f) or []]
     seed = None
     kept = []
     for item in overrides:
-        key, _, value = str(item).partition("=")
+        key, _, value = item.partition("=")
         if key.lstrip("+~") in SEED_KEYS:
             seed = value
         else:
-            kept.append(str(item))
+            kept.append(item)
     value = result.get("metrics", {}).get(metric, math.nan)
-    return " ".join(kept) or "(defaults)", seed, float(value), float(result.get("seconds", 0.0))
+    return kept, seed, float(value), float(result.get("seconds", 0.0))
 
 
 def collect(sweep_dir: str, metric: str = "val/top1") -> list[Row]:
     """Reads every job folder of a multirun into one row per configuration (seeds pooled).
+
+    A configuration is named by the overrides that tell its jobs from the others' (those every
+    job shares, such as a shorter run for all, are left out of the name).
 
     Args:
         sweep_dir: The multirun folder (Hydra's `hydra.sweep.dir`).
@@ -77,21 +85,30 @@ def collect(sweep_dir: str, metric: str = "val/top1") -> list[Row]:
     Returns:
         The rows in the order their first job ran.
     """
-    rows: dict[str, Row] = {}
-    names = sorted(
-        os.listdir(sweep_dir), key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else n)
-    )
+    # Hydra's job folders are numbered 0, 1, ...: in job order, not string order.
+    names = sorted(os.listdir(sweep_dir), key=lambda n: (len(n), n) if n.isdigit() else (1e9, n))
+    records = []
     for name in names:
         path = os.path.join(sweep_dir, name)
         record = _job_record(path, metric) if os.path.isdir(path) else None
-        if record is None:
-            continue
-        configuration, seed, value, seconds = record
+        if record is not None:
+            records.append(record)
+    shared = set.intersection(*(set(r[0]) for r in records)) if len(records) > 1 else set()
+    rows: dict[str, Row] = {}
+    for overrides, seed, value, seconds in records:
+        configuration = " ".join(o for o in overrides if o not in shared) or "(defaults)"
         row = rows.setdefault(configuration, Row(configuration))
         row.seeds.append(seed)
         row.values.append(value)
         row.seconds.append(seconds)
     return list(rows.values())
+
+
+def _seconds(seconds: list[float]) -> str:
+    if not seconds:
+        return ""
+    mean = statistics.fmean(seconds)
+    return f"{mean:.1f}" if mean < 100 else f"{mean:.0f}"
 
 
 def format_table(rows: Sequence[Row], metric: str = "val/top1") -> str:
@@ -103,7 +120,7 @@ def format_table(rows: Sequence[Row], metric: str = "val/top1") -> str:
             str(len(r.values)),
             f"{r.mean:.4f} ± {r.std:.4f}",
             " ".join(f"{v:.4f}" for v in r.values),
-            f"{statistics.fmean(r.seconds):.0f}" if r.seconds else "",
+            _seconds(r.seconds),
         ]
         for r in rows
     ]

@@ -55,6 +55,7 @@ FAST = [
     "++trainer.num_sanity_val_steps=0",
     "++trainer.enable_progress_bar=false",
     "++trainer.enable_model_summary=false",
+    "++trainer.log_every_n_steps=1",
 ]
 
 

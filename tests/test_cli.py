@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import open_sesemi
+
+import sesemi
+from sesemi.errors import USER_ERRORS, one_line
 
 pytestmark = pytest.mark.cli
 
@@ -23,6 +28,14 @@ def test_help_prints_groups_and_default_config(tmp_path):
     out = open_sesemi("-h", cwd=tmp_path)
     assert out.returncode == 0
     assert "learner: classifier" in out.stdout
+    groups = out.stdout[
+        out.stdout.index("== Configuration groups ==") : out.stdout.index("== Config ==")
+    ]
+    assert (
+        "method: " in groups
+        and "fixmatch" in groups
+        and "data: digits, folder, imagewoof" in groups
+    )
     for line in ("num_classes: ???", "backbone: ???", "batch_size_per_gpu: null", "trainer: null"):
         assert line in out.stdout
     assert "_target_: sesemi.Classifier" in out.stdout
@@ -80,10 +93,32 @@ def test_fit_then_validate_test_and_resume(experiment):
     assert resumed["lr_schedulers"][0]["last_epoch"] == 10
 
 
-def test_multirun_runs_each_job(experiment):
-    out = _custom(experiment, "-m", "run.num_iterations=2", "run.num_epochs=null", "run.seed=1,2")
+def test_a_method_comparison_multirun_ends_with_one_table(experiment):
+    # The spec's experiment layout, with the method chosen on the command line.
+    out = _custom(
+        experiment,
+        "-m",
+        "method=supervised,rotation",
+        "run.seed=0,1",
+        "run.num_iterations=2",
+        "run.num_epochs=null",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("sesemi FIT finished") == 2
+    assert out.stdout.count("sesemi FIT finished") == 4
+    table = out.stdout[out.stdout.index("sesemi multirun: val/top1 by configuration") :]
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:] if "=" in line}
+    assert set(rows) == {"method=supervised", "method=rotation"}
+    (sweep,) = glob.glob(str(experiment / "runs/tiny/multirun_*"))
+    assert (Path(sweep) / "comparison.png").stat().st_size > 0
+    with open(Path(sweep) / "comparison.csv") as f:
+        saved = {row["configuration"]: row for row in csv.DictReader(f)}
+    for job in glob.glob(f"{sweep}/[0-9]*"):
+        overrides = (Path(job) / ".hydra/overrides.yaml").read_text()
+        method = "supervised" if "method=supervised" in overrides else "rotation"
+        value = json.loads((Path(job) / "summary.json").read_text())["metrics"]["val/top1"]
+        assert f"{value:.6f}" in saved[f"method={method}"]["per_seed"].split()
+    for method, row in saved.items():
+        assert row["seeds"] == "2" and rows[method][1] == "2"
 
 
 def test_experiment_src_code_is_instantiable(experiment):
@@ -109,8 +144,6 @@ def test_experiment_src_code_is_instantiable(experiment):
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["run.num_epoch=3"], "num_epoch"),
-        (["run.num_epochs=abc"], "num_epochs"),
         (["run.data_root=/does/not/exist"], "/does/not/exist"),
         (["run.num_iterations=3"], "not both"),
         (["run.num_epochs=null"], "num_epochs or run.num_iterations"),
@@ -124,11 +157,34 @@ def test_experiment_src_code_is_instantiable(experiment):
         (["learner.hparams.model.ema={decay:2}"], "ema.decay must be in [0, 1)"),
         (["learner.hparams.optimizer=???"], "learner.hparams.optimizer"),
         (["run.resume_from_checkpoint=configs/custom.yaml"], "is not a PyTorch checkpoint"),
+        (["method=noisy_student"], "data.train.pseudo.dataset.root"),
+        (["learner.hparams.model.ema={decay:0.9,warmup:1}"], "unknown key(s) ['warmup']"),
     ],
 )
-def test_bad_input_is_one_clear_line(experiment, overrides, expected):
+def test_bad_input_is_one_clear_line_before_training(experiment, monkeypatch, overrides, expected):
+    # In process, through the API: the CLI prints the same error as one line (tested below).
+    monkeypatch.chdir(experiment)
+    cfg = sesemi.compose("custom", overrides, config_dir=experiment / "configs")
+    with pytest.raises(USER_ERRORS) as error:
+        sesemi.fit(cfg)
+    assert expected in one_line(error.value)
+    assert "\n" not in one_line(error.value)
+    assert not glob.glob(str(experiment / "runs/tiny/*/checkpoints"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["run.num_epoch=3"], "num_epoch"),  # Hydra's own check, while composing
+        (["run.num_epochs=abc"], "num_epochs"),
+        (["method=nope"], "method"),
+        (["data.image_size=big"], "image_size"),
+        (["learner.hparams.num_classes=3"], "set learner.hparams.num_classes=2"),  # at run time
+    ],
+)
+def test_bad_input_on_the_command_line_is_one_line_and_exit_1(experiment, overrides, expected):
     out = _custom(experiment, *overrides)
-    assert out.returncode != 0
+    assert out.returncode == 1
     assert expected in out.stderr
     assert "Traceback" not in out.stderr
     assert not glob.glob(str(experiment / "runs/tiny/*/checkpoints"))
@@ -307,7 +363,6 @@ def test_ddp_ranks_agree_reshuffle_and_reduce_metrics(experiment):
 
     # val/top1 is reduced over both processes: it equals one process evaluating every image.
     from sesemi.datasets import dataset
-    from sesemi.learners import Classifier
     from sesemi.transforms import center_crop_transforms
 
     (run_dir,) = glob.glob(str(experiment / "runs/tiny/*"))
@@ -315,20 +370,22 @@ def test_ddp_ranks_agree_reshuffle_and_reduce_metrics(experiment):
     header = rows[0].split(",")
     logged = [r.split(",")[header.index("val/top1")] for r in rows[1:]]
     final_top1 = float([v for v in logged if v][-1])
-    model = Classifier.load_from_checkpoint(Path(run_dir) / "checkpoints/last.ckpt").eval()
+    model = sesemi.load_classifier(Path(run_dir) / "checkpoints/last.ckpt")
     val = dataset("image_folder", experiment / "data", "val", center_crop_transforms(32, 32))
     images = torch.stack([val[i][0] for i in range(len(val))])
     with torch.no_grad():
-        predicted = model(images).argmax(dim=1)
+        predicted = model.net(images).argmax(dim=1)
     assert final_top1 == pytest.approx(
         (predicted == torch.tensor(val.targets)).float().mean().item()
     )
 
 
 def test_unknown_config_name_gets_one_line(experiment):
-    out = open_sesemi("-cn", "demo_fixmach", cwd=experiment)
+    out = open_sesemi("-cn", "demo_fixmach", cwd=experiment)  # the old per-method config names
     assert out.returncode == 1
-    assert out.stderr.count("\n") == 1 and "did you mean demo_fixmatch" in out.stderr
+    assert out.stderr.count("\n") == 1 and "-cn demo method=fixmatch" in out.stderr
+    out = open_sesemi("-cn", "dmeo", cwd=experiment)
+    assert out.returncode == 1 and "did you mean demo" in out.stderr
     out = _custom(experiment, "-cn", "costum")
     assert out.returncode == 1 and "configs/costum.yaml" in out.stderr
 

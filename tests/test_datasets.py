@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,14 +16,22 @@ from sesemi.datasets import _registry, dataset, list_datasets, register_dataset
 from sesemi.transforms import center_crop_transforms
 
 
+@contextlib.contextmanager
+def restored_registry() -> Iterator[None]:
+    """Undoes whatever is registered inside the block."""
+    before = dict(_registry._BUILDERS)
+    try:
+        yield
+    finally:
+        _registry._BUILDERS.clear()
+        _registry._BUILDERS.update(before)
+
+
 @pytest.fixture
 def clean_registry() -> Iterator[None]:
     """Removes whatever a test registers so the registry is the same for every other test."""
-    before = dict(_registry._BUILDERS)
-    yield
-    for name in set(_registry._BUILDERS) - set(before):
-        del _registry._BUILDERS[name]
-    _registry._BUILDERS.update(before)
+    with restored_registry():
+        yield
 
 
 def check_targets(ds) -> None:
@@ -99,6 +108,18 @@ def test_labeled_and_unlabeled_subsets_together(image_root: Path) -> None:
     assert ds.classes == ["cat", "dog"]
     assert ds.targets == [0] * 8 + [1] * 8 + [-1] * 3
     assert ds[18][1] == -1
+
+
+def test_an_optional_subset_is_read_where_it_exists_and_skipped_where_not(image_root) -> None:
+    without = dataset("image_folder", str(image_root), subset=["train", "unlabeled?"])
+    assert len(without) == 16 and without.classes == ["cat", "dog"]
+    write_images(image_root / "unlabeled", 3, seed=4)
+    with_it = dataset("image_folder", str(image_root), subset=["train", "unlabeled?"])
+    assert len(with_it) == 19 and with_it.targets[-3:] == [-1, -1, -1]
+    with pytest.raises(FileNotFoundError, match="none of the optional subsets"):
+        dataset("image_folder", str(image_root), subset=["extra?"])
+    with pytest.raises(FileNotFoundError, match="extra"):  # not optional: an error
+        dataset("image_folder", str(image_root), subset=["train", "extra"])
 
 
 # ---------------------------------------------------------------- errors
@@ -241,7 +262,10 @@ def test_duplicate_name_names_first_registration(clean_registry: None) -> None:
         register_dataset(name="image_folder")(first)
 
 
-def test_registry_cleaned_up() -> None:
-    # Runs after the registering tests in file order; they must have left no trace.
-    assert not [n for n in list_datasets() if n.startswith("sesemi_test_")]
-    assert "image_folder" in list_datasets()
+def test_what_a_test_registers_is_removed_after_it() -> None:
+    # Independent of test order: register inside the fixture's context, then look after it.
+    before = list_datasets()
+    with restored_registry():
+        register_dataset(name="sesemi_test_temporary")(lambda root, **kw: _Recorded(root=root))
+        assert "sesemi_test_temporary" in list_datasets()
+    assert list_datasets() == before and "image_folder" in before

@@ -5,39 +5,17 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIG, make_image_folder, open_sesemi
+from conftest import FAST, TINY_CONFIG, make_image_folder, open_sesemi
 
 from sesemi.inference import list_images, load_trained_model, parse_tta, predict, tta_views
 
 pytestmark = pytest.mark.cli
-
-STUDENT_CONFIG = """\
-defaults:
-  - custom
-  - _self_
-run:
-  id: student
-data:
-  train:
-    pseudo:
-      dataset:
-        name: pseudo_labeled
-        root: {root}
-        image_transform: {{_target_: sesemi.transforms.train_transforms, input_h: 32, input_w: 32}}
-learner:
-  hparams:
-    model:
-      regularization_loss_heads:
-        pseudo_label:
-          head:
-            _target_: sesemi.models.heads.pseudo_label.PseudoLabelLossHead
-            input_data: pseudo
-"""
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +58,27 @@ def test_fit_reports_its_last_validation(trained):
     assert sum(int(v) for row in rows for v in row[1:]) == 8  # the 8 val images
 
 
-def test_knn_accuracy_is_logged(trained):
+def test_knn_accuracy_is_the_vote_of_the_labeled_images_features(trained):
+    from sesemi.callbacks import KNNEvaluation
+    from sesemi.datasets import dataset
+
     rows = _rows(trained["run_dir"] / "metrics.csv")
-    knn = [float(r["val/knn/top1"]) for r in rows if r.get("val/knn/top1")]
-    assert knn and all(0.0 <= v <= 1.0 for v in knn)
+    logged = [float(r["val/knn/top1"]) for r in rows if r.get("val/knn/top1")][-1]
+    # Recompute the last validation's vote from the final weights: bank = the labeled train
+    # images, both read with the val transform; k = 3 as configured, temperature 0.07.
+    model = load_trained_model(str(trained["checkpoint"]))
+    knn = KNNEvaluation([], k=3, temperature=0.07)
+
+    def features(subset):
+        ds = dataset("image_folder", str(trained["data"]), subset, model.transform())
+        images = torch.stack([ds[i][0] for i in range(len(ds))])
+        with torch.no_grad():
+            return knn._unit(model.net.backbone(images)), torch.tensor(ds.targets)
+
+    knn._bank = features("train")
+    val, targets = features("val")
+    expected = (knn.scores(val, 2).argmax(dim=1) == targets).float().mean().item()
+    assert logged == pytest.approx(expected, abs=1e-6)
 
 
 def test_predict_writes_one_row_per_image_and_reports_unreadable(trained, tmp_path):
@@ -216,10 +211,10 @@ def test_pseudo_labels_keep_confident_images_and_train_a_student(trained, tmp_pa
     assert probabilities.shape == (2,) and int(probabilities.argmax()) == label
     assert rows[0]["label"] == soft.classes[label]
 
-    # The student: the tiny config plus a pseudo-labeled loader and its loss head (a new loader
-    # goes in a config file: OmegaConf cannot add a structured entry from the command line).
-    (trained["root"] / "configs" / "student.yaml").write_text(STUDENT_CONFIG.format(root=out))
-    fit = open_sesemi("-cd", "configs", "-cn", "student", cwd=trained["root"])
+    # The student: the experiment's config with method=noisy_student reading these labels.
+    student = ("method=noisy_student", f"data.train.pseudo.dataset.root={out}", "run.id=student")
+    student += ("data.train.pseudo.batch_size=4",)  # a handful of pseudo-labeled images
+    fit = open_sesemi("-cd", "configs", "-cn", "custom", *student, cwd=trained["root"])
     assert fit.returncode == 0, fit.stderr[-3000:]
     (run_dir,) = glob.glob(str(trained["root"] / "runs" / "student" / "*"))
     header = (Path(run_dir) / "metrics.csv").read_text().splitlines()[0]
@@ -240,47 +235,65 @@ def test_bad_checkpoint_and_inputs_get_one_line(trained, tmp_path):
     assert result.returncode == 1 and "no inputs" in result.stderr
 
 
-def test_noisy_student_demo_stages_run_end_to_end(tmp_path, tmp_path_factory):
-    digits = tmp_path_factory.getbasetemp() / "sesemi_digits"  # prepared once per session
-    tiny = [
-        f"run.data_root={digits}",
-        "run.num_iterations=2",
-        "trainer.val_check_interval=2",
-        "run.batch_size_per_gpu=8",
-        "learner.hparams.model.backbone.name=test_resnet",
-        "+trainer.limit_val_batches=1",
-        "+trainer.num_sanity_val_steps=0",
-    ]
-    teacher = open_sesemi("-cn", "demo_noisy_student_teacher", *tiny, cwd=tmp_path)
+def test_noisy_student_demo_stages_run_end_to_end(tmp_path, digits_root):
+    tiny = [f"run.data_root={digits_root}", *FAST]
+    teacher = open_sesemi("-cn", "demo", "method=noisy_student_teacher", *tiny, cwd=tmp_path)
     assert teacher.returncode == 0, teacher.stderr[-3000:]
-    (checkpoint,) = glob.glob(str(tmp_path / "runs/noisy_student_teacher/*/checkpoints/last.ckpt"))
+    (checkpoint,) = glob.glob(str(tmp_path / "runs/demo/*/checkpoints/last.ckpt"))
     pseudo = tmp_path / "digits_pseudo"
+    student = ["-cn", "demo", "method=noisy_student", *tiny]
     # Without pseudo-labels the student stops before training, saying how to make them.
-    early = open_sesemi(
-        "-cn", "demo_noisy_student", *tiny, f"data.train.pseudo.dataset.root={pseudo}", cwd=tmp_path
-    )
+    early = open_sesemi(*student, f"data.train.pseudo.dataset.root={pseudo}", cwd=tmp_path)
     assert early.returncode == 1 and "open_sesemi pseudo-label" in early.stderr
     label = open_sesemi(
-        "pseudo-label", checkpoint, str(digits / "unlabeled"), "-o", str(pseudo), cwd=tmp_path
+        "pseudo-label", checkpoint, str(digits_root / "unlabeled"), "-o", str(pseudo), cwd=tmp_path
     )
     assert label.returncode == 0, label.stderr[-3000:]
     assert "1208 of 1208" in label.stdout  # threshold 0 keeps every unlabeled digit
-    student = open_sesemi(
-        "-cn",
-        "demo_noisy_student",
-        *tiny,
-        f"data.train.pseudo.dataset.root={pseudo}",
-        "data.train.pseudo.batch_size=8",
-        "trainer.log_every_n_steps=1",
-        cwd=tmp_path,
-    )
-    assert student.returncode == 0, student.stderr[-3000:]
-    (metrics,) = glob.glob(str(tmp_path / "runs/noisy_student/*/metrics.csv"))
+    done = open_sesemi(*student, f"data.train.pseudo.dataset.root={pseudo}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = max(glob.glob(str(tmp_path / "runs/demo/*/metrics.csv")), key=os.path.getmtime)
     assert "train/pseudo_label_loss" in Path(metrics).read_text().splitlines()[0]
 
 
+def test_the_python_api_predicts_what_the_cli_writes(trained, tmp_path):
+    import sesemi
+
+    files = list_images([str(trained["data"] / "val")])
+    out = tmp_path / "predictions.csv"
+    args = ("predict", str(trained["checkpoint"]), *files, "-o", str(out), "-k", "2")
+    assert open_sesemi(*args, cwd=tmp_path).returncode == 0
+    model = sesemi.load_classifier(trained["checkpoint"])
+    predictions = model.predict(files)
+    assert len(predictions) == len(files) == 8
+    for row, p in zip(_rows(out), predictions, strict=True):
+        assert row["class_1"] == p.label
+        assert float(row["score_1"]) == pytest.approx(p.probability, abs=1e-6)
+        assert p.probabilities[row["class_2"]] == pytest.approx(float(row["score_2"]), abs=1e-6)
+    from PIL import Image
+
+    (again,) = model.predict(Image.open(files[0]))  # a PIL image works too
+    assert again.probabilities == pytest.approx(predictions[0].probabilities)
+
+
+def test_a_checkpoint_cannot_make_predict_run_code(trained, tmp_path):
+    # A checkpoint whose recorded backbone names another callable is refused: the network is
+    # rebuilt from sesemi's timm backbone and plain values, never from a `_target_` in the file.
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    checkpoint = torch.load(trained["checkpoint"], map_location="cpu", weights_only=True)
+    checkpoint["sesemi"]["model"]["backbone"] = None
+    hostile = {"_target_": "logging.basicConfig", "filename": str(victim), "filemode": "w"}
+    checkpoint["hyper_parameters"]["hparams"]["model"]["backbone"] = hostile
+    path = tmp_path / "hostile.ckpt"
+    torch.save(checkpoint, path)
+    result = open_sesemi("predict", str(path), str(trained["data"] / "val"), cwd=tmp_path)
+    assert result.returncode == 1 and "cannot be rebuilt" in result.stderr
+    assert victim.read_text() == "keep me"
+
+
 def test_ema_weights_load_from_a_checkpoint(tmp_path):
-    from sesemi.learners import Classifier
+    from sesemi.build import build_classifier
 
     hparams = {
         "num_classes": 3,
@@ -291,7 +304,7 @@ def test_ema_weights_load_from_a_checkpoint(tmp_path):
         },
         "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1},
     }
-    learner = Classifier(hparams)
+    learner = build_classifier(hparams)
     with torch.no_grad():  # make student and teacher differ
         for p in learner.backbone.parameters():
             p.add_(1.0)
@@ -304,12 +317,10 @@ def test_ema_weights_load_from_a_checkpoint(tmp_path):
         teacher = load_trained_model(str(path), ema=True).net(images)
         student = load_trained_model(str(path)).net(images)
         torch.testing.assert_close(teacher, learner.ema(images))
-        torch.testing.assert_close(student, learner.supervised_head(learner.backbone(images)))
+        torch.testing.assert_close(student, learner.net(images))
     assert not torch.allclose(teacher, student)
     no_ema = {**hparams, "model": {**hparams["model"], "ema": None}}
-    torch.save(
-        {"hyper_parameters": {"hparams": no_ema}, "state_dict": Classifier(no_ema).state_dict()},
-        path,
-    )
+    state = {"hyper_parameters": {"hparams": no_ema}}
+    torch.save({**state, "state_dict": build_classifier(no_ema).state_dict()}, path)
     with pytest.raises(ValueError, match="no EMA weights"):
         load_trained_model(str(path), ema=True)

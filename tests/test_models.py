@@ -14,7 +14,7 @@ from torch import nn
 
 from sesemi.collation import RotationTransformer
 from sesemi.models.backbones import PyTorchImageModels
-from sesemi.models.heads import HeadInputs, RotationPredictionLossHead
+from sesemi.models.heads import HeadContext, HeadInputs, RotationPredictionLossHead
 
 # Tiny timm models that run at 32x32; test_mambaout has a pre-logits MLP whose width differs
 # from `num_features`, so it pins down that out_features is the width actually returned.
@@ -45,9 +45,25 @@ def test_out_features_feeds_a_linear_layer() -> None:
     assert logits.shape == (2, 3)
 
 
-def test_global_pool_and_kwargs_forwarded() -> None:
-    backbone = PyTorchImageModels("test_resnet", global_pool="max", in_chans=1)
-    assert backbone(torch.randn(2, 1, 32, 32)).shape == (2, backbone.out_features)
+@pytest.mark.parametrize(("pool", "reduce"), [("avg", torch.mean), ("max", torch.amax)])
+def test_global_pool_and_kwargs_forwarded(pool, reduce) -> None:
+    # The pooled features are the pooling of the last feature map, so "max" and "avg" differ.
+    torch.manual_seed(0)
+    backbone = PyTorchImageModels("test_resnet", global_pool=pool, in_chans=1).eval()
+    images = torch.randn(2, 1, 32, 32)
+    first = next(m for m in backbone.model.modules() if isinstance(m, nn.Conv2d))
+    assert first.in_channels == 1  # in_chans reached timm
+    feature_map = backbone.model.forward_features(images)
+    torch.testing.assert_close(backbone(images), reduce(feature_map, dim=(2, 3)))
+
+
+def test_spec_rebuilds_the_same_architecture() -> None:
+    backbone = PyTorchImageModels("test_resnet", global_pool="max", drop_rate=0.3, in_chans=1)
+    spec = backbone.spec()
+    assert spec == {"name": "test_resnet", "global_pool": "max", "drop_rate": 0.3, "in_chans": 1}
+    rebuilt = PyTorchImageModels(**spec)
+    assert rebuilt.model.state_dict().keys() == backbone.model.state_dict().keys()
+    rebuilt.load_state_dict(backbone.state_dict())
 
 
 def test_frozen_backbone_keeps_weights_and_batchnorm_stats() -> None:
@@ -107,7 +123,7 @@ def test_rotation_head_losses_match_cross_entropy() -> None:
     torch.manual_seed(0)
     backbone = PyTorchImageModels("test_resnet")
     head = RotationPredictionLossHead("rotation")
-    head.build({"backbone": backbone}, {})
+    head.build(HeadContext({"backbone": backbone}, {}, num_classes=3))
     assert isinstance(head.fc, nn.Linear)
     assert (head.fc.in_features, head.fc.out_features) == (backbone.out_features, 4)
 
@@ -140,7 +156,7 @@ def test_rotation_head_reads_its_named_inputs() -> None:
     torch.manual_seed(0)
     student, other = PyTorchImageModels("test_resnet"), PyTorchImageModels("test_vit")
     head = RotationPredictionLossHead("rot_data", input_backbone="other", num_rotations=2)
-    head.build({"backbone": student, "other": other}, {})
+    head.build(HeadContext({"backbone": student, "other": other}, {}, num_classes=3))
     assert head.fc.in_features == other.out_features and head.fc.out_features == 2
     batch = RotationTransformer(num_rotations=2)([torch.rand(3, 32, 32) for _ in range(2)])
     inputs = HeadInputs(

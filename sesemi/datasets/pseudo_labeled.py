@@ -45,8 +45,10 @@ class PseudoLabeledImages(Dataset):
         csv_path, meta_path = os.path.join(root, CSV_NAME), os.path.join(root, META_NAME)
         if not os.path.isfile(csv_path) or not os.path.isfile(meta_path):
             raise FileNotFoundError(
-                f"no pseudo-labels in '{root}' ({CSV_NAME} and {META_NAME}); make them with: "
-                f"open_sesemi pseudo-label <teacher checkpoint> <unlabeled folder> -o {root}"
+                f"no pseudo-labels in '{root}' ({CSV_NAME} and {META_NAME}); make them with "
+                "open_sesemi pseudo-label <teacher checkpoint> <unlabeled folder> -o <folder> "
+                "and give that folder as the dataset's root (data.train.pseudo.dataset.root="
+                "<folder> for method=noisy_student)"
             )
         with open(meta_path) as f:
             meta = json.load(f)

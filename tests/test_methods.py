@@ -1,0 +1,96 @@
+"""Every method on any data in one word: `method=<name>` trains on the digits and on an
+imagewoof-shaped folder, in process, through the Python API."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import FAST, make_image_folder
+
+import sesemi
+from sesemi.cli import builtin_configs
+
+# The loss terms each method adds to the supervised one (what its run must log).
+HEADS = {
+    "supervised": [],
+    "rotation": ["rotation_prediction"],
+    "jigsaw": ["jigsaw_prediction"],
+    "entropy_minimization": ["entropy_minimization"],
+    "pi_model": ["pi_model"],
+    "mean_teacher": ["mean_teacher"],
+    "fixmatch": ["fixmatch"],
+    "flexmatch": ["fixmatch"],
+    "rotation_entropy": ["rotation_prediction", "entropy_minimization"],
+    "noisy_student_teacher": [],
+    "noisy_student": ["pseudo_label"],
+}
+
+
+def test_every_built_in_method_is_covered_here():
+    assert sorted(HEADS) == builtin_configs("method")
+
+
+def write_pseudo_labels(folder: Path, images: Path, classes: list[str]) -> Path:
+    """A `pseudo_labeled` folder labeling `images/<class>/*` with their folder's class."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "pseudo_labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "label", "confidence", *[f"p:{c}" for c in classes]])
+        for path in sorted(images.glob("*/*.png"))[:40]:
+            probs = [1.0 if c == path.parent.name else 0.0 for c in classes]
+            writer.writerow([os.path.relpath(path, folder), path.parent.name, 1.0, *probs])
+    (folder / "pseudo_labels.json").write_text(
+        json.dumps({"class_names": classes, "labels": "hard"})
+    )
+    return folder
+
+
+def _trained_terms(result) -> set[str]:
+    header = (Path(result.run_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    return {
+        h[len("train/") : -len("_loss")]
+        for h in header
+        if h.startswith("train/") and h.endswith("_loss")
+    }
+
+
+def _fit(name: str, method: str, data_root: Path, tmp_path: Path, extra=()):
+    overrides = [f"method={method}", f"run.data_root={data_root}", f"run.dir={tmp_path / 'runs'}"]
+    if method == "noisy_student":
+        classes = sorted(p.name for p in (data_root / "train").iterdir())
+        source = (
+            data_root / "unlabeled" if (data_root / "unlabeled").is_dir() else data_root / "train"
+        )
+        pseudo = write_pseudo_labels(tmp_path / "pseudo", source, classes)
+        overrides.append(f"data.train.pseudo.dataset.root={pseudo}")
+    return sesemi.fit(sesemi.compose(name, [*overrides, *FAST, *extra]))
+
+
+@pytest.mark.parametrize("method", sorted(HEADS))
+def test_every_method_trains_a_few_steps_on_the_digits(method, digits_root, tmp_path, one_thread):
+    result = _fit("demo", method, digits_root, tmp_path)
+    assert _trained_terms(result) == {"supervised", *HEADS[method]}
+    assert 0.0 <= result.metrics["val/top1"] <= 1.0 and result.last_checkpoint is not None
+    if method == "mean_teacher":
+        assert "val/ema/top1" in result.metrics
+
+
+@pytest.fixture(scope="module")
+def imagewoof_root(tmp_path_factory) -> Path:
+    """An imagewoof2-shaped folder: train/ and val/ with 10 class folders, no unlabeled/."""
+    classes = tuple(f"n0208{i:04d}" for i in range(10))
+    root = tmp_path_factory.mktemp("woof") / "imagewoof2"
+    return make_image_folder(root, {"train": 3, "val": 1}, classes)
+
+
+@pytest.mark.parametrize("method", sorted(HEADS))
+def test_every_method_trains_a_few_steps_on_an_imagewoof_shaped_folder(
+    method, imagewoof_root, tmp_path, one_thread
+):
+    result = _fit("imagewoof", method, imagewoof_root, tmp_path, ["data.image_size=32"])
+    assert _trained_terms(result) == {"supervised", *HEADS[method]}
+    assert result.metrics["val/top1"] >= 0.0
