@@ -9,6 +9,7 @@ Prints a markdown table of seconds per step and the ratio.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import tempfile
@@ -18,20 +19,15 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from sesemi import PyTorchImageModels
 from sesemi.data import SESEMIDataModule  # noqa: F401  (same import cost as a real run)
 from sesemi.learners import Classifier
 
 
-def hparams(model: str, num_classes: int) -> dict:
-    """A supervised-only Classifier configuration."""
-    return {
-        "num_classes": num_classes,
-        "model": {
-            "backbone": {"_target_": "sesemi.PyTorchImageModels", "name": model},
-            "supervised_loss": {"callable": {"_target_": "torch.nn.CrossEntropyLoss"}},
-        },
-        "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.01, "momentum": 0.9},
-    }
+def classifier(model: str, num_classes: int) -> Classifier:
+    """A supervised-only Classifier, built from objects."""
+    optimizer = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9)
+    return Classifier(PyTorchImageModels(model), num_classes, optimizer)
 
 
 class Batches(pl.LightningDataModule):
@@ -52,7 +48,7 @@ def raw_loop(model: Classifier, loader: DataLoader, steps: int) -> float:
     done, start = 0, time.perf_counter()
     while done < steps:
         for images, targets in loader:
-            logits = model.supervised_head(model.backbone(images))
+            logits = model.net(images)
             loss = torch.nn.functional.cross_entropy(logits, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -93,10 +89,10 @@ def main() -> None:
     n = args.batch * 20
     images, targets = torch.randn(n, 3, args.size, args.size), torch.randint(0, 10, (n,))
     data = Batches(images, targets, args.batch)
-    raw_loop(Classifier(hparams(args.model, 10)), data.loader, 10)  # warm-up (allocator, kernels)
-    raw = raw_loop(Classifier(hparams(args.model, 10)), data.loader, args.steps)
+    raw_loop(classifier(args.model, 10), data.loader, 10)  # warm-up (allocator, kernels)
+    raw = raw_loop(classifier(args.model, 10), data.loader, args.steps)
     with tempfile.TemporaryDirectory() as log_dir:
-        lit = lightning_loop(Classifier(hparams(args.model, 10)), data, args.steps, log_dir)
+        lit = lightning_loop(classifier(args.model, 10), data, args.steps, log_dir)
     print(f"| loop | s/step ({args.model}, batch {args.batch}, {args.size} px) |")
     print("|---|---|")
     print(f"| raw PyTorch | {raw:.4f} |")

@@ -15,6 +15,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from sesemi.checkpoints import METADATA_KEY
 from sesemi.evaluation import write_confusion_report
 
 
@@ -57,7 +58,7 @@ class LastCheckpoint(Callback):
             return
         self._saved_step = trainer.global_step
         tmp = self.path + ".tmp"
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
 
@@ -238,3 +239,38 @@ class ValidateLastStep(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
             trainer.should_stop = True
+
+
+class CheckpointMetadata(Callback):
+    """Writes what a user of a checkpoint needs besides the weights into every checkpoint.
+
+    `checkpoint["sesemi"]` holds the class names (in target order), the eval preprocessing
+    (`center_crop_transforms` arguments) and a plain description of the network (its class
+    count and, for `sesemi.PyTorchImageModels`, the timm name and arguments), so `predict`,
+    `export` and `load_classifier` rebuild it from data alone.
+    """
+
+    def __init__(self, class_names: list[str] | None, preprocessing: Mapping | None) -> None:
+        """Initializes the callback.
+
+        Args:
+            class_names: The class names in target order (from the labeled image folders).
+            preprocessing: `center_crop_transforms` arguments that prepare an image.
+        """
+        self.class_names = list(class_names) if class_names is not None else None
+        self.preprocessing = dict(preprocessing) if preprocessing is not None else None
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        net = getattr(pl_module, "net", None)
+        backbone = getattr(net, "backbone", None)
+        spec = getattr(backbone, "spec", None)
+        checkpoint[METADATA_KEY] = {
+            "class_names": self.class_names,
+            "preprocessing": self.preprocessing,
+            "model": {
+                "num_classes": getattr(net, "num_classes", None),
+                "backbone": spec() if callable(spec) else None,
+            },
+        }

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
+METADATA_KEY = "sesemi"  # The checkpoint entry holding class names, preprocessing and the model.
+
 # State-dict prefixes of checkpoints written before `Classifier` held a `ClassifierNet`.
 _RENAMED = {"backbone.": "net.backbone.", "supervised_head.": "net.supervised_head."}
 _RENAMED_HEADS = ("regularization_heads.", "heads.")

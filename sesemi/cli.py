@@ -96,15 +96,6 @@ def cli(cfg: DictConfig) -> float | None:
 
     from sesemi.runner import format_summary, run
 
-    warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
-    warnings.filterwarnings("ignore", message=r".*pin_memory.*no accelerator.*")
-    warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated.*")  # torchdata
-    # The learner's on_after_batch_transfer (device normalization) is meant to be used.
-    warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer`.*")
-    # The run directory is new; it holds only Hydra's own files, which the CSV logger keeps.
-    warnings.filterwarnings(
-        "ignore", message=r".*Experiment logs directory .* exists and is not empty.*"
-    )
     output_dir = HydraConfig.get().runtime.output_dir
     result = reporting_user_errors("open_sesemi", lambda: run(cfg, output_dir))
     rank_zero_only(print)(format_summary(result, _next_command(sys.argv[1:])))

@@ -16,9 +16,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from sesemi.checkpoints import read_checkpoint, upgrade_state_dict
+from sesemi.checkpoints import METADATA_KEY, read_checkpoint, upgrade_state_dict
 from sesemi.datasets.image_folder import ImageReadError, _is_image, load_image
-from sesemi.learners import METADATA_KEY
 from sesemi.models.backbones import PyTorchImageModels
 from sesemi.models.net import ClassifierNet
 from sesemi.transforms import center_crop_transforms, interpolation_mode, to_normalized_tensor

@@ -20,7 +20,6 @@ from sesemi.models.net import BatchPreparation, ClassifierNet
 from sesemi.schedulers.weight import WeightedTerm
 
 SUPERVISED = "supervised"  # The data.train loader the supervised loss reads, and its term's name.
-METADATA_KEY = "sesemi"  # The checkpoint entry holding class names, preprocessing and the model.
 
 
 def per_sample_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -107,7 +106,6 @@ class Classifier(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler = lr_scheduler
         self.prepare_batch = BatchPreparation(input_normalization, channels_last)
-        self.input_normalization = self.prepare_batch.normalization
         self.compile_options = compile
         self.train_top1 = MulticlassAccuracy(num_classes, average="micro")
         self.val_top1 = MulticlassAccuracy(num_classes, average="micro")
@@ -117,9 +115,6 @@ class Classifier(pl.LightningModule):
         if self.ema is not None:
             self.val_ema_top1 = MulticlassAccuracy(num_classes, average="micro")
         self._ema_step = -1
-        # What a user of a checkpoint needs besides the weights (see `set_metadata`).
-        self.class_names: list[str] | None = None
-        self.preprocessing: dict[str, Any] | None = None
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -148,33 +143,6 @@ class Classifier(pl.LightningModule):
         if self.ema is not None:
             found["teacher_supervised_head"] = self.ema.net.supervised_head
         return found
-
-    def set_metadata(
-        self, class_names: list[str] | None, preprocessing: Mapping[str, Any] | None
-    ) -> None:
-        """Records the class names (in target order) and the eval preprocessing
-        (`center_crop_transforms` arguments) that checkpoints carry."""
-        if class_names is not None and len(class_names) != self.num_classes:
-            raise ValueError(
-                f"{len(class_names)} class names for a {self.num_classes}-class classifier"
-            )
-        self.class_names = list(class_names) if class_names is not None else None
-        self.preprocessing = dict(preprocessing) if preprocessing is not None else None
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Stores class names, preprocessing and a plain description of the network."""
-        spec = getattr(self.net.backbone, "spec", None)
-        checkpoint[METADATA_KEY] = {
-            "class_names": self.class_names,
-            "preprocessing": self.preprocessing,
-            "model": {"num_classes": self.num_classes, "backbone": spec() if spec else None},
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restores the class names and preprocessing (a resumed run keeps them)."""
-        meta = checkpoint.get(METADATA_KEY) or {}
-        self.class_names = self.class_names or meta.get("class_names")
-        self.preprocessing = self.preprocessing or meta.get("preprocessing")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Normalizes uint8 image batches on the device (and makes them channels-last)."""
@@ -259,14 +227,7 @@ class Classifier(pl.LightningModule):
         images, targets = batch[:2]
         features = self.net.backbone(images)
         logits = self.net.supervised_head(features)
-        loss, top1 = (
-            (self.val_loss, self.val_top1)
-            if stage == "val"
-            else (
-                self.test_loss,
-                self.test_top1,
-            )
-        )
+        loss, top1 = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_top1")
         loss(F.cross_entropy(logits, targets), len(targets))
         top1(logits, targets)
         self.log(f"{stage}/loss", loss, batch_size=len(targets))

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from sesemi.build import build_learner, build_trainer, knn_options
-from sesemi.callbacks import ConfusionReport, KNNEvaluation, LastCheckpoint
+from sesemi.callbacks import CheckpointMetadata, ConfusionReport, KNNEvaluation, LastCheckpoint
 from sesemi.checkpoints import find_checkpoint, load_pretrained_weights
 from sesemi.compare import SUMMARY_NAME
 from sesemi.config.resolvers import SESEMIConfigAttributes, resolve
@@ -217,8 +218,9 @@ def build_data(cfg: DictConfig, mode: RunMode, plan: DevicePlan) -> SESEMIDataMo
     return data
 
 
-def _evaluation_callbacks(
+def _callbacks(
     learner: pl.LightningModule,
+    loaders: Mapping[str, Any],
     hparams: Mapping[str, Any],
     data: SESEMIDataModule,
     run_dir: str,
@@ -226,7 +228,12 @@ def _evaluation_callbacks(
 ) -> list:
     if not isinstance(learner, Classifier):
         return []
-    callbacks: list = [ConfusionReport(run_dir, learner.class_names, learner.num_classes)]
+    names = class_names(data)
+    preprocessing = eval_preprocessing(loaders, hparams.get("input_normalization"))
+    callbacks: list = [
+        CheckpointMetadata(names, preprocessing),
+        ConfusionReport(run_dir, names, learner.num_classes),
+    ]
     knn = knn_options(hparams)
     if knn is not None:
         if mode == RunMode.FIT and "supervised" in data.train and data.val is not None:
@@ -234,6 +241,19 @@ def _evaluation_callbacks(
         else:  # VALIDATE / TEST build no training data to vote with
             log.info("kNN evaluation runs only in FIT with data.val; skipped")
     return callbacks
+
+
+def quiet_known_warnings() -> None:
+    """Silences warnings that say nothing to a sesemi user (by design, or third-party noise)."""
+    warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*pin_memory.*no accelerator.*")
+    warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated.*")  # torchdata
+    # The learner's on_after_batch_transfer (device normalization) is meant to be used.
+    warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer`.*")
+    # The run directory is new; it holds only the run's config files, which the CSV logger keeps.
+    warnings.filterwarnings(
+        "ignore", message=r".*Experiment logs directory .* exists and is not empty.*"
+    )
 
 
 def run(cfg: DictConfig, run_dir: str) -> RunResult:
@@ -244,6 +264,7 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
         run_dir: Where outputs (logs, checkpoints) go.
     """
     start = time.time()
+    quiet_known_warnings()
     missing = missing_keys(OmegaConf.to_container(cfg, resolve=False))
     if missing:
         raise ValueError(
@@ -267,11 +288,8 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
         check_head_inputs(hparams.get("model", {}).get("regularization_loss_heads"), data)
     check_fresh_run_dir(run_dir)
     learner = build_learner(learner_cfg, data.dataset_sizes())
-    if isinstance(learner, Classifier):
-        loaders = {group: resolve(cfg.data.get(group), attributes) for group in LOADER_GROUPS}
-        preprocessing = eval_preprocessing(loaders, hparams.get("input_normalization"))
-        learner.set_metadata(class_names(data), preprocessing)
-    reports = _evaluation_callbacks(learner, hparams, data, run_dir, mode)
+    loaders = {group: resolve(cfg.data.get(group), attributes) for group in LOADER_GROUPS}
+    callbacks = _callbacks(learner, loaders, hparams, data, run_dir, mode)
     resume = cfg.run.resume_from_checkpoint
     ckpt_path = None
     if resume:
@@ -287,7 +305,7 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
         run_dir,
         "val/top1" if data.val is not None else None,
         attributes.iterations_per_epoch,
-        reports,
+        callbacks,
     )
     if mode == RunMode.FIT:
         trainer.fit(learner, datamodule=data, ckpt_path=ckpt_path)
@@ -308,7 +326,7 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
         best_checkpoint=(checkpoint.best_model_path or None) if checkpoint else None,
         last_checkpoint=last.path if os.path.isfile(last.path) else None,
         seconds=time.time() - start,
-        reports=[p for c in reports if isinstance(c, ConfusionReport) for p in c.reports],
+        reports=[p for c in callbacks if isinstance(c, ConfusionReport) for p in c.reports],
     )
     if trainer.is_global_zero:
         write_summary(result)

@@ -191,8 +191,8 @@ def test_bad_input_on_the_command_line_is_one_line_and_exit_1(experiment, overri
 
 
 def test_ddp_two_processes_on_cpu(experiment):
-    # 16 labeled images and 24 rotation images over 2 processes at batch 4 (drop_last): the
-    # longest loader gives ceil(24 / 2) // 4 = 3 steps per epoch on each process.
+    # 16 labeled and 16 rotation images (train/; there is no unlabeled/) over 2 processes at
+    # batch 4 (drop_last): ceil(16 / 2) // 4 = 2 steps per epoch on each process.
     out = _custom(
         experiment,
         "run.accelerator=ddp",
@@ -203,9 +203,9 @@ def test_ddp_two_processes_on_cpu(experiment):
     assert out.returncode == 0, out.stderr[-3000:]
     (last,) = glob.glob(str(experiment / "runs/tiny/*/checkpoints/last.ckpt"))
     checkpoint = torch.load(last, map_location="cpu", weights_only=False)
-    assert checkpoint["global_step"] == 2 * 3
+    assert checkpoint["global_step"] == 2 * 2
     scheduler = checkpoint["lr_schedulers"][0]
-    assert scheduler["last_epoch"] == 6 and scheduler["max_iters"] == 6
+    assert scheduler["last_epoch"] == 4 and scheduler["max_iters"] == 4
 
 
 def test_corrupt_image_stops_naming_the_file_or_is_skipped_and_counted(experiment):
@@ -262,14 +262,14 @@ def test_sigkilled_run_resumes_to_the_same_final_step_and_weights(experiment):
     proc.wait()
     (killed,) = glob.glob(pattern)
     step_at_kill = torch.load(killed, map_location="cpu", weights_only=False)["global_step"]
-    assert 0 < step_at_kill < 8 * 6  # 6 steps per epoch (see test_ddp for the arithmetic)
+    assert 0 < step_at_kill < 8 * 4  # 16 images // batch 4 = 4 steps per epoch
 
     out = _custom(experiment, "run.num_epochs=8", "run.resume_from_checkpoint=last")
     assert out.returncode == 0, out.stderr[-3000:]
     newest = max(glob.glob(pattern), key=os.path.getmtime)
     assert newest != killed  # the resumed run writes its own run directory
     resumed = torch.load(newest, map_location="cpu", weights_only=True)
-    assert resumed["global_step"] == 8 * 6
+    assert resumed["global_step"] == 8 * 4
     assert not glob.glob(str(experiment / "runs/tiny/*/checkpoints/*.tmp"))
 
     # The same run never stopped: with the RNG states restored from the epoch-end checkpoint,
@@ -290,12 +290,12 @@ def test_mid_epoch_checkpoint_resumes_with_the_same_batches(experiment):
     center = "{_target_:sesemi.transforms.center_crop_transforms,input_h:32,input_w:32}"
     setup = [
         "run.num_epochs=3",
-        "+trainer.val_check_interval=4",  # epochs of 6 steps: a checkpoint at step 4
+        "+trainer.val_check_interval=2",  # epochs of 4 steps: a checkpoint at step 2
         f"data.train.supervised.dataset.image_transform={center}",
         f"data.train.rotation_prediction.dataset.image_transform={center}",
         "learner.hparams.model.backbone.drop_rate=0",
     ]
-    stopped = _custom(experiment, *setup, "run.id=resumed", "+trainer.max_steps=4")
+    stopped = _custom(experiment, *setup, "run.id=resumed", "+trainer.max_steps=2")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     resumed = _custom(experiment, *setup, "run.id=resumed", "run.resume_from_checkpoint=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -307,7 +307,7 @@ def test_mid_epoch_checkpoint_resumes_with_the_same_batches(experiment):
         for name in ("resumed", "straight")
     }
     ends = {k: torch.load(p, map_location="cpu", weights_only=True) for k, p in paths.items()}
-    assert ends["resumed"]["global_step"] == ends["straight"]["global_step"] == 18
+    assert ends["resumed"]["global_step"] == ends["straight"]["global_step"] == 12
     for key, value in ends["straight"]["state_dict"].items():
         assert torch.equal(ends["resumed"]["state_dict"][key], value), key
 

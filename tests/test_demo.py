@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from test_cli import open_sesemi
+from conftest import open_sesemi
 
 
 def test_demo_runs_a_few_steps_and_summarizes(tmp_path):

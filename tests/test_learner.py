@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from sesemi import PyTorchImageModels
 from sesemi.build import build_classifier, build_loss, knn_options
-from sesemi.callbacks import KNNEvaluation
+from sesemi.callbacks import CheckpointMetadata, KNNEvaluation
 from sesemi.checkpoints import load_pretrained_weights
 from sesemi.collation import RotationTransformer
 from sesemi.learners import Classifier, LRSchedulerSpec
@@ -201,8 +201,10 @@ def test_optimizer_and_scheduler_are_wired():
 
 def test_checkpoints_carry_a_plain_description_and_reload_into_a_rebuilt_learner(tmp_path):
     learner = build_classifier(_hparams())
-    learner.set_metadata(["a", "b", "c"], {"input_h": 32})
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    metadata = CheckpointMetadata(["a", "b", "c"], {"input_h": 32})
+    trainer = pl.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[metadata]
+    )
     trainer.strategy.connect(learner)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
