@@ -28,9 +28,18 @@ def resolve_root(root: str | None, data_root: str | None) -> str:
     return root if os.path.isabs(root) else os.path.join(base, root)
 
 
-def build_dataset(node: Mapping[str, Any], data_root: str | None) -> Dataset:
-    """Builds a dataset from a `DatasetConfig` node."""
+def build_dataset(
+    node: Mapping[str, Any], data_root: str | None, where: str = "dataset"
+) -> Dataset:
+    """Builds a dataset from a `DatasetConfig` node (`where` names it in errors)."""
     transform = node.get("image_transform")
+    if isinstance(transform, Mapping) and "_target_" not in transform:
+        raise ValueError(
+            f"{where}.image_transform has no _target_ (it is {dict(transform)}); name a "
+            "transform, e.g. ${data.transforms.train} or {_target_: sesemi.transforms."
+            "train_transforms, ...}; to change one option of the data's transform, set it in "
+            "data.transforms (e.g. +data.transforms.train.uint8_output=true)"
+        )
     return build_dataset_by_name(
         node["name"],
         root=resolve_root(node.get("root"), data_root),
@@ -61,7 +70,7 @@ class LoaderSpec:
     ):
         self.where = where
         self.auto = dict(auto or {})  # values for DataLoader arguments the node leaves null
-        self.dataset = build_dataset(node["dataset"], data_root)
+        self.dataset = build_dataset(node["dataset"], data_root, f"{where}.dataset")
         self.batch_size = node.get("batch_size") or default_bs
         if self.batch_size is None:
             raise ValueError(f"{where}: set its batch_size or run.batch_size_per_gpu")

@@ -391,10 +391,8 @@ def test_unknown_config_name_gets_one_line(experiment):
 
 
 def test_uint8_loaders_with_device_normalization_train_and_record_it(experiment):
-    uint8 = [
-        f"+data.{loader}.dataset.image_transform.uint8_output=true"
-        for loader in ("train.supervised", "train.rotation_prediction", "val")
-    ]
+    # The data's transforms, which every loader names (supervised, rotation, val).
+    uint8 = [f"+data.transforms.{role}.uint8_output=true" for role in ("train", "eval")]
     fit = _custom(
         experiment,
         *uint8,
@@ -409,3 +407,6 @@ def test_uint8_loaders_with_device_normalization_train_and_record_it(experiment)
     # Without the learner's normalization the uint8 batches are refused with one line.
     bad = _custom(experiment, *uint8, "run.id=bad")
     assert bad.returncode == 1 and "input_normalization" in bad.stderr
+    # A loader's transform without a _target_ is named, not a "not callable" crash.
+    odd = _custom(experiment, "+data.train.supervised.dataset.image_transform.uint8_output=true")
+    assert odd.returncode == 1 and "data.train.supervised.dataset.image_transform" in odd.stderr

@@ -132,12 +132,21 @@ def test_a_method_reads_the_data_facts_it_needs():
     assert folder["data"]["train"]["unlabeled"]["dataset"]["subset"] == ["train", "unlabeled?"]
 
 
-def test_flexmatch_is_fixmatch_with_another_head_and_no_dataset_facts_copied():
+def test_flexmatch_is_fixmatch_with_another_threshold_policy_and_no_dataset_facts_copied():
     cfg = resolve(sesemi.compose("demo", ["method=flexmatch"]), ATTRIBUTES)
+    fixmatch = resolve(sesemi.compose("demo", ["method=fixmatch"]), ATTRIBUTES)
     head = cfg["learner"]["hparams"]["model"]["regularization_loss_heads"]["fixmatch"]["head"]
-    assert head["_target_"] == "sesemi.models.heads.fixmatch.FlexMatchLossHead"
-    assert head["threshold"] == 0.95 and "num_classes" not in head  # from the learner
-    assert "unlabeled_size" not in head  # from the loader's dataset, at run time
+    plain = fixmatch["learner"]["hparams"]["model"]["regularization_loss_heads"]["fixmatch"]
+    assert (
+        head["_target_"]
+        == plain["head"]["_target_"]
+        == ("sesemi.models.heads.fixmatch.FixMatchLossHead")
+    )
+    policy = head.pop("threshold")
+    assert policy["_target_"] == "sesemi.models.heads.thresholds.FlexMatchThreshold"
+    assert policy["threshold"] == plain["head"].pop("threshold") == 0.95
+    assert head == plain["head"]  # everything else is FixMatch's
+    assert "num_classes" not in policy and "unlabeled_size" not in policy  # from the run
 
 
 def test_a_user_config_overrides_the_method_of_base(tmp_path):

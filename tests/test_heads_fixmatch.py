@@ -191,7 +191,7 @@ def _flex(**kwargs) -> FlexMatchLossHead:
 @pytest.mark.parametrize("learning_status", ["estimate", "index"])
 @pytest.mark.parametrize("warmup", [True, False])
 def test_flexmatch_thresholds_start_at_zero(learning_status, warmup):
-    head = _flex(learning_status=learning_status, threshold_warmup=warmup)
+    head = _flex(learning_status=learning_status, warmup=warmup)
     assert torch.equal(head.policy.class_thresholds(), torch.zeros(3))
     # ... so every pseudo-label is used at first, however unconfident.
     weak = _logits_with_max_prob([[0.4, 0.3, 0.3], [0.2, 0.3, 0.5]])

@@ -19,6 +19,7 @@ mu = 7); set the unlabeled loader's `batch_size` to `mu` times the supervised lo
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -184,38 +185,15 @@ class FlexMatchLossHead(FixMatchLossHead):
     of unlabeled images not confidently predicted yet).
     """
 
-    def __init__(
-        self,
-        input_data: str,
-        *,
-        threshold: float = 0.95,
-        threshold_warmup: bool = True,
-        mapping: str = "convex",
-        learning_status: str = "estimate",
-        num_classes: int | None = None,
-        unlabeled_size: int | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, input_data: str, **kwargs: Any) -> None:
         """Initializes the head.
 
         Args:
             input_data: The `data.train` loader giving `([weak, strong], targets)` batches.
-            threshold: The fixed threshold tau the class thresholds are scaled from.
-            threshold_warmup: Normalize by `max(max sigma, N - sum sigma)` (the paper's
-                warm-up) rather than by `max sigma`.
-            mapping: "convex" (`M(x) = x / (2 - x)`, the paper's choice) or "linear".
-            learning_status: "estimate" or "index" (see `FlexMatchThreshold`).
-            num_classes: The number of classes; None (the default): the classifier's.
-            unlabeled_size: N, the number of images of the unlabeled loader's dataset; None
-                (the default): the size the learner reports for `input_data`.
-            **kwargs: `FixMatchLossHead`'s other arguments (input_backbone, teacher, ...).
+            **kwargs: `FlexMatchThreshold`'s arguments (threshold, warmup, mapping,
+                learning_status, num_classes, unlabeled_size) and `FixMatchLossHead`'s other
+                arguments (input_backbone, teacher, temperature, ...), by name.
         """
-        policy = FlexMatchThreshold(
-            threshold,
-            warmup=threshold_warmup,
-            mapping=mapping,
-            learning_status=learning_status,
-            num_classes=num_classes,
-            unlabeled_size=unlabeled_size,
-        )
+        names = inspect.signature(FlexMatchThreshold).parameters
+        policy = FlexMatchThreshold(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
         super().__init__(input_data, threshold=policy, **kwargs)
