@@ -24,6 +24,8 @@ HEADS = {
     "mean_teacher": ["mean_teacher"],
     "fixmatch": ["fixmatch"],
     "flexmatch": ["fixmatch"],
+    "freematch": ["fixmatch"],
+    "softmatch": ["fixmatch"],
     "rotation_entropy": ["rotation_prediction", "entropy_minimization"],
     "noisy_student_teacher": [],
     "noisy_student": ["pseudo_label"],

@@ -13,6 +13,8 @@ from sesemi.models.heads.pseudo_label import PseudoLabelLossHead
 from sesemi.models.heads.thresholds import (
     FixedThreshold,
     FlexMatchThreshold,
+    FreeMatchThreshold,
+    SoftMatchWeight,
     ThresholdPolicy,
     convex_mapping,
 )
@@ -23,6 +25,7 @@ __all__ = [
     "FixedThreshold",
     "FlexMatchLossHead",
     "FlexMatchThreshold",
+    "FreeMatchThreshold",
     "HeadContext",
     "HeadInputs",
     "JigsawPredictionLossHead",
@@ -31,6 +34,7 @@ __all__ = [
     "PiModelLossHead",
     "PseudoLabelLossHead",
     "RotationPredictionLossHead",
+    "SoftMatchWeight",
     "ThresholdPolicy",
     "TransformationPredictionLossHead",
     "convex_mapping",

@@ -140,15 +140,17 @@ class FixMatchLossHead(LossHead):
         weak_logits, strong_logits = self._logits(inputs, weak, strong)
         with torch.no_grad():
             probs = F.softmax(weak_logits.float() / self.temperature, dim=1)  # (B, C)
-            confidence, pseudo_labels = probs.max(dim=1)
-            mask = self.policy.mask(probs)  # (B,) in [0, 1]
+            # The policy weighs each pseudo-label in [0, 1] (and moves its state in training).
+            label_probs, mask = self.policy(probs, indices)
+            confidence, pseudo_labels = label_probs.max(dim=1)
         losses = mask * F.cross_entropy(strong_logits.float(), pseudo_labels, reduction="none")
+        extra = self.policy.extra_loss(strong_logits, mask)
+        if extra is not None:  # a batch-level term on every sample: the mean adds it once
+            losses = losses + extra
         self.log_values = {
             **_stats(mask, confidence, pseudo_labels, targets),
-            **self.policy.log_values(),  # the state the mask used, before this batch's update
+            **self.policy.logged,  # the state the weights were computed with
         }
-        if self.training:
-            self.policy.update(probs, pseudo_labels, indices)
         return losses
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sesemi.models.heads.base import HeadContext
@@ -56,6 +57,31 @@ class ThresholdPolicy(nn.Module):
     def log_values(self) -> dict[str, Tensor]:
         """Scalars worth logging about the policy's current state."""
         return {}
+
+    def forward(self, probs: Tensor, indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Weighs a batch's pseudo-labels (and, in training, moves the state by the batch).
+
+        The default order masks with the state before the batch, then updates it (FlexMatch);
+        a policy that updates first (FreeMatch, SoftMatch) overrides this. `self.logged` keeps
+        the logged values of the state the weights were computed with.
+
+        Args:
+            probs: The weak views' class probabilities `(B, C)`.
+            indices: The images' dataset indices `(B,)`, when the batch carries them.
+
+        Returns:
+            The probabilities whose argmax is each image's pseudo-label `(B, C)`, and each
+            image's weight in [0, 1] `(B,)`.
+        """
+        weights = self.mask(probs)
+        self.logged = self.log_values()
+        if self.training:
+            self.update(probs, probs.argmax(dim=1), indices)
+        return probs, weights
+
+    def extra_loss(self, strong_logits: Tensor, weights: Tensor) -> Tensor | None:
+        """An optional batch-level term added to the unlabeled loss (FreeMatch's fairness)."""
+        return None
 
 
 class FixedThreshold(ThresholdPolicy):
@@ -194,13 +220,7 @@ class FlexMatchThreshold(ThresholdPolicy):
     def build(self, context: HeadContext, input_data: str) -> None:
         """Takes unset sizes from the learner, checks set ones, and creates the state."""
         self.input_data = input_data
-        if self.num_classes is None:
-            self.num_classes = int(context.num_classes)
-        elif self.num_classes != context.num_classes:
-            raise ValueError(
-                f"FlexMatch has num_classes={self.num_classes} but the classifier predicts "
-                f"{context.num_classes} classes; leave num_classes unset to use the classifier's"
-            )
+        self.num_classes = _class_count(self.num_classes, context, "FlexMatch")
         if self.unlabeled_size is None:
             if input_data not in context.dataset_sizes:
                 raise ValueError(
@@ -297,3 +317,267 @@ class FlexMatchThreshold(ThresholdPolicy):
             "threshold_max": thresholds.max(),
             "unused_rate": self.learning_effect()[1],
         }
+
+
+def _global_sums(*tensors: Tensor) -> list[Tensor]:
+    """Sums each tensor over every DDP process (as one all-reduce); unchanged alone."""
+    if not _distributed():
+        return list(tensors)
+    sizes = [t.numel() for t in tensors]
+    packed = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(packed)
+    return [p.reshape(t.shape) for p, t in zip(packed.split(sizes), tensors, strict=True)]
+
+
+class FreeMatchThreshold(ThresholdPolicy):
+    """FreeMatch's self-adaptive thresholds and its self-adaptive fairness term.
+
+    State (exponential moving averages with momentum m, over every process's unlabeled batch):
+    the global threshold `tau = m tau + (1 - m) mean_b max_c q_b(c)`, the class-wise model
+    prediction `p = m p + (1 - m) mean_b q_b` and the pseudo-label histogram
+    `h = m h + (1 - m) hist(argmax q_b) / B`. The state moves first, then an image counts when
+    `max_c q_b(c) >= tau * p(argmax q_b) / max_c p(c)` (self-adaptive thresholding, SAT).
+
+    The fairness term (SAF) is added to the unlabeled loss with weight `fairness_weight`: over
+    the images the mask keeps, with `s` their strong views' probabilities and `h_s` the
+    histogram of `argmax s`, it is `sum_c P(c) log Q(c)` with `P = SumNorm(p / h)` and
+    `Q = SumNorm(mean(s) / h_s)`; it pulls the batch's class balance away from the model's
+    running one, towards diverse pseudo-labels.
+
+    Reference: Wang et al., "FreeMatch: Self-adaptive Thresholding for Semi-supervised Learning",
+    arXiv:2205.07246, and its implementation in USB (microsoft/Semi-supervised-learning), whose
+    fairness term this is: the paper writes it as `-H(SumNorm(mean(s) / h_s))`; the code uses
+    the cross-entropy form above with the running `p / h`. Deviations: `initial: uniform`
+    (default) starts tau, p and h at 1/C as the paper says; USB starts them at 1 (`initial:
+    ones`: a threshold of 1 that decays, so early steps use few pseudo-labels).
+    """
+
+    INITIAL = ("uniform", "ones")
+
+    def __init__(
+        self,
+        momentum: float = 0.999,
+        fairness_weight: float = 0.001,
+        initial: str = "uniform",
+        num_classes: int | None = None,
+    ) -> None:
+        """Initializes the policy.
+
+        Args:
+            momentum: The EMA momentum m of the state (USB: 0.999).
+            fairness_weight: The fairness term's weight relative to the unlabeled loss (USB's
+                CIFAR-10 configs: 0.001).
+            initial: "uniform" (the paper: 1/C) or "ones" (USB's code) as the state's start.
+            num_classes: The number of classes; None: the classifier's (from `build`).
+        """
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if initial not in self.INITIAL:
+            raise ValueError(f"unknown initial '{initial}'; use one of: {', '.join(self.INITIAL)}")
+        self.momentum = float(momentum)
+        self.fairness_weight = float(fairness_weight)
+        self.initial = initial
+        self.num_classes = num_classes
+        self._allocate()
+
+    def _allocate(self) -> None:
+        if self.num_classes is None or "global_threshold" in self._buffers:
+            return
+        start = 1.0 / self.num_classes if self.initial == "uniform" else 1.0
+        self.register_buffer("global_threshold", torch.tensor(start))
+        self.register_buffer("class_prediction", torch.full((self.num_classes,), start))
+        self.register_buffer("label_histogram", torch.full((self.num_classes,), start))
+
+    def build(self, context: HeadContext, input_data: str) -> None:
+        """Takes the class count from the classifier and creates the state."""
+        self.num_classes = _class_count(self.num_classes, context, "FreeMatch")
+        self._allocate()
+
+    def class_thresholds(self) -> Tensor:
+        """Returns `tau * p(c) / max p` per class `(C,)`."""
+        p = self.class_prediction
+        return self.global_threshold * p / p.max().clamp(min=1e-12)
+
+    def mask(self, probs: Tensor) -> Tensor:
+        """Returns `max q >= tau_{argmax q}` as floats `(B,)`."""
+        confidence, pseudo_labels = probs.max(dim=1)
+        return (confidence >= self.class_thresholds()[pseudo_labels]).float()
+
+    @torch.no_grad()
+    def update(self, probs: Tensor, pseudo_labels: Tensor, indices: Tensor | None) -> None:
+        """Moves tau, p and h by the (global) batch's means."""
+        histogram = torch.bincount(pseudo_labels, minlength=probs.shape[1]).float()
+        count = probs.new_tensor([len(probs)])
+        confidence, mean_probs, histogram, count = _global_sums(
+            probs.max(dim=1).values.sum(), probs.sum(dim=0), histogram, count
+        )
+        m, n = self.momentum, count.clamp(min=1.0)
+        self.global_threshold.mul_(m).add_((1 - m) * (confidence / n).squeeze())
+        self.class_prediction.mul_(m).add_((1 - m) * mean_probs / n)
+        self.label_histogram.mul_(m).add_((1 - m) * histogram / n)
+
+    def forward(self, probs: Tensor, indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Updates the state (in training), then masks with it (as FreeMatch does)."""
+        if self.training:
+            self.update(probs, probs.argmax(dim=1), indices)
+        weights = self.mask(probs)
+        self.logged = self.log_values()
+        return probs, weights
+
+    def extra_loss(self, strong_logits: Tensor, weights: Tensor) -> Tensor | None:
+        """The weighted fairness term over the images the mask keeps (0 when it keeps none)."""
+        if self.fairness_weight == 0:
+            return None
+        kept = weights > 0
+        if not kept.any():
+            return strong_logits.new_zeros(())
+        probs = F.softmax(strong_logits[kept].float(), dim=1)
+        histogram = torch.bincount(probs.argmax(dim=1), minlength=probs.shape[1]).float()
+        model = _sum_normalize(self.class_prediction * _safe_inverse(self.label_histogram))
+        batch = _sum_normalize(probs.mean(dim=0) * _safe_inverse(histogram / len(probs)))
+        return self.fairness_weight * (model * torch.log(batch + 1e-12)).sum()
+
+    @torch.no_grad()
+    def log_values(self) -> dict[str, Tensor]:
+        """The global threshold and the class thresholds' min and max."""
+        thresholds = self.class_thresholds()
+        return {
+            "global_threshold": self.global_threshold.clone(),
+            "threshold_min": thresholds.min(),
+            "threshold_max": thresholds.max(),
+        }
+
+
+class SoftMatchWeight(ThresholdPolicy):
+    """SoftMatch's truncated-Gaussian sample weights, with uniform alignment.
+
+    Uniform alignment (UA): the running mean prediction `p = m p + (1 - m) mean_b q_b` (started
+    at the first batch's mean) aligns each weak prediction to the uniform class distribution,
+    `q' = SumNorm(q / p)`. The confidence statistics move by the aligned predictions:
+    `mu = m mu + (1 - m) mean_b max q'_b` and `var = m var + (1 - m) var_b(max q'_b)` (unbiased;
+    started at 1/C and 1). An image weighs `exp(-(min(max q' - mu, 0))^2 / (2 var / n^2))`: 1 when
+    its aligned confidence reaches mu, less the further below (n = `n_sigma` standard deviations
+    of the Gaussian fall within `sqrt(var)`). Pseudo-labels stay the argmax of the unaligned q.
+    The statistics move first, then weigh the batch.
+
+    Reference: Chen et al., "SoftMatch: Addressing the Quantity-Quality Trade-off in
+    Semi-supervised Learning", arXiv:2301.10921, and USB's implementation (n_sigma = 2,
+    momentum 0.999, pseudo-labels from the unaligned predictions), which this follows.
+    """
+
+    def __init__(
+        self,
+        momentum: float = 0.999,
+        n_sigma: float = 2.0,
+        uniform_alignment: bool = True,
+        num_classes: int | None = None,
+    ) -> None:
+        """Initializes the policy.
+
+        Args:
+            momentum: The EMA momentum m of the statistics.
+            n_sigma: The Gaussian's width divisor: variance `var / n_sigma^2` (USB: 2).
+            uniform_alignment: Align the predictions to the uniform distribution (UA).
+            num_classes: The number of classes; None: the classifier's (from `build`).
+        """
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if n_sigma <= 0:
+            raise ValueError(f"n_sigma must be positive, got {n_sigma}")
+        self.momentum = float(momentum)
+        self.n_sigma = float(n_sigma)
+        self.uniform_alignment = uniform_alignment
+        self.num_classes = num_classes
+        self._allocate()
+
+    def _allocate(self) -> None:
+        if self.num_classes is None or "confidence_mean" in self._buffers:
+            return
+        self.register_buffer("confidence_mean", torch.tensor(1.0 / self.num_classes))
+        self.register_buffer("confidence_var", torch.tensor(1.0))
+        self.register_buffer("class_prediction", torch.zeros(self.num_classes))
+        self.register_buffer("aligned_steps", torch.zeros((), dtype=torch.long))
+
+    def build(self, context: HeadContext, input_data: str) -> None:
+        """Takes the class count from the classifier and creates the state."""
+        self.num_classes = _class_count(self.num_classes, context, "SoftMatch")
+        self._allocate()
+
+    def align(self, probs: Tensor) -> Tensor:
+        """`SumNorm(q / p)`: the predictions aligned to the uniform class distribution."""
+        if not self.uniform_alignment or int(self.aligned_steps) == 0:
+            return probs
+        target = 1.0 / probs.shape[1]
+        return _sum_normalize(probs * (target + 1e-6) / (self.class_prediction + 1e-6), dim=1)
+
+    def mask(self, probs: Tensor) -> Tensor:
+        """Returns each image's truncated-Gaussian weight `(B,)` from aligned `probs`."""
+        below = (probs.max(dim=1).values - self.confidence_mean).clamp(max=0.0)
+        return torch.exp(-below.pow(2) / (2 * self.confidence_var / self.n_sigma**2))
+
+    @torch.no_grad()
+    def update_alignment(self, probs: Tensor) -> None:
+        """Moves the running mean prediction by the (global) batch's mean."""
+        total, count = _global_sums(probs.sum(dim=0), probs.new_tensor([len(probs)]))
+        mean = total / count.clamp(min=1.0)
+        if int(self.aligned_steps) == 0:
+            self.class_prediction.copy_(mean)
+        else:
+            self.class_prediction.mul_(self.momentum).add_((1 - self.momentum) * mean)
+        self.aligned_steps += 1
+
+    @torch.no_grad()
+    def update(self, probs: Tensor, pseudo_labels: Tensor, indices: Tensor | None) -> None:
+        """Moves mu and var by the (global) batch's aligned confidences."""
+        confidence = probs.max(dim=1).values
+        total, squares, count = _global_sums(
+            confidence.sum(), confidence.pow(2).sum(), probs.new_tensor([len(probs)])
+        )
+        n = count.clamp(min=2.0)
+        mean = total / count.clamp(min=1.0)
+        var = (squares - count * mean**2) / (n - 1)
+        m = self.momentum
+        self.confidence_mean.mul_(m).add_((1 - m) * mean.squeeze())
+        self.confidence_var.mul_(m).add_((1 - m) * var.squeeze())
+
+    def forward(self, probs: Tensor, indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Aligns (moving the mean prediction first), updates mu and var, weighs; pseudo-labels
+        come from the unaligned predictions."""
+        if self.training and self.uniform_alignment:
+            self.update_alignment(probs)
+        aligned = self.align(probs)
+        if self.training:
+            self.update(aligned, aligned.argmax(dim=1), indices)
+        weights = self.mask(aligned)
+        self.logged = self.log_values()
+        return probs, weights
+
+    @torch.no_grad()
+    def log_values(self) -> dict[str, Tensor]:
+        """The Gaussian's mean and standard deviation."""
+        return {
+            "confidence_mean": self.confidence_mean.clone(),
+            "confidence_std": self.confidence_var.sqrt(),
+        }
+
+
+def _sum_normalize(x: Tensor, dim: int = -1) -> Tensor:
+    return x / x.sum(dim=dim, keepdim=True).clamp(min=1e-12)
+
+
+def _safe_inverse(x: Tensor) -> Tensor:
+    # 1 / x with 0 where x is 0 (a class no pseudo-label fell into weighs nothing).
+    return torch.where(x > 0, 1.0 / x.clamp(min=1e-12), torch.zeros_like(x))
+
+
+def _class_count(given: int | None, context: HeadContext, owner: str) -> int:
+    if given is None:
+        return int(context.num_classes)
+    if given != context.num_classes:
+        raise ValueError(
+            f"{owner} has num_classes={given} but the classifier predicts "
+            f"{context.num_classes} classes; leave num_classes unset to use the classifier's"
+        )
+    return int(given)

@@ -1,0 +1,181 @@
+"""FreeMatch's and SoftMatch's policies against their formulas on hand-made probabilities, their
+state in checkpoints, and the same state on every DDP process."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from sesemi.models.heads import HeadContext
+from sesemi.models.heads.thresholds import (
+    FlexMatchThreshold,
+    FreeMatchThreshold,
+    SoftMatchWeight,
+)
+
+PROBS = torch.tensor(
+    [
+        [0.70, 0.20, 0.10],
+        [0.10, 0.85, 0.05],
+        [0.30, 0.30, 0.40],
+        [0.96, 0.02, 0.02],
+    ]
+)
+
+
+def _built(policy):
+    policy.build(HeadContext({}, {}, num_classes=3, dataset_sizes={"u": 8}), "u")
+    return policy
+
+
+def test_freematch_moves_its_state_first_then_masks_with_the_class_thresholds():
+    policy = _built(FreeMatchThreshold(momentum=0.5, fairness_weight=0.0)).train()
+    _, weights = policy(PROBS)
+    # tau, p, h start at 1/3 and move halfway to the batch's means.
+    tau = 0.5 / 3 + 0.5 * (0.70 + 0.85 + 0.40 + 0.96) / 4
+    p = [0.5 / 3 + 0.5 * PROBS[:, c].mean().item() for c in range(3)]
+    h = [0.5 / 3 + 0.5 * n / 4 for n in (2, 1, 1)]  # argmax: 0, 1, 2, 0
+    assert policy.global_threshold.item() == pytest.approx(tau)
+    assert policy.class_prediction.tolist() == pytest.approx(p)
+    assert policy.label_histogram.tolist() == pytest.approx(h)
+    thresholds = [tau * pc / max(p) for pc in p]
+    expected = [float(PROBS[i].max() >= thresholds[PROBS[i].argmax()]) for i in range(4)]
+    assert weights.tolist() == expected
+    assert policy.logged["global_threshold"].item() == pytest.approx(tau)
+    # Momentum 0: the state is the batch's. Class 0 is predicted confidently on average, so its
+    # threshold is the global one (0.7275) and its 0.70 image is left out, while the 0.40 image
+    # of the rarely predicted class 2 (threshold 0.7275 * 0.1425 / 0.515 = 0.20) counts.
+    _, weights = _built(FreeMatchThreshold(momentum=0.0)).train()(PROBS)
+    assert weights.tolist() == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_freematch_starts_as_the_paper_says_or_as_usb_does():
+    uniform = _built(FreeMatchThreshold())
+    ones = _built(FreeMatchThreshold(initial="ones"))
+    assert uniform.global_threshold.item() == pytest.approx(1 / 3)
+    assert ones.global_threshold.item() == 1.0 and ones.class_prediction.tolist() == [1, 1, 1]
+    assert uniform.eval()(PROBS)[1].tolist() == [1.0, 1.0, 1.0, 1.0]  # all above 1/3
+    assert ones.eval()(PROBS)[1].tolist() == [0.0, 0.0, 0.0, 0.0]  # none reaches 1
+    assert uniform.global_threshold.item() == pytest.approx(1 / 3)  # eval mode: no update
+
+
+def test_freematch_fairness_term_matches_its_formula():
+    policy = _built(FreeMatchThreshold(momentum=0.0, fairness_weight=0.1)).train()
+    _, weights = policy(PROBS)
+    assert weights.tolist() == [0.0, 1.0, 1.0, 1.0]
+    strong = torch.tensor(
+        [[2.0, 0.0, 0.0], [0.0, 1.0, 0.5], [1.0, 1.0, 3.0], [0.5, 0.0, 0.0]], requires_grad=True
+    )
+    loss = policy.extra_loss(strong, weights)
+    kept = strong[weights > 0].softmax(dim=1)  # images 1, 2, 3
+    hist = torch.bincount(kept.argmax(dim=1), minlength=3).float() / len(kept)  # [1/3, 1/3, 1/3]
+    model = policy.class_prediction / policy.label_histogram
+    model = model / model.sum()
+    batch = kept.mean(dim=0) * torch.where(hist > 0, 1 / hist, torch.zeros(3))
+    batch = batch / batch.sum()
+    expected = 0.1 * (model * torch.log(batch + 1e-12)).sum()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert strong.grad is not None and strong.grad[0].abs().sum() == 0  # masked out
+    assert strong.grad[1:].abs().sum() > 0
+
+
+def test_softmatch_aligns_moves_mu_and_var_and_weighs_by_a_truncated_gaussian():
+    policy = _built(SoftMatchWeight(momentum=0.5, n_sigma=2.0)).train()
+    label_probs, weights = policy(PROBS)
+    assert torch.equal(label_probs, PROBS)  # pseudo-labels from the unaligned predictions
+    mean = PROBS.mean(dim=0)  # the first batch sets the running mean prediction
+    torch.testing.assert_close(policy.class_prediction, mean)
+    aligned = PROBS * (1 / 3 + 1e-6) / (mean + 1e-6)
+    aligned = aligned / aligned.sum(dim=1, keepdim=True)
+    confidence = aligned.max(dim=1).values
+    mu = 0.5 / 3 + 0.5 * confidence.mean().item()
+    var = 0.5 * 1.0 + 0.5 * confidence.var(unbiased=True).item()
+    assert policy.confidence_mean.item() == pytest.approx(mu, abs=1e-6)
+    assert policy.confidence_var.item() == pytest.approx(var, abs=1e-6)
+    expected = [math.exp(-(min(c - mu, 0.0) ** 2) / (2 * var / 4)) for c in confidence.tolist()]
+    assert weights.tolist() == pytest.approx(expected, abs=1e-6)
+    assert max(weights.tolist()) == 1.0 and min(weights.tolist()) < 1.0  # truncated above mu
+
+
+def test_softmatch_without_alignment_weighs_the_raw_confidence():
+    policy = _built(SoftMatchWeight(momentum=0.0, uniform_alignment=False)).train()
+    _, weights = policy(PROBS)
+    confidence = PROBS.max(dim=1).values
+    assert policy.confidence_mean.item() == pytest.approx(confidence.mean().item())
+    below = (confidence - confidence.mean()).clamp(max=0)
+    expected = torch.exp(-(below**2) / (2 * confidence.var() / 4))
+    torch.testing.assert_close(weights, expected)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FreeMatchThreshold(momentum=0.5),
+        lambda: SoftMatchWeight(momentum=0.5),
+        lambda: FlexMatchThreshold(0.6),
+    ],
+)
+def test_the_state_is_in_the_state_dict_and_a_restored_policy_weighs_the_same(make):
+    policy = _built(make()).train()
+    policy(PROBS)
+    policy(PROBS.flip(0))
+    restored = _built(make())
+    restored.load_state_dict(policy.state_dict())
+    assert policy.state_dict()  # there is state, and it moved
+    policy.eval(), restored.eval()
+    torch.testing.assert_close(restored(PROBS)[1], policy(PROBS)[1])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        states = {}
+        for name, policy in _policies().items():
+            policy = _built(policy).train()
+            for step in range(3):  # each process sees its half of every batch
+                batch = PROBS.roll(step, dims=0)
+                policy(batch[2 * rank : 2 * rank + 2], torch.arange(2 * rank, 2 * rank + 2))
+            states[name] = {k: v.clone() for k, v in policy.state_dict().items()}
+        out[rank] = states
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _policies():
+    return {
+        "freematch": FreeMatchThreshold(momentum=0.5),
+        "softmatch": SoftMatchWeight(momentum=0.5),
+        "flexmatch": FlexMatchThreshold(0.6),
+        "flexmatch_index": FlexMatchThreshold(0.6, learning_status="index"),
+    }
+
+
+def test_every_process_keeps_the_state_of_the_whole_batch():
+    # Two gloo processes, each with half of every batch, end with the state one process reaches
+    # on the whole batches: the statistics are reduced over processes before the update.
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_ddp_worker, args=(_free_port(), out), nprocs=2, join=True)
+    alone = {}
+    for name, policy in _policies().items():
+        policy = _built(policy).train()
+        for step in range(3):
+            policy(PROBS.roll(step, dims=0), torch.arange(4))
+        alone[name] = policy.state_dict()
+    for name, state in alone.items():
+        for key, value in state.items():
+            torch.testing.assert_close(out[0][name][key], out[1][name][key])
+            torch.testing.assert_close(out[0][name][key], value, msg=f"{name}.{key}")
