@@ -57,6 +57,28 @@ def _maybe_call(node: Any, dataset: Dataset) -> Any:
     return built(dataset) if isinstance(built, functools.partial) else built
 
 
+class IndexedDataset(Dataset):
+    """Adds each sample's dataset index as its last element: `(image, target)` becomes
+    `(image, target, index)`, so training batches carry `indices (B,)` that heads can read (e.g.
+    FlexMatch's per-image learning status). Under DDP the indices are those of the whole dataset.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple:
+        sample = self.dataset[index]
+        return (*sample, index) if isinstance(sample, tuple) else (sample, index)
+
+    def __getattr__(self, name: str) -> Any:  # classes, targets, skipped, ... of the dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 class LoaderSpec:
     """One configured loader: its dataset and the keyword arguments of its DataLoader."""
 
@@ -76,10 +98,11 @@ class LoaderSpec:
             raise ValueError(f"{where}: set its batch_size or run.batch_size_per_gpu")
         self.node = node
 
-    def loader(self, resumable: bool = False) -> DataLoader:
+    def loader(self, resumable: bool = False, indexed: bool = False) -> DataLoader:
         """Builds the DataLoader (Lightning adds a DistributedSampler under DDP).
 
         Args:
+            indexed: Give each sample its dataset index as last element (`IndexedDataset`).
             resumable: Build torchdata's `StatefulDataLoader`, whose position and shuffling
                 state Lightning saves in checkpoints, so a run resumed from a checkpoint taken
                 mid-epoch continues with the batches the uninterrupted run would have drawn.
@@ -106,11 +129,12 @@ class LoaderSpec:
             kwargs["collate_fn"] = instantiate(node["collate_fn"])
         if node.get("worker_init_fn") is not None:
             kwargs["worker_init_fn"] = instantiate(node["worker_init_fn"])
+        dataset = IndexedDataset(self.dataset) if indexed else self.dataset
         if resumable:
             from torchdata.stateful_dataloader import StatefulDataLoader
 
-            return StatefulDataLoader(self.dataset, **kwargs)
-        return DataLoader(self.dataset, **kwargs)
+            return StatefulDataLoader(dataset, **kwargs)
+        return DataLoader(dataset, **kwargs)
 
     def batches_per_epoch(self, world_size: int) -> int:
         """Batches each of `world_size` processes draws per epoch (DistributedSampler pads)."""
@@ -206,8 +230,10 @@ class SESEMIDataModule(pl.LightningDataModule):
         return math.ceil(batches / accumulate_grad_batches)
 
     def train_dataloader(self) -> dict[str, DataLoader]:
-        """Returns the named training loaders."""
-        return {name: spec.loader(resumable=True) for name, spec in self.train.items()}
+        """Returns the named training loaders; their batches end with the samples' indices."""
+        return {
+            name: spec.loader(resumable=True, indexed=True) for name, spec in self.train.items()
+        }
 
     def val_dataloader(self) -> DataLoader:
         """Returns the validation loader."""

@@ -203,7 +203,7 @@ def test_flexmatch_thresholds_start_at_zero(learning_status, warmup):
 
 
 def test_flexmatch_thresholds_match_the_formula():
-    policy = FlexMatchThreshold(0.9, num_classes=3, unlabeled_size=100)
+    policy = FlexMatchThreshold(0.9, learning_status="estimate", num_classes=3, unlabeled_size=100)
     policy.class_status.copy_(torch.tensor([0.3, 0.1, 0.0]))  # sigma / N; unused 0.6
     beta = torch.tensor([0.3, 0.1, 0.0]) / 0.6  # warm-up: max(max sigma, N - sum sigma)
     expected = beta / (2 - beta) * 0.9
@@ -227,7 +227,7 @@ def test_flexmatch_thresholds_match_the_formula():
 
 
 def test_flexmatch_estimate_update_is_the_expected_paper_update():
-    head = _flex(unlabeled_size=40)
+    head = _flex(unlabeled_size=40, learning_status="estimate")
     head.policy.class_status.copy_(torch.tensor([0.2, 0.1, 0.0]))
     # 10 images (r = 10 / 40): 4 confident class 0, 1 confident class 2, 5 not confident.
     probs = [[0.95, 0.03, 0.02]] * 4 + [[0.02, 0.03, 0.95]] + [[0.5, 0.3, 0.2]] * 5
@@ -254,7 +254,7 @@ def test_flexmatch_index_status_keeps_the_latest_confident_class():
 
 
 def test_flexmatch_often_confident_class_gets_the_higher_threshold():
-    head = _flex(unlabeled_size=50)
+    head = _flex(unlabeled_size=50, learning_status="estimate")
     # Each batch: class 0 confidently predicted 6 times, class 2 once, class 1 never confident.
     probs = [[0.97, 0.02, 0.01]] * 6 + [[0.01, 0.02, 0.97]] + [[0.3, 0.4, 0.3]] * 3
     for _ in range(5):
@@ -271,22 +271,23 @@ def test_flexmatch_often_confident_class_gets_the_higher_threshold():
 
 
 def test_flexmatch_state_is_in_the_state_dict_and_restored():
-    head = _flex()
+    head = _flex(learning_status="estimate")
     probs = [[0.97, 0.02, 0.01]] * 3 + [[0.01, 0.02, 0.97]]
     _run(head, _logits_with_max_prob(probs), torch.randn(4, 3))
     state = head.state_dict()
     assert list(state) == ["policy.class_status"] and state["policy.class_status"].sum() > 0
-    restored = FlexMatchLossHead("unlabeled", threshold=0.9)  # sizes from the context
+    # Sizes from the context.
+    restored = FlexMatchLossHead("unlabeled", threshold=0.9, learning_status="estimate")
     restored.build(_context())
     restored.load_state_dict(state)
     assert torch.equal(restored.policy.class_thresholds(), head.policy.class_thresholds())
-    index = FlexMatchLossHead("unlabeled", learning_status="index")
+    index = FlexMatchLossHead("unlabeled")  # the paper's per-image status is the default
     index.build(_context(sizes={"unlabeled": 7}))
     assert index.state_dict()["policy.selected_label"].tolist() == [-1] * 7
 
 
 def test_flexmatch_takes_num_classes_and_unlabeled_size_from_the_context():
-    head = FlexMatchLossHead("unlabeled", threshold=0.9)
+    head = FlexMatchLossHead("unlabeled", threshold=0.9, learning_status="estimate")
     assert "policy.class_status" not in head.state_dict()  # sizes unknown before build
     head.build(_context(num_classes=4, sizes={"unlabeled": 40, "other": 7}))
     assert (head.policy.num_classes, head.policy.unlabeled_size) == (4, 40)

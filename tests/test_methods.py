@@ -96,3 +96,18 @@ def test_every_method_trains_a_few_steps_on_an_imagewoof_shaped_folder(
     result = _fit("imagewoof", method, imagewoof_root, tmp_path, ["data.image_size=32"])
     assert _trained_terms(result) == {"supervised", *HEADS[method]}
     assert result.metrics["val/top1"] >= 0.0
+
+
+def test_training_batches_carry_each_samples_dataset_index(image_root):
+    from sesemi.data import SESEMIDataModule
+
+    cfg = sesemi.compose("base", [f"run.data_root={image_root}", "data.image_size=32"])
+    data = SESEMIDataModule(cfg.data, cfg.run.data_root, 4, stages=("train",))
+    loaders = data.train_dataloader()
+    images, targets, indices = next(iter(loaders["supervised"]))
+    dataset = data.train["supervised"].dataset
+    assert images.shape == (4, 3, 32, 32) and indices.shape == (4,)
+    assert targets.tolist() == [dataset.targets[i] for i in indices.tolist()]
+    assert len(set(indices.tolist())) == 4  # shuffled, each a distinct sample
+    rotated, labels = next(iter(loaders["rotation_prediction"]))  # its collation drops them
+    assert rotated.shape == (16, 3, 32, 32) and labels.tolist() == [0, 1, 2, 3] * 4

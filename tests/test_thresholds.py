@@ -119,12 +119,13 @@ def test_softmatch_without_alignment_weighs_the_raw_confidence():
         lambda: FreeMatchThreshold(momentum=0.5),
         lambda: SoftMatchWeight(momentum=0.5),
         lambda: FlexMatchThreshold(0.6),
+        lambda: FlexMatchThreshold(0.6, learning_status="estimate"),
     ],
 )
 def test_the_state_is_in_the_state_dict_and_a_restored_policy_weighs_the_same(make):
     policy = _built(make()).train()
-    policy(PROBS)
-    policy(PROBS.flip(0))
+    policy(PROBS, torch.arange(4))
+    policy(PROBS.flip(0), torch.arange(4, 8))
     restored = _built(make())
     restored.load_state_dict(policy.state_dict())
     assert policy.state_dict()  # there is state, and it moved
@@ -158,8 +159,8 @@ def _policies():
     return {
         "freematch": FreeMatchThreshold(momentum=0.5),
         "softmatch": SoftMatchWeight(momentum=0.5),
-        "flexmatch": FlexMatchThreshold(0.6),
-        "flexmatch_index": FlexMatchThreshold(0.6, learning_status="index"),
+        "flexmatch_estimate": FlexMatchThreshold(0.6, learning_status="estimate"),
+        "flexmatch_index": FlexMatchThreshold(0.6),
     }
 
 
@@ -179,3 +180,33 @@ def test_every_process_keeps_the_state_of_the_whole_batch():
         for key, value in state.items():
             torch.testing.assert_close(out[0][name][key], out[1][name][key])
             torch.testing.assert_close(out[0][name][key], value, msg=f"{name}.{key}")
+
+
+def test_flexmatch_exact_status_keeps_never_confident_images_unused_and_the_estimate_does_not():
+    # 1,000 images over 10 classes, 10 epochs of shuffled batches of 50; a fixed easy 46 % of
+    # them is predicted confidently (its own class), the rest never. The paper's per-image status
+    # keeps 54 % unused, so the warm-up holds every threshold low; the estimate's fixed point
+    # q_c / q drives the unused share to 0 and the thresholds to 0.95.
+    n, classes = 1000, 10
+    easy = torch.arange(n) < 460
+    probs = torch.full((n, classes), 0.5 / (classes - 1))
+    probs[torch.arange(n), torch.arange(n) % classes] = 0.5
+    probs[easy] = 0.01 / (classes - 1)
+    probs[easy, torch.arange(n)[easy] % classes] = 0.99
+    generator = torch.Generator().manual_seed(0)
+    policies = {
+        status: FlexMatchThreshold(
+            0.95, learning_status=status, num_classes=classes, unlabeled_size=n
+        ).train()
+        for status in ("index", "estimate")
+    }
+    for _ in range(10):
+        order = torch.randperm(n, generator=generator)
+        for batch in order.split(50):
+            for policy in policies.values():
+                policy(probs[batch], batch)
+    exact, estimate = policies["index"], policies["estimate"]
+    assert exact.learning_effect()[1].item() == pytest.approx(0.54)
+    assert estimate.learning_effect()[1].item() < 0.05
+    assert exact.class_thresholds().max().item() < 0.1
+    assert estimate.class_thresholds().max().item() > 0.9
