@@ -123,6 +123,9 @@ def center_crop_transforms(
     )
 
 
+STRONG_RECIPES = ("fixmatch", "timm")
+
+
 def strong_transforms(
     input_h: int = 224,
     input_w: int = 224,
@@ -130,6 +133,9 @@ def strong_transforms(
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     interpolation: str = "bilinear",
     p_hflip: float = 0.5,
+    recipe: str = "fixmatch",
+    num_ops: int = 2,
+    cutout: float = 0.5,
     rand_augment: str = "rand-m10-n2-mstd0.5",
     cutout_p: float = 1.0,
     cutout_scale: Sequence[float] = (0.02, 0.25),
@@ -138,6 +144,16 @@ def strong_transforms(
 ) -> v2.Compose:
     """The strong augmentation of FixMatch-style methods: crop, flip, RandAugment, cutout.
 
+    Two recipes:
+
+    * "fixmatch" (the default; FixMatch's paper, arXiv:2001.07685, Table 12, and USB): `num_ops`
+      operations from FixMatch's list of 14 (Identity included), each always applied with a
+      magnitude drawn uniformly from its range, then a square cutout of side up to `cutout` of
+      the width (`sesemi.randaugment`).
+    * "timm": timm's RandAugment config string `rand_augment` (each op applied with probability
+      0.5, a fixed magnitude with noise, timm's op list) and torchvision's `RandomErasing` of a
+      rectangle (`cutout_p`, area `cutout_scale`, aspect 0.3-3.3); sesemi's earlier recipe.
+
     Args:
         input_h: Output height in pixels.
         input_w: Output width in pixels.
@@ -145,31 +161,41 @@ def strong_transforms(
         ratio: Range of the crop's aspect ratio.
         interpolation: Resampling by name.
         p_hflip: Probability of a horizontal flip.
-        rand_augment: timm's RandAugment config string (`rand-m{magnitude}-n{ops}-...`).
-        cutout_p: Probability of erasing one rectangle (filled with 0 after normalization).
-        cutout_scale: Range of the erased area as a fraction of the image's.
-        norm_mean: Per-channel mean.
+        recipe: "fixmatch" or "timm".
+        num_ops: ("fixmatch") Operations per image (the paper: 2; USB: 3).
+        cutout: ("fixmatch") The cutout square's largest side as a fraction of the width.
+        rand_augment: ("timm") timm's RandAugment config string (`rand-m{magnitude}-n{ops}-...`).
+        cutout_p: ("timm") Probability of erasing one rectangle (filled with 0 after
+            normalization).
+        cutout_scale: ("timm") Range of the erased area as a fraction of the image's.
+        norm_mean: Per-channel mean (also the colour uncovered pixels and the cutout get).
         norm_std: Per-channel standard deviation.
 
     Returns:
         A transform from a PIL image to a normalized `(3, input_h, input_w)` float tensor.
     """
-    from timm.data.auto_augment import rand_augment_transform
-
-    magnitude = re.search(r"-m(\d+(\.\d+)?)", rand_augment)
-    if magnitude and float(magnitude.group(1)) < 1:
-        # timm maps magnitude 0 to a 0-bit posterize, which Pillow refuses mid-training.
-        raise ValueError(f"rand_augment '{rand_augment}': use a magnitude m >= 1")
+    if recipe not in STRONG_RECIPES:
+        raise ValueError(
+            f"unknown strong recipe '{recipe}'; use one of: {', '.join(STRONG_RECIPES)}"
+        )
     fill = tuple(round(255 * m) for m in norm_mean)
-    hparams = {"translate_const": int(0.45 * min(input_h, input_w)), "img_mean": fill}
-    return v2.Compose(
-        [
-            *_crop_and_flip(input_h, input_w, scale, ratio, interpolation, p_hflip),
-            rand_augment_transform(rand_augment, hparams),
-            *to_normalized_tensor(norm_mean, norm_std),
-            v2.RandomErasing(p=cutout_p, scale=tuple(cutout_scale), value=0),
-        ]
-    )
+    crop_flip = _crop_and_flip(input_h, input_w, scale, ratio, interpolation, p_hflip)
+    if recipe == "fixmatch":
+        from sesemi.randaugment import FixMatchRandAugment, SquareCutout
+
+        augment = [FixMatchRandAugment(num_ops, fill=fill)]
+        erase = SquareCutout(cutout, value=0.0)
+    else:
+        from timm.data.auto_augment import rand_augment_transform
+
+        magnitude = re.search(r"-m(\d+(\.\d+)?)", rand_augment)
+        if magnitude and float(magnitude.group(1)) < 1:
+            # timm maps magnitude 0 to a 0-bit posterize, which Pillow refuses mid-training.
+            raise ValueError(f"rand_augment '{rand_augment}': use a magnitude m >= 1")
+        hparams = {"translate_const": int(0.45 * min(input_h, input_w)), "img_mean": fill}
+        augment = [rand_augment_transform(rand_augment, hparams)]
+        erase = v2.RandomErasing(p=cutout_p, scale=tuple(cutout_scale), value=0)
+    return v2.Compose([*crop_flip, *augment, *to_normalized_tensor(norm_mean, norm_std), erase])
 
 
 class MultiView:

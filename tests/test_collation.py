@@ -76,3 +76,17 @@ def test_two_rotations(images: list[torch.Tensor]) -> None:
 def test_invalid_num_rotations(num_rotations: int) -> None:
     with pytest.raises(ValueError, match="between 1 and 4"):
         RotationTransformer(num_rotations=num_rotations)
+
+
+def test_with_flips_each_image_also_appears_mirrored_left_right_and_top_down(images) -> None:
+    collate = RotationTransformer(flips=True)
+    assert collate.num_labels == 6
+    out, labels = collate([(image, 3, i) for i, image in enumerate(images)])  # indices dropped
+    assert out.shape == (6 * B, C, S, S) and labels.tolist() == [0, 1, 2, 3, 4, 5] * B
+    for i, image in enumerate(images):
+        for k in range(4):
+            assert torch.equal(out[6 * i + k], torch.rot90(image, k, dims=(1, 2)))
+        assert torch.equal(out[6 * i + 4], image.flip(2))  # left-right
+        assert torch.equal(out[6 * i + 5], image.flip(1))  # top-down
+    # The flips are new views: a random image's mirror is none of its rotations.
+    assert all(not torch.equal(out[4], out[k]) for k in range(4))

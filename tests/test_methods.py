@@ -18,6 +18,7 @@ from sesemi.cli import builtin_configs
 HEADS = {
     "supervised": [],
     "rotation": ["rotation_prediction"],
+    "rotation_flip": ["rotation_prediction"],
     "jigsaw": ["jigsaw_prediction"],
     "entropy_minimization": ["entropy_minimization"],
     "pi_model": ["pi_model"],

@@ -142,7 +142,9 @@ def test_strong_transforms_cutout_erases_a_rectangle():
     from sesemi.transforms import strong_transforms
 
     image = Image.new("RGB", (48, 40), (200, 200, 200))
-    t = strong_transforms(32, 32, rand_augment="rand-m5-n1", cutout_p=1.0, cutout_scale=(0.1, 0.1))
+    t = strong_transforms(
+        32, 32, recipe="timm", rand_augment="rand-m5-n1", cutout_p=1.0, cutout_scale=(0.1, 0.1)
+    )
     out = t(image)
     erased = (out == 0).all(dim=0)  # cutout fills 0 after normalization, gray stays positive
     assert 0.05 * 32 * 32 <= erased.sum() <= 0.15 * 32 * 32
@@ -152,7 +154,7 @@ def test_strong_transforms_refuse_magnitude_zero():
     from sesemi.transforms import strong_transforms
 
     with pytest.raises(ValueError, match="magnitude"):
-        strong_transforms(32, 32, rand_augment="rand-m0-n1")
+        strong_transforms(32, 32, recipe="timm", rand_augment="rand-m0-n1")
 
 
 @pytest.mark.parametrize("make", [train_transforms, center_crop_transforms])
@@ -163,3 +165,92 @@ def test_uint8_output_is_the_float_output_before_normalization(make, image: Imag
     normalized = make(input_h=24, input_w=24, norm_mean=(0.5,) * 3, norm_std=(0.5,) * 3)(image)
     assert pixels.dtype == torch.uint8 and pixels.shape == (3, 24, 24)
     torch.testing.assert_close((pixels.float() / 255 - 0.5) / 0.5, normalized)
+
+
+# FixMatch's RandAugment + cutout (sesemi.randaugment), the default strong recipe
+
+
+def test_fixmatch_rand_augment_draws_from_the_papers_fourteen_operations():
+    from sesemi.randaugment import OPS, FixMatchRandAugment
+
+    assert set(OPS) == {
+        "AutoContrast",
+        "Brightness",
+        "Color",
+        "Contrast",
+        "Equalize",
+        "Identity",
+        "Posterize",
+        "Rotate",
+        "Sharpness",
+        "ShearX",
+        "ShearY",
+        "Solarize",
+        "TranslateX",
+        "TranslateY",
+    }  # Identity in; timm's Invert and SolarizeAdd out
+    assert FixMatchRandAugment().ops == list(OPS)
+    assert (OPS["Rotate"][1:], OPS["Brightness"][1:], OPS["TranslateX"][1:]) == (
+        (-30.0, 30.0),
+        (0.05, 0.95),
+        (-0.3, 0.3),
+    )
+
+
+def test_every_drawn_operation_is_applied_with_a_uniform_magnitude_in_its_range(monkeypatch):
+    from sesemi import randaugment
+
+    calls: list[tuple[str, float]] = []
+
+    def recorder(name):
+        return lambda image, v, fill: calls.append((name, v)) or image
+
+    fake = {name: (recorder(name), low, high) for name, (_, low, high) in randaugment.OPS.items()}
+    monkeypatch.setattr(randaugment, "OPS", fake)
+    augment = randaugment.FixMatchRandAugment(num_ops=2)
+    image = Image.new("RGB", (8, 8))
+    torch.manual_seed(0)
+    for _ in range(1000):
+        augment(image)
+    assert len(calls) == 2000  # always num_ops operations: none skipped with a probability
+    rotations = [v for name, v in calls if name == "Rotate"]
+    assert len(rotations) > 80 and min(rotations) >= -30 and max(rotations) <= 30
+    assert min(rotations) < -25 and max(rotations) > 25  # spread over the whole range
+    assert abs(sum(rotations) / len(rotations)) < 5  # uniform: centred on 0
+    names = {name for name, _ in calls}
+    assert names == set(fake)  # every operation gets drawn
+
+
+def test_square_cutout_is_a_square_of_at_most_half_the_width():
+    from sesemi.randaugment import SquareCutout
+
+    cutout = SquareCutout(0.5, value=-1.0)
+    torch.manual_seed(0)
+    sides = []
+    for _ in range(300):
+        out = cutout(torch.zeros(3, 40, 40))
+        mask = (out == -1.0).all(dim=0)
+        rows, cols = mask.any(dim=1).sum().item(), mask.any(dim=0).sum().item()
+        assert mask.sum() == rows * cols  # one axis-aligned rectangle
+        if (
+            0 < rows < 20
+            and 0 < cols < 20
+            and 0 < mask.nonzero().min()
+            and mask.nonzero().max() < 39
+        ):
+            assert abs(rows - cols) <= 1  # away from the border, a square
+        sides.append(max(rows, cols))
+    assert max(sides) <= 20 and max(sides) >= 18  # up to half of 40 px
+
+
+def test_strong_transforms_default_to_the_fixmatch_recipe():
+    from sesemi.randaugment import FixMatchRandAugment, SquareCutout
+    from sesemi.transforms import strong_transforms
+
+    steps = strong_transforms(32, 32).transforms
+    assert any(isinstance(t, FixMatchRandAugment) for t in steps)
+    assert isinstance(steps[-1], SquareCutout) and steps[-1].max_size == 0.5
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    assert strong_transforms(32, 32)(image).shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="recipe"):
+        strong_transforms(32, 32, recipe="autoaugment")

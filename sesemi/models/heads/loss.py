@@ -86,6 +86,7 @@ class RotationPredictionLossHead(TransformationPredictionLossHead):
         Args:
             input_data: The loader name of the rotated batches.
             input_backbone: The backbone to extract features with.
-            num_rotations: The number of rotation classes (the collation's).
+            num_rotations: The number of classes: the collation's `num_labels` (4 rotations, or
+                6 with its flips).
         """
         super().__init__(input_data, input_backbone, num_rotations)
