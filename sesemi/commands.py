@@ -92,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="hard",
         help="train the next model on the top class (hard) or the probabilities (soft)",
     )
+    label.add_argument(
+        "--balance",
+        choices=BALANCE,
+        default="none",
+        help="class balancing (Noisy Student): drop keeps each class's most confident images, "
+        "duplicate also repeats those of smaller classes, to --per-class images each",
+    )
+    label.add_argument(
+        "--per-class",
+        type=int,
+        default=None,
+        help="images per class after balancing (default: the smallest class's count for drop, "
+        "the largest's for duplicate)",
+    )
     label.add_argument("--overwrite", action="store_true", help="replace existing pseudo-labels")
     return parser
 
@@ -163,45 +177,80 @@ def run_export(args: argparse.Namespace) -> str:
     )
 
 
+BALANCE = ("none", "drop", "duplicate")
+
+
+def balance_rows(rows: list[list], mode: str, per_class: int | None = None) -> list[list]:
+    """Balances pseudo-labeled rows `[file, label, confidence, ...]` over their labels.
+
+    Noisy Student's class balancing (Xie et al., arXiv:1911.04252): "drop" keeps each class's
+    `per_class` most confident images (default: the smallest class's count); "duplicate" also
+    repeats the images of smaller classes, most confident first, until each class has
+    `per_class` (default: the largest class's count). "none" returns the rows as they are.
+    Rows come back grouped by label, each class most confident first.
+    """
+    if mode not in BALANCE:
+        raise ValueError(f"--balance must be one of {', '.join(BALANCE)}, got '{mode}'")
+    if mode == "none" or not rows:
+        return rows
+    by_label: dict[str, list[list]] = {}
+    for row in rows:
+        by_label.setdefault(row[1], []).append(row)
+    counts = [len(group) for group in by_label.values()]
+    target = per_class or (min(counts) if mode == "drop" else max(counts))
+    balanced = []
+    for label in sorted(by_label):
+        group = sorted(by_label[label], key=lambda r: -float(r[2]))[:target]
+        if mode == "duplicate":
+            group = [group[i % len(group)] for i in range(target)]
+        balanced += group
+    return balanced
+
+
 def run_pseudo_label(args: argparse.Namespace) -> str:
     """Writes `pseudo_labels.csv` and `pseudo_labels.json` into the output folder."""
     from sesemi.datasets.pseudo_labeled import CSV_NAME, META_NAME
 
     if not 0.0 <= args.threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.per_class is not None and args.per_class < 1:
+        raise ValueError(f"--per-class must be at least 1, got {args.per_class}")
     csv_path = os.path.join(args.output, CSV_NAME)
     _refuse_overwrite(csv_path, args.overwrite)
     model = _load(args)
     files, predictions = _predictions(args, model)
     os.makedirs(args.output, exist_ok=True)
-    kept = failed = 0
+    rows, failed = [], 0
+    for p in predictions:
+        if p.probabilities is None:
+            failed += 1
+            print(f"open_sesemi pseudo-label: skipped: {p.error}", file=sys.stderr)
+            continue
+        confidence, index = p.probabilities.max(dim=0)
+        if float(confidence) < args.threshold:
+            continue
+        rel = os.path.relpath(os.path.abspath(p.file), os.path.abspath(args.output))
+        probs = [f"{v:.6f}" for v in p.probabilities.tolist()]
+        rows.append([rel, model.class_names[int(index)], f"{float(confidence):.6f}", *probs])
+    kept = len(rows)
+    rows = balance_rows(rows, args.balance, args.per_class)
     tmp = csv_path + ".partial"
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "label", "confidence", *[f"p:{c}" for c in model.class_names]])
-        for p in predictions:
-            if p.probabilities is None:
-                failed += 1
-                print(f"open_sesemi pseudo-label: skipped: {p.error}", file=sys.stderr)
-                continue
-            confidence, index = p.probabilities.max(dim=0)
-            if float(confidence) < args.threshold:
-                continue
-            kept += 1
-            rel = os.path.relpath(os.path.abspath(p.file), os.path.abspath(args.output))
-            probs = [f"{v:.6f}" for v in p.probabilities.tolist()]
-            writer.writerow(
-                [rel, model.class_names[int(index)], f"{float(confidence):.6f}", *probs]
-            )
+        writer.writerows(rows)
     meta = {
         "class_names": model.class_names,
         "labels": args.labels,
         "threshold": args.threshold,
+        "balance": args.balance,
+        "per_class": args.per_class,
         "tta": args.tta,
         "checkpoint": os.path.abspath(args.checkpoint),
         "ema": args.ema,
         "images": len(files),
         "kept": kept,
+        "rows": len(rows),
         "unreadable": failed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -209,10 +258,11 @@ def run_pseudo_label(args: argparse.Namespace) -> str:
         json.dump(meta, f, indent=2)
     os.replace(tmp, csv_path)
     share = kept / max(len(files) - failed, 1)
+    balanced = f", {len(rows)} rows after --balance {args.balance}" * (args.balance != "none")
     return (
         f"pseudo-labeled {kept} of {len(files) - failed} image(s) ({share:.0%} at confidence >= "
-        f"{args.threshold}) into {csv_path}; train on them with dataset name: pseudo_labeled, "
-        f"root: {os.path.abspath(args.output)}"
+        f"{args.threshold}){balanced} into {csv_path}; train on them with dataset name: "
+        f"pseudo_labeled, root: {os.path.abspath(args.output)}"
         + (f"; {failed} unreadable file(s) skipped" if failed else "")
     )
 

@@ -324,3 +324,34 @@ def test_ema_weights_load_from_a_checkpoint(tmp_path):
     torch.save({**state, "state_dict": build_classifier(no_ema).state_dict()}, path)
     with pytest.raises(ValueError, match="no EMA weights"):
         load_trained_model(str(path), ema=True)
+
+
+def test_class_balancing_drops_the_least_confident_or_duplicates_the_most_confident():
+    from sesemi.commands import balance_rows
+
+    rows = [
+        ["a1", "a", "0.9"], ["a2", "a", "0.5"], ["a3", "a", "0.7"],
+        ["b1", "b", "0.6"],
+        ["c1", "c", "0.8"], ["c2", "c", "0.95"],
+    ]  # fmt: skip
+    dropped = balance_rows(rows, "drop")  # to the smallest class: 1 each, the most confident
+    assert [r[0] for r in dropped] == ["a1", "b1", "c2"]
+    duplicated = balance_rows(rows, "duplicate")  # to the largest class: 3 each
+    assert [r[0] for r in duplicated] == ["a1", "a3", "a2", "b1", "b1", "b1", "c2", "c1", "c2"]
+    two = balance_rows(rows, "duplicate", per_class=2)  # larger classes keep their best 2
+    assert [r[0] for r in two] == ["a1", "a3", "b1", "b1", "c2", "c1"]
+    assert balance_rows(rows, "none") is rows
+    with pytest.raises(ValueError, match="--balance"):
+        balance_rows(rows, "oversample")
+
+
+def test_pseudo_label_balance_option_writes_equal_class_counts(trained, tmp_path):
+    out = tmp_path / "balanced"
+    args = ("pseudo-label", str(trained["checkpoint"]), str(trained["data"] / "train"))
+    result = open_sesemi(
+        *args, "-o", str(out), "--balance", "duplicate", "--per-class", "5", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    labels = [r["label"] for r in _rows(out / "pseudo_labels.csv")]
+    assert {label: labels.count(label) for label in set(labels)} == dict.fromkeys(set(labels), 5)
+    assert json.loads((out / "pseudo_labels.json").read_text())["balance"] == "duplicate"
