@@ -93,16 +93,14 @@ class Classifier(pl.LightningModule):
         unknown = set(self.weights) - set(self.heads) - {SUPERVISED}
         if unknown:
             raise ValueError(f"weights for unknown term(s) {sorted(unknown)}")
-        context = HeadContext(
-            self.backbones, self.classifiers, num_classes, dict(dataset_sizes or {})
-        )
         for name, head in self.heads.items():
             if not isinstance(head, LossHead):
                 raise TypeError(
                     f"regularization_loss_heads.{name}.head must build a "
                     f"sesemi.models.heads.LossHead, got {type(head).__name__}"
                 )
-            head.build(context)
+            sizes = dict(dataset_sizes or {})
+            head.build(HeadContext(self.backbones, self.classifiers, num_classes, sizes, name))
         self.optimizer_factory = optimizer
         self.lr_scheduler = lr_scheduler
         self.prepare_batch = BatchPreparation(input_normalization, channels_last)
@@ -170,15 +168,15 @@ class Classifier(pl.LightningModule):
             `sum_t w_t(step) * reduce_t(losses_t)` and a dict of each term's loss and weight.
         """
         images, targets = batch[SUPERVISED][:2]
-        features = self.net.backbone(images)
-        logits = self.net.supervised_head(features)
-        inputs = HeadInputs(
-            data=batch,
-            backbones=self.backbones,
-            heads=self.classifiers,
-            features={"supervised_backbone": features, "supervised_logits": logits},
-            step=step,
+        joined = {name: head.joined_views(batch) for name, head in self.heads.items()}
+        outputs = self.net.forward_joined(
+            [images, *(v for views in joined.values() for v in views)]
         )
+        features, logits = outputs.pop(0)
+        cache: dict[str, Any] = {"supervised_backbone": features, "supervised_logits": logits}
+        for name, views in joined.items():  # each head's joined views' logits, in order
+            cache[f"joined/{name}"] = [outputs.pop(0)[1] for _ in views]
+        inputs = HeadInputs(batch, self.backbones, self.classifiers, cache, step)
         losses = {SUPERVISED: self.supervised_loss(logits, targets)}
         losses.update({name: head(inputs) for name, head in self.heads.items()})
         total, logs = logits.new_zeros(()), {}

@@ -382,3 +382,59 @@ def test_an_lr_scheduler_spec_is_stepped_as_configured():
     config = learner.configure_optimizers()["lr_scheduler"]
     assert (config["interval"], config["frequency"]) == ("epoch", 2)
     assert isinstance(config["scheduler"], torch.optim.lr_scheduler.StepLR)
+
+
+def _fixmatch_learner(joint_forward):
+    from sesemi.models.heads import FixMatchLossHead
+
+    torch.manual_seed(0)
+    return Classifier(
+        PyTorchImageModels("test_resnet"),
+        3,
+        functools.partial(torch.optim.SGD, lr=0.1),
+        heads={
+            "fixmatch": FixMatchLossHead("unlabeled", threshold=0.0, joint_forward=joint_forward)
+        },
+    )
+
+
+def _fixmatch_batch():
+    torch.manual_seed(1)
+    labeled = (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
+    weak, strong = torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32)
+    return {"supervised": labeled, "unlabeled": ([weak, strong], torch.full((6,), -1))}
+
+
+@pytest.mark.parametrize(("joint_forward", "passes"), [(False, 3), ("unlabeled", 2), ("all", 1)])
+def test_a_joint_forward_puts_labeled_weak_and_strong_images_through_one_pass(
+    joint_forward, passes
+):
+    learner = _fixmatch_learner(joint_forward).train()
+    sizes = []
+    learner.backbone.register_forward_hook(lambda module, args, out: sizes.append(len(args[0])))
+    total, _ = learner.compute_losses(_fixmatch_batch(), step=0)
+    assert len(sizes) == passes and sum(sizes) == 16  # 4 labeled + 6 weak + 6 strong images
+    total.backward()  # gradients flow (the weak view's are cut by its detach)
+
+
+def test_the_joint_forward_changes_only_the_batchnorm_statistics():
+    # In eval mode (running statistics) every way gives the same losses; in training the joint
+    # pass normalizes all 16 images together, so the running mean moves by their mean.
+    batch = _fixmatch_batch()
+    results = {}
+    for mode in (False, "all"):
+        learner = _fixmatch_learner(mode).eval()
+        total, logs = learner.compute_losses(batch, step=0)
+        results[mode] = (total, logs["fixmatch_loss"])
+    torch.testing.assert_close(results[False][0], results["all"][0])
+    torch.testing.assert_close(results[False][1], results["all"][1])
+    joint = _fixmatch_learner("all").train()
+    bn = next(m for m in joint.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    conv_input = []
+    bn.register_forward_pre_hook(lambda module, args: conv_input.append(args[0].detach()))
+    before = bn.running_mean.clone()
+    joint.compute_losses(batch, step=0)
+    (seen,) = conv_input
+    assert len(seen) == 16
+    expected = (1 - bn.momentum) * before + bn.momentum * seen.mean(dim=(0, 2, 3))
+    torch.testing.assert_close(bn.running_mean, expected)

@@ -44,6 +44,14 @@ class ClassifierNet(nn.Module):
         """Returns class logits `(B, num_classes)`."""
         return self.supervised_head(self.backbone(images))
 
+    def forward_joined(self, chunks: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Runs several image batches as one batch (one set of BatchNorm statistics) and returns
+        each chunk's `(features, logits)`."""
+        features = self.backbone(torch.cat(list(chunks)) if len(chunks) > 1 else chunks[0])
+        logits = self.supervised_head(features)
+        sizes = [len(c) for c in chunks]
+        return list(zip(features.split(sizes), logits.split(sizes), strict=True))
+
 
 class BatchPreparation(nn.Module):
     """Prepares image batches on the device: uint8 images are scaled to [0, 1] and normalized,

@@ -29,12 +29,14 @@ class HeadContext:
         num_classes: The classifier's number of classes.
         dataset_sizes: The number of images in each `data.train` loader's whole dataset (over
             all processes), by loader name; loaders of unknown size are absent.
+        name: The head's name in the learner (its key in `regularization_loss_heads`).
     """
 
     backbones: Mapping[str, nn.Module]
     heads: Mapping[str, nn.Module]
     num_classes: int
     dataset_sizes: Mapping[str, int] = field(default_factory=dict)
+    name: str = ""
 
 
 @dataclass
@@ -48,14 +50,15 @@ class HeadInputs:
         heads: Prediction heads by name: "supervised_head" maps backbone features to class
             logits; with a teacher, "teacher_supervised_head" too.
         features: A per-step cache of computed tensors that heads may share (e.g. the supervised
-            batch's features under "supervised_backbone").
+            batch's features under "supervised_backbone", and under "joined/<head name>" the
+            student's logits of the views a head asked to join the supervised forward pass).
         step: The global optimizer step.
     """
 
     data: Mapping[str, Any]
     backbones: Mapping[str, nn.Module]
     heads: Mapping[str, nn.Module]
-    features: dict[str, Tensor] = field(default_factory=dict)
+    features: dict[str, Any] = field(default_factory=dict)
     step: int = 0
 
 
@@ -107,6 +110,7 @@ class LossHead(nn.Module):
         self.input_data = input_data
         self.input_backbone = input_backbone
         self.input_head = input_head
+        self.name = ""  # the learner's name for the head, known once built
         self.log_values: dict[str, Any] = {}
 
     @property
@@ -123,6 +127,7 @@ class LossHead(nn.Module):
             ValueError: A name the learner does not offer; a missing teacher says how to add one.
         """
         owner = type(self).__name__
+        self.name = context.name
         _require(owner, "backbone", self.input_backbone, context.backbones, "")
         if self.reads_classifier:
             _require(owner, "head", self.input_head, context.heads, "")
@@ -131,6 +136,12 @@ class LossHead(nn.Module):
             hint = f"; it is the EMA teacher's: {EMA_HINT}{alternative}"
             _require(owner, "backbone", str(self.teacher_backbone), context.backbones, hint)
             _require(owner, "head", str(self.teacher_head), context.heads, hint)
+
+    def joined_views(self, data: Mapping[str, Any]) -> list[Tensor]:
+        """Image batches of the head's loader that the learner should put through the student in
+        the same forward pass as the supervised batch (shared BatchNorm statistics); their
+        logits then reach the head as `inputs.features["joined/<name>"]`, in order. None here."""
+        return []
 
     def features(self, inputs: HeadInputs, images: Tensor, teacher: bool = False) -> Tensor:
         """The student's (or, under `torch.no_grad()`, the teacher's) features of `images`."""

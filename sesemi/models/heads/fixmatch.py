@@ -20,6 +20,7 @@ mu = 7); set the unlabeled loader's `batch_size` to `mu` times the supervised lo
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -49,11 +50,12 @@ class FixMatchLossHead(LossHead):
     Reference: Sohn et al., "FixMatch: Simplifying Semi-Supervised Learning with Consistency
     and Confidence", arXiv:2001.07685. Deviations:
 
-    * The unlabeled views go through the backbone in their own forward passes, not
-      concatenated with the labeled batch, so BatchNorm's batch statistics are per pass (the
-      reference code normalizes labeled, weak and strong images together). `joint_forward=True`
-      runs weak and strong together in one pass (the weak logits are then detached, which still
-      stops their gradient, but their activations are kept until the backward pass).
+    * How the images meet BatchNorm (`joint_forward`): "all" puts the labeled, weak and strong
+      images through the network in one pass, one set of batch statistics, as the reference
+      code does (USB's `use_cat`); "unlabeled" (or True) joins weak and strong only; False
+      (the default) runs the weak view alone without gradient, then the strong view, so their
+      statistics are per pass. With a joint pass the weak logits are detached (no gradient, as
+      the paper's stop-gradient), but their activations stay in memory until the backward pass.
     * `temperature` (default 1, as in the paper) sharpens or flattens `q` before thresholding;
       the pseudo-labels stay hard.
     * The paper uses its EMA model for evaluation only; `teacher="ema"` (pseudo-labels from the
@@ -73,7 +75,7 @@ class FixMatchLossHead(LossHead):
         threshold: float | ThresholdPolicy = 0.95,
         teacher: str = "student",
         temperature: float = 1.0,
-        joint_forward: bool = False,
+        joint_forward: bool | str = False,
         input_head: str = "supervised_head",
         teacher_backbone: str = "teacher_backbone",
         teacher_head: str = "teacher_supervised_head",
@@ -88,7 +90,8 @@ class FixMatchLossHead(LossHead):
             teacher: Who predicts the weak view: "student" (the paper) or "ema" (the EMA
                 teacher; needs `learner.hparams.model.ema`).
             temperature: Divides the weak logits before the softmax (1 is the paper's).
-            joint_forward: Run weak and strong views in one forward pass (student teacher only).
+            joint_forward: False (separate passes), "unlabeled" / True (weak and strong in one
+                pass) or "all" (labeled, weak and strong in one pass); student teacher only.
             input_head: The student classifier.
             teacher_backbone: The EMA teacher's backbone.
             teacher_head: The EMA teacher's classifier.
@@ -98,6 +101,12 @@ class FixMatchLossHead(LossHead):
             raise ValueError(f"unknown teacher '{teacher}'; use one of: {', '.join(TEACHERS)}")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if joint_forward is True:
+            joint_forward = "unlabeled"
+        if joint_forward not in (False, "unlabeled", "all"):
+            raise ValueError(
+                f"joint_forward must be false, 'unlabeled' or 'all', got {joint_forward!r}"
+            )
         if joint_forward and teacher == "ema":
             raise ValueError("joint_forward runs the student on both views; use teacher=student")
         if not isinstance(threshold, ThresholdPolicy):
@@ -123,12 +132,22 @@ class FixMatchLossHead(LossHead):
         """Returns the weak-view logits (no gradient) and the strong-view student logits."""
         if self.uses_teacher:
             return self.logits(inputs, weak, teacher=True), self.logits(inputs, strong)
+        if self.joint_forward == "all":  # the learner ran them with the labeled batch
+            weak_logits, strong_logits = inputs.features[f"joined/{self.name}"]
+            return weak_logits.detach(), strong_logits
         if self.joint_forward:
             logits = self.logits(inputs, torch.cat([weak, strong]))
             return logits[: len(weak)].detach(), logits[len(weak) :]
         with torch.no_grad():
             weak_logits = self.logits(inputs, weak)
         return weak_logits, self.logits(inputs, strong)
+
+    def joined_views(self, data: Mapping[str, Any]) -> list[Tensor]:
+        """With `joint_forward="all"`, the weak and strong views join the labeled forward pass."""
+        if self.joint_forward != "all":
+            return []
+        views = data[self.input_data][0]
+        return [views[0], views[1]]
 
     def forward(self, inputs: HeadInputs) -> Tensor:
         """Returns `mask * CE(strong logits, pseudo-label)` for each unlabeled image `(B,)`."""
