@@ -43,7 +43,11 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ValueError(f"'{path}' is not a readable PyTorch checkpoint ({e})") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in str(e):
+            reason = "it holds Python objects other than tensors and plain values, which are "
+            reason += "not loaded: a checkpoint is data, never code"
+        raise ValueError(f"'{path}' is not a readable PyTorch checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"'{path}' is not an open_sesemi checkpoint (no state_dict)")
     return checkpoint

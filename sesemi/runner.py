@@ -18,7 +18,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from sesemi.build import build_learner, build_trainer, knn_options
 from sesemi.callbacks import CheckpointMetadata, ConfusionReport, KNNEvaluation, LastCheckpoint
-from sesemi.checkpoints import find_checkpoint, load_pretrained_weights
+from sesemi.checkpoints import find_checkpoint, load_pretrained_weights, read_checkpoint
 from sesemi.compare import SUMMARY_NAME
 from sesemi.config.resolvers import SESEMIConfigAttributes, resolve
 from sesemi.config.structs import RunMode
@@ -294,6 +294,7 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     ckpt_path = None
     if resume:
         ckpt_path = find_checkpoint(resume, "resume_from_checkpoint", cfg.run.dir, cfg.run.id)
+        read_checkpoint(ckpt_path)  # data only: a file that is not refuses here, in one line
     if cfg.run.pretrained_checkpoint_path:
         key = "pretrained_checkpoint_path"
         path = find_checkpoint(cfg.run[key], key, cfg.run.dir, cfg.run.id)
@@ -307,12 +308,13 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
         attributes.iterations_per_epoch,
         callbacks,
     )
+    # Checkpoints are read as data (weights_only) whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says.
     if mode == RunMode.FIT:
-        trainer.fit(learner, datamodule=data, ckpt_path=ckpt_path)
+        trainer.fit(learner, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     elif mode == RunMode.VALIDATE:
-        trainer.validate(learner, datamodule=data, ckpt_path=ckpt_path)
+        trainer.validate(learner, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     else:
-        trainer.test(learner, datamodule=data, ckpt_path=ckpt_path)
+        trainer.test(learner, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     skipped = sum(getattr(spec.dataset, "skipped", 0) for spec in data.specs())
     if skipped:

@@ -410,3 +410,29 @@ def test_uint8_loaders_with_device_normalization_train_and_record_it(experiment)
     # A loader's transform without a _target_ is named, not a "not callable" crash.
     odd = _custom(experiment, "+data.train.supervised.dataset.image_transform.uint8_output=true")
     assert odd.returncode == 1 and "data.train.supervised.dataset.image_transform" in odd.stderr
+
+
+def test_a_checkpoint_with_code_in_it_is_refused_in_one_line_and_the_code_never_runs(
+    experiment, monkeypatch
+):
+    # Resuming reads checkpoints as data even when the environment asks torch not to.
+    import pathlib
+
+    marker = experiment / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (pathlib.Path.touch, (pathlib.Path(marker),))
+
+    path = experiment / "hostile.ckpt"
+    torch.save({"state_dict": {}, "extra": Payload()}, path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    monkeypatch.chdir(experiment)
+    for key in ("resume_from_checkpoint", "pretrained_checkpoint_path"):
+        cfg = sesemi.compose("custom", [f"run.{key}={path}"], config_dir=experiment / "configs")
+        with pytest.raises(USER_ERRORS) as error:
+            sesemi.fit(cfg)
+        assert "hostile.ckpt" in one_line(error.value) and "never code" in one_line(error.value)
+        assert not marker.exists()
+    out = _custom(experiment, f"run.resume_from_checkpoint={path}")
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and not marker.exists()
