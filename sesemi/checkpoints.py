@@ -63,7 +63,9 @@ def find_checkpoint(path: str, key: str, run_dir: str, run_id: str) -> str:
         run_id: `run.id`.
     """
     if path == "last":
-        pattern = os.path.join(to_absolute_path(run_dir), run_id, "*", "checkpoints", "last.ckpt")
+        # The folders are names, not patterns: a run.id like "exp[1]" is matched literally.
+        runs = glob.escape(os.path.join(to_absolute_path(run_dir), run_id))
+        pattern = os.path.join(runs, "*", "checkpoints", "last.ckpt")
         found = sorted(glob.glob(pattern), key=os.path.getmtime)
         if not found:
             raise FileNotFoundError(f"run.{key}=last: no {pattern} exists yet")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -14,6 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from sesemi.datasets import dataset as build_dataset_by_name
+
+log = logging.getLogger(__name__)
 
 # DataLoader arguments passed through as they are when set in a DataLoaderConfig.
 LOADER_GROUPS = ("train", "val", "test")  # The `data` keys that hold loaders.
@@ -98,11 +101,15 @@ class LoaderSpec:
             raise ValueError(f"{where}: set its batch_size or run.batch_size_per_gpu")
         self.node = node
 
-    def loader(self, resumable: bool = False, indexed: bool = False) -> DataLoader:
+    def loader(
+        self, resumable: bool = False, indexed: bool = False, world_size: int | None = None
+    ) -> DataLoader:
         """Builds the DataLoader (Lightning adds a DistributedSampler under DDP).
 
         Args:
             indexed: Give each sample its dataset index as last element (`IndexedDataset`).
+            world_size: For training loaders: the number of processes, to drop a last batch of
+                one image (see `drops_last`); None leaves `drop_last` as configured.
             resumable: Build torchdata's `StatefulDataLoader`, whose position and shuffling
                 state Lightning saves in checkpoints, so a run resumed from a checkpoint taken
                 mid-epoch continues with the batches the uninterrupted run would have drawn.
@@ -112,6 +119,9 @@ class LoaderSpec:
         for key, value in self.auto.items():
             if node.get(key) is None:
                 kwargs[key] = value
+        if world_size is not None and self.drops_last(world_size) and not node.get("drop_last"):
+            log.info("%s: its last batch would hold one image; dropping it each epoch", self.where)
+            kwargs["drop_last"] = True
         if not kwargs.get("num_workers"):
             kwargs.pop("persistent_workers", None)
         elif node.get("prefetch_factor") is not None:
@@ -136,10 +146,22 @@ class LoaderSpec:
             return StatefulDataLoader(dataset, **kwargs)
         return DataLoader(dataset, **kwargs)
 
+    def drops_last(self, world_size: int, training: bool = True) -> bool:
+        """Whether the last incomplete batch is dropped: when the node says so, and, in
+        training, when it would hold one image (BatchNorm cannot normalize a batch of one)."""
+        if self.node.get("drop_last"):
+            return True
+        per_process = math.ceil(len(self.dataset) / world_size)
+        return (
+            training
+            and self.node.get("batch_sampler") is None
+            and (per_process % self.batch_size == 1 and per_process > 1)
+        )
+
     def batches_per_epoch(self, world_size: int) -> int:
         """Batches each of `world_size` processes draws per epoch (DistributedSampler pads)."""
         per_process = math.ceil(len(self.dataset) / world_size)
-        if self.node.get("drop_last"):
+        if self.drops_last(world_size):
             return per_process // self.batch_size
         return math.ceil(per_process / self.batch_size)
 
@@ -158,6 +180,7 @@ class SESEMIDataModule(pl.LightningDataModule):
         batch_size_per_gpu: int | None = None,
         stages: tuple[str, ...] = ("train", "val", "test"),
         loader_defaults: Mapping[str, Any] | None = None,
+        world_size: int = 1,
     ) -> None:
         """Initializes the data module.
 
@@ -168,6 +191,7 @@ class SESEMIDataModule(pl.LightningDataModule):
             stages: Which of train, val and test to build.
             loader_defaults: DataLoader arguments (num_workers, pin_memory, persistent_workers)
                 for loaders that leave them null (see `DevicePlan.loader_defaults`).
+            world_size: The number of training processes (for the per-process batch count).
         """
         super().__init__()
         if isinstance(data, DictConfig):  # only the loaders: the data's facts may not resolve yet
@@ -188,6 +212,7 @@ class SESEMIDataModule(pl.LightningDataModule):
         self.val = self._spec("val", data, data_root, bs, stages, auto)
         self.test = self._spec("test", data, data_root, bs, stages, auto)
         self.data_root = data_root
+        self.world_size = world_size
 
     @staticmethod
     def _spec(stage, data, data_root, bs, stages, auto) -> LoaderSpec | None:
@@ -232,7 +257,8 @@ class SESEMIDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> dict[str, DataLoader]:
         """Returns the named training loaders; their batches end with the samples' indices."""
         return {
-            name: spec.loader(resumable=True, indexed=True) for name, spec in self.train.items()
+            name: spec.loader(resumable=True, indexed=True, world_size=self.world_size)
+            for name, spec in self.train.items()
         }
 
     def val_dataloader(self) -> DataLoader:

@@ -117,8 +117,13 @@ def plan_devices(
     """
     wanted = _parse_gpus(gpus)
     available = torch.cuda.device_count()
-    if wanted not in (0, []) and available == 0:
+    if wanted == -1 and available == 0:  # "every GPU" of a machine that has none: the CPU
         warn_once("no-gpu", f"run.gpus={gpus} but no GPU is available; training on the CPU")
+    elif wanted not in (0, [], -1) and available == 0:
+        raise ValueError(
+            f"run.gpus={gpus} asks for GPUs but this machine has none; use run.gpus=0 (the CPU) "
+            "or run.gpus=-1 (every GPU there is, else the CPU)"
+        )
     if wanted in (0, []) or available == 0:
         procs = int(cpu_devices) if isinstance(cpu_devices, int) and cpu_devices > 0 else 1
         strategy = _strategy(accelerator, procs * num_nodes > 1)

@@ -20,6 +20,7 @@ USER_ERRORS = (
     FileExistsError,
     FloatingPointError,
     OSError,
+    ImportError,  # a `_target_` module that is not there, an optional extra not installed
     OmegaConfBaseException,
     InstantiationException,
 )

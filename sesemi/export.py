@@ -30,6 +30,9 @@ class _LogitsAndProbabilities(nn.Module):
         return logits, logits.softmax(dim=-1)
 
 
+MIN_OPSET = 18  # the lowest opset torch's dynamo exporter writes
+
+
 def export_onnx(model: TrainedModel, path: str, opset: int = 18) -> str:
     """Writes `model` as ONNX: input "images" `(N, 3, H, W)` (N dynamic), outputs "logits" and
     "probabilities" `(N, num_classes)`.
@@ -51,6 +54,12 @@ def export_onnx(model: TrainedModel, path: str, opset: int = 18) -> str:
         raise ImportError(
             "ONNX export needs the onnx and onnxscript packages: pip install 'sesemi[export]'"
         ) from None
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise ValueError(
+            f"--opset {opset} is not supported: torch's exporter writes opsets {MIN_OPSET} to "
+            f"{newest} (the installed onnx's newest); choose one of them"
+        )
     pre = model.preprocessing
     example = torch.zeros(2, 3, pre["input_h"], pre["input_w"])
     wrapper = _LogitsAndProbabilities(model.net.cpu().eval())
@@ -69,6 +78,10 @@ def export_onnx(model: TrainedModel, path: str, opset: int = 18) -> str:
             verbose=False,
         )
     proto = onnx.load(tmp)
+    written = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if written != opset:
+        os.remove(tmp)
+        raise ValueError(f"the exporter wrote opset {written}, not {opset}; choose another --opset")
     metadata = {
         "sesemi.class_names": json.dumps(model.class_names),
         "sesemi.preprocessing": json.dumps(pre),

@@ -71,7 +71,7 @@ def check_run_config(run: DictConfig) -> RunMode:
         raise ValueError("set run.num_epochs or run.num_iterations, not both")
     if mode == RunMode.FIT and run.num_epochs is None and run.num_iterations is None:
         raise ValueError("training needs a length: set run.num_epochs or run.num_iterations")
-    for key in ("num_epochs", "num_iterations"):
+    for key in ("num_epochs", "num_iterations", "num_nodes"):
         if run[key] is not None and run[key] < 1:
             raise ValueError(f"run.{key} must be at least 1, got {run[key]}")
     return mode
@@ -205,6 +205,7 @@ def build_data(cfg: DictConfig, mode: RunMode, plan: DevicePlan) -> SESEMIDataMo
         cfg.run.batch_size_per_gpu,
         STAGES[mode],
         plan.loader_defaults(),
+        plan.world_size,
     )
     if mode == RunMode.FIT and "supervised" not in data.train:
         raise ValueError("data.train needs a 'supervised' loader of labeled images to train on")

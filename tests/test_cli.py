@@ -159,6 +159,9 @@ def test_experiment_src_code_is_instantiable(experiment):
         (["run.resume_from_checkpoint=configs/custom.yaml"], "is not a PyTorch checkpoint"),
         (["method=noisy_student"], "data.train.pseudo.dataset.root"),
         (["learner.hparams.model.ema={decay:0.9,warmup:1}"], "unknown key(s) ['warmup']"),
+        (["run.num_nodes=0"], "run.num_nodes must be at least 1"),
+        (["learner.hparams.lr_scheduler.scheduler.max_iters=0"], "max_iters must be at least 1"),
+        (["run.gpus=5"], "run.gpus=5 asks for GPUs but this machine has none"),
     ],
 )
 def test_bad_input_is_one_clear_line_before_training(experiment, monkeypatch, overrides, expected):

@@ -355,3 +355,16 @@ def test_pseudo_label_balance_option_writes_equal_class_counts(trained, tmp_path
     labels = [r["label"] for r in _rows(out / "pseudo_labels.csv")]
     assert {label: labels.count(label) for label in set(labels)} == dict.fromkeys(set(labels), 5)
     assert json.loads((out / "pseudo_labels.json").read_text())["balance"] == "duplicate"
+
+
+@pytest.mark.parametrize("opset", ["5", "999"])
+def test_an_opset_the_exporter_cannot_write_is_one_line_and_writes_nothing(
+    trained, tmp_path, opset
+):
+    out = tmp_path / "model.onnx"
+    result = open_sesemi(
+        "export", str(trained["checkpoint"]), "-o", str(out), "--opset", opset, cwd=tmp_path
+    )
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert f"--opset {opset} is not supported" in result.stderr
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))

@@ -6,7 +6,7 @@ import functools
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from PIL import Image
@@ -83,7 +83,8 @@ def _loader(decode_size: int | None) -> Callable[[str], Image.Image]:
 class SkipUnreadable(Dataset):
     """Wraps a dataset so unreadable images are skipped (the next sample is served) and counted.
 
-    The count is shared with DataLoader worker processes (fork), so the run can report it.
+    Each unreadable file is counted once, however many epochs meet it: a flag per sample is
+    shared with DataLoader worker processes (fork), so the run can report the count.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -91,24 +92,25 @@ class SkipUnreadable(Dataset):
         self.classes = getattr(dataset, "classes", [])
         self.class_to_idx = getattr(dataset, "class_to_idx", {})
         self.targets = getattr(dataset, "targets", [])
-        self._skipped = multiprocessing.Value("i", 0)
+        self._unreadable = multiprocessing.Array("b", len(dataset), lock=False)
 
     @property
     def skipped(self) -> int:
-        """How many times an unreadable image was skipped so far."""
-        return self._skipped.value
+        """How many different unreadable images were skipped so far."""
+        return sum(self._unreadable)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
         for offset in range(min(len(self.dataset), 100)):
+            position = (index + offset) % len(self.dataset)
             try:
-                return self.dataset[(index + offset) % len(self.dataset)]
+                return self.dataset[position]
             except ImageReadError as e:
-                with self._skipped.get_lock():
-                    self._skipped.value += 1
-                log.warning("skipping: %s", e)
+                if not self._unreadable[position]:
+                    self._unreadable[position] = 1
+                    log.warning("skipping: %s", e)
         raise ImageReadError(f"100 unreadable images in a row near index {index}")
 
 
@@ -146,12 +148,50 @@ class UnlabeledImageFolder(Dataset):
         return (self.transform(image) if self.transform else image), UNLABELED
 
 
+def iter_images(folder: str) -> Iterator[str]:
+    """The image files under `folder`, recursively, in sorted order.
+
+    Hidden files and folders (".ipynb_checkpoints", ".cache") are skipped at every depth.
+    Symbolic links to folders elsewhere are followed, but never one that points back to a folder
+    it sits in (a loop, which would repeat the images forever), and each real folder is read once.
+    """
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        kept = []
+        for d in sorted(dirs):
+            target = os.path.realpath(os.path.join(root, d))
+            if d.startswith("."):
+                continue
+            if real == target or real.startswith(target + os.sep):
+                log.warning("not following %s: it points back to %s", os.path.join(root, d), target)
+                continue
+            kept.append(d)
+        dirs[:] = kept
+        yield from (os.path.join(root, f) for f in sorted(files) if _is_image(f))
+
+
 class _ClassFolder(ImageFolder):
-    """An ImageFolder that, like `_scan`, skips hidden folders (".ipynb_checkpoints") as classes."""
+    """An ImageFolder that, like `_scan`, skips hidden folders: as classes and, inside a class
+    folder, as places to look for images; and reads each real directory once (`iter_images`)."""
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes = _scan(directory)[0]
         return classes, {c: i for i, c in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(
+        directory: str, class_to_idx: dict[str, int], *args: Any, **kwargs: Any
+    ) -> list[tuple[str, int]]:
+        return [
+            (path, index)
+            for name, index in sorted(class_to_idx.items(), key=lambda item: item[1])
+            for path in iter_images(os.path.join(directory, name))
+        ]
 
 
 class ImageFolderSubsets(ConcatDataset):
@@ -176,11 +216,7 @@ def _folder(
     dirs, images = _scan(path)
     if not dirs:
         return UnlabeledImageFolder(path, transform, loader)
-    empty = [
-        d
-        for d in dirs
-        if not any(_is_image(f) for _, _, fs in os.walk(os.path.join(path, d)) for f in fs)
-    ]
+    empty = [d for d in dirs if next(iter_images(os.path.join(path, d)), None) is None]
     if empty:
         raise FileNotFoundError(
             f"class folder(s) {', '.join(empty)} in '{path}' hold no images "

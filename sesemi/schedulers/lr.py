@@ -57,6 +57,11 @@ class PolynomialLR(LRScheduler):
             if iters_per_epoch is None:
                 raise ValueError("PolynomialLR: warmup_epochs needs iters_per_epoch")
             warmup_iters = warmup_epochs * iters_per_epoch
+        if max_iters is None or int(max_iters) < 1:
+            raise ValueError(
+                f"PolynomialLR: max_iters must be at least 1 (the step where the rate reaches 0), "
+                f"got {max_iters}; set it to the run's length, e.g. ${{sesemi:max_iterations}}"
+            )
         self.warmup_iters = int(warmup_iters or 0)
         self.max_iters = int(max_iters)
         self.warmup_lr = float(warmup_lr)
