@@ -54,16 +54,9 @@ def compose(
 
 def new_run_dir(parent: str) -> str:
     """Creates a new, empty run folder `parent/<timestamp>` (a suffix when the name is taken)."""
-    os.makedirs(parent, exist_ok=True)
-    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    for attempt in range(1000):
-        path = os.path.join(parent, stamp if attempt == 0 else f"{stamp}_{attempt}")
-        try:
-            os.mkdir(path)  # atomic: two runs never get the same folder
-        except FileExistsError:
-            continue
-        return path
-    raise FileExistsError(f"could not create a new run folder in '{parent}'")
+    from sesemi.config.resolvers import claim_new_dir
+
+    return claim_new_dir(os.path.join(parent, time.strftime("%Y-%m-%d_%H-%M-%S")))
 
 
 def fit(cfg: DictConfig, run_dir: str | os.PathLike | None = None):

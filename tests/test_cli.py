@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import open_sesemi
 
 import sesemi
@@ -439,3 +440,32 @@ def test_a_checkpoint_with_code_in_it_is_refused_in_one_line_and_the_code_never_
         assert not marker.exists()
     out = _custom(experiment, f"run.resume_from_checkpoint={path}")
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and not marker.exists()
+
+
+def test_two_runs_started_together_get_a_folder_each(experiment):
+    # Both ask for the same run folder (as two runs started in the same second do); the folder
+    # is claimed atomically, so the second run gets `<folder>_1` and nothing is shared.
+    wanted = experiment / "runs" / "tiny" / "same-second"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sesemi", "-cd", "configs", "-cn", "custom", f"run.seed={seed}",
+             "run.num_iterations=2", "run.num_epochs=null",
+             f"hydra.run.dir=${{sesemi.new_dir:{wanted}}}"],
+            cwd=experiment, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        for seed in (1, 2)
+    ]  # fmt: skip
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    folders = sorted(p.name for p in wanted.parent.iterdir())
+    assert folders == ["same-second", "same-second_1"]
+    seeds = set()
+    for name in folders:
+        run = wanted.parent / name
+        seeds.add(yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["run"]["seed"])
+        assert (run / "checkpoints" / "last.ckpt").is_file()
+        rows = (run / "metrics.csv").read_text().splitlines()
+        assert rows.count(rows[0]) == 1  # one run's log: one header
+        assert json.loads((run / "summary.json").read_text())["run_dir"] == str(run)
+    assert seeds == {1, 2}

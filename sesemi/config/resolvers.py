@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -78,6 +79,27 @@ def resolve(node: Any, attributes: SESEMIConfigAttributes) -> Any:
         return node
 
 
+_CLAIMED: dict[str, str] = {}
+
+
+def claim_new_dir(path: str) -> str:
+    """Creates the folder `path` for this process alone and returns it: when another process
+    (a run started in the same second) already has it, `path_1`, `path_2`, ... instead. The
+    same `path` asked again in this process gives the same folder."""
+    if path in _CLAIMED:
+        return _CLAIMED[path]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    for attempt in range(1000):
+        candidate = path if attempt == 0 else f"{path}_{attempt}"
+        try:
+            os.mkdir(candidate)  # atomic: exactly one process creates a given folder
+        except FileExistsError:
+            continue
+        _CLAIMED[path] = candidate
+        return candidate
+    raise FileExistsError(f"could not create a new run folder next to '{path}'")
+
+
 def _multiply(*factors: Any) -> Any:
     if any(f is None for f in factors):
         raise ValueError(
@@ -94,8 +116,11 @@ def _attribute(name: str) -> Any:
 
 
 def register_resolvers() -> None:
-    """Registers `${sesemi:name}` and `${sesemi.mul:a,b}` (a product) with OmegaConf."""
+    """Registers `${sesemi:name}`, `${sesemi.mul:a,b}` (a product) and `${sesemi.new_dir:path}`
+    (a run folder no other process has) with OmegaConf."""
     if not OmegaConf.has_resolver("sesemi"):
         OmegaConf.register_new_resolver("sesemi", _attribute)
     if not OmegaConf.has_resolver("sesemi.mul"):
         OmegaConf.register_new_resolver("sesemi.mul", _multiply)
+    if not OmegaConf.has_resolver("sesemi.new_dir"):
+        OmegaConf.register_new_resolver("sesemi.new_dir", claim_new_dir)
