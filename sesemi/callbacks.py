@@ -52,11 +52,17 @@ class LastCheckpoint(Callback):
         """The path of `last.ckpt`."""
         return os.path.join(self.dirpath, self.FILENAME)
 
-    def save(self, trainer: pl.Trainer) -> None:
-        """Saves the full trainer state (every rank calls this; rank zero writes)."""
+    def save(self, trainer: pl.Trainer, mid_epoch: bool = False) -> None:
+        """Saves the full trainer state (every rank calls this; rank zero writes).
+
+        Args:
+            trainer: The trainer.
+            mid_epoch: Whether the epoch goes on after this checkpoint (a validation inside it).
+        """
         if trainer.global_step == self._saved_step:
             return
         self._saved_step = trainer.global_step
+        self._mid_epoch = mid_epoch
         tmp = self.path + ".tmp"
         trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
@@ -73,15 +79,25 @@ class LastCheckpoint(Callback):
         }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
-        return {"rng": state}
+        return {"rng": state, "mid_epoch": getattr(self, "_mid_epoch", False)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keeps the saved RNG states until training starts (see `on_train_epoch_start`)."""
+        """Keeps the saved RNG states until training goes on (see `_restore_rng`)."""
         self._pending_rng = state_dict.get("rng")
+        self._pending_mid_epoch = bool(state_dict.get("mid_epoch", False))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # After restoring, model building and the sanity check (which Lightning isolates), just
-        # before the epoch's data iterators draw their seeds.
+        # From an epoch-end checkpoint: after restoring, model building and the sanity check
+        # (which Lightning isolates), just before the epoch's data iterators draw their seeds.
+        if not getattr(self, "_pending_mid_epoch", False):
+            self._restore_rng()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        # From a mid-epoch checkpoint: after the resumed loaders have restored their position
+        # (which may draw from the generators), just before the step the run stopped before.
+        self._restore_rng()
+
+    def _restore_rng(self) -> None:
         state = getattr(self, "_pending_rng", None)
         if state is None:
             return
@@ -96,7 +112,8 @@ class LastCheckpoint(Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
-            self.save(trainer)
+            last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+            self.save(trainer, mid_epoch=not last and not trainer.should_stop)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.save(trainer)
@@ -274,3 +291,19 @@ class CheckpointMetadata(Callback):
                 "backbone": spec() if callable(spec) else None,
             },
         }
+
+
+class DataEpoch(Callback):
+    """Tells the data module each training epoch as it starts (`set_epoch`), for the per-sample
+    augmentation seeds of `sesemi.data.IndexedDataset`."""
+
+    def __init__(self, data: Any) -> None:
+        """Initializes the callback.
+
+        Args:
+            data: An object with `set_epoch(epoch)` (the `SESEMIDataModule`).
+        """
+        self.data = data
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.data.set_epoch(trainer.current_epoch)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
+import multiprocessing
 import os
-from collections.abc import Mapping
+import random
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
@@ -60,24 +65,61 @@ def _maybe_call(node: Any, dataset: Dataset) -> Any:
     return built(dataset) if isinstance(built, functools.partial) else built
 
 
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Runs the block with torch's, Python's and NumPy's global generators seeded with `seed`,
+    and gives the caller its own generators' states back afterwards."""
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """One sample's augmentation seed: a fixed function of the run's seed, the epoch, the index."""
+    return (((seed * 1_000_003) ^ epoch) * 1_000_000_007 + index) % 2**63
+
+
 class IndexedDataset(Dataset):
     """Adds each sample's dataset index as its last element: `(image, target)` becomes
     `(image, target, index)`, so training batches carry `indices (B,)` that heads can read (e.g.
     FlexMatch's per-image learning status). Under DDP the indices are those of the whole dataset.
+
+    With a `seed`, each sample's random augmentation is drawn from generators seeded by
+    `sample_seed(seed, epoch, index)` (`set_epoch` tells it the epoch, also in DataLoader worker
+    processes), so it depends on nothing else: not on the worker, nor on how many batches were
+    fetched before. A run resumed from any checkpoint then augments every sample as the run that
+    never stopped did.
     """
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, seed: int | None = None) -> None:
         self.dataset = dataset
+        self.seed = seed
+        self._epoch = multiprocessing.Value("q", 0, lock=False)  # shared with forked workers
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch the per-sample seeds are drawn for."""
+        self._epoch.value = epoch
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple:
-        sample = self.dataset[index]
+        if self.seed is None:
+            sample = self.dataset[index]
+        else:
+            with seeded(sample_seed(self.seed, self._epoch.value, index)):
+                sample = self.dataset[index]
         return (*sample, index) if isinstance(sample, tuple) else (sample, index)
 
     def __getattr__(self, name: str) -> Any:  # classes, targets, skipped, ... of the dataset
-        if name == "dataset":
+        if name in ("dataset", "seed", "_epoch"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
@@ -96,13 +138,18 @@ class LoaderSpec:
         self.where = where
         self.auto = dict(auto or {})  # values for DataLoader arguments the node leaves null
         self.dataset = build_dataset(node["dataset"], data_root, f"{where}.dataset")
+        self.indexed: IndexedDataset | None = None  # what the latest indexed loader reads
         self.batch_size = node.get("batch_size") or default_bs
         if self.batch_size is None:
             raise ValueError(f"{where}: set its batch_size or run.batch_size_per_gpu")
         self.node = node
 
     def loader(
-        self, resumable: bool = False, indexed: bool = False, world_size: int | None = None
+        self,
+        resumable: bool = False,
+        indexed: bool = False,
+        world_size: int | None = None,
+        seed: int | None = None,
     ) -> DataLoader:
         """Builds the DataLoader (Lightning adds a DistributedSampler under DDP).
 
@@ -110,6 +157,7 @@ class LoaderSpec:
             indexed: Give each sample its dataset index as last element (`IndexedDataset`).
             world_size: For training loaders: the number of processes, to drop a last batch of
                 one image (see `drops_last`); None leaves `drop_last` as configured.
+            seed: With `indexed`, seed each sample's augmentation (see `IndexedDataset`).
             resumable: Build torchdata's `StatefulDataLoader`, whose position and shuffling
                 state Lightning saves in checkpoints, so a run resumed from a checkpoint taken
                 mid-epoch continues with the batches the uninterrupted run would have drawn.
@@ -139,7 +187,8 @@ class LoaderSpec:
             kwargs["collate_fn"] = instantiate(node["collate_fn"])
         if node.get("worker_init_fn") is not None:
             kwargs["worker_init_fn"] = instantiate(node["worker_init_fn"])
-        dataset = IndexedDataset(self.dataset) if indexed else self.dataset
+        dataset = IndexedDataset(self.dataset, seed) if indexed else self.dataset
+        self.indexed = dataset if indexed else None
         if resumable:
             from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -181,6 +230,7 @@ class SESEMIDataModule(pl.LightningDataModule):
         stages: tuple[str, ...] = ("train", "val", "test"),
         loader_defaults: Mapping[str, Any] | None = None,
         world_size: int = 1,
+        seed: int | None = None,
     ) -> None:
         """Initializes the data module.
 
@@ -192,6 +242,8 @@ class SESEMIDataModule(pl.LightningDataModule):
             loader_defaults: DataLoader arguments (num_workers, pin_memory, persistent_workers)
                 for loaders that leave them null (see `DevicePlan.loader_defaults`).
             world_size: The number of training processes (for the per-process batch count).
+            seed: Seed each training sample's augmentation by (seed, epoch, index), so any
+                checkpoint resumes to the same batches (see `IndexedDataset`); None: don't.
         """
         super().__init__()
         if isinstance(data, DictConfig):  # only the loaders: the data's facts may not resolve yet
@@ -213,6 +265,7 @@ class SESEMIDataModule(pl.LightningDataModule):
         self.test = self._spec("test", data, data_root, bs, stages, auto)
         self.data_root = data_root
         self.world_size = world_size
+        self.seed = seed
 
     @staticmethod
     def _spec(stage, data, data_root, bs, stages, auto) -> LoaderSpec | None:
@@ -254,10 +307,16 @@ class SESEMIDataModule(pl.LightningDataModule):
         batches = max(spec.batches_per_epoch(world_size) for spec in self.train.values())
         return math.ceil(batches / accumulate_grad_batches)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Tells the training datasets the epoch their samples' seeds are drawn for."""
+        for spec in self.train.values():
+            if spec.indexed is not None:
+                spec.indexed.set_epoch(epoch)
+
     def train_dataloader(self) -> dict[str, DataLoader]:
         """Returns the named training loaders; their batches end with the samples' indices."""
         return {
-            name: spec.loader(resumable=True, indexed=True, world_size=self.world_size)
+            name: spec.loader(True, True, self.world_size, self.seed)
             for name, spec in self.train.items()
         }
 

@@ -17,7 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from sesemi.build import build_learner, build_trainer, knn_options
-from sesemi.callbacks import CheckpointMetadata, ConfusionReport, KNNEvaluation, LastCheckpoint
+from sesemi.callbacks import (
+    CheckpointMetadata,
+    ConfusionReport,
+    DataEpoch,
+    KNNEvaluation,
+    LastCheckpoint,
+)
 from sesemi.checkpoints import find_checkpoint, load_pretrained_weights, read_checkpoint
 from sesemi.compare import SUMMARY_NAME
 from sesemi.config.resolvers import SESEMIConfigAttributes, resolve
@@ -206,6 +212,7 @@ def build_data(cfg: DictConfig, mode: RunMode, plan: DevicePlan) -> SESEMIDataMo
         STAGES[mode],
         plan.loader_defaults(),
         plan.world_size,
+        cfg.run.seed,
     )
     if mode == RunMode.FIT and "supervised" not in data.train:
         raise ValueError("data.train needs a 'supervised' loader of labeled images to train on")
@@ -290,7 +297,7 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     check_fresh_run_dir(run_dir)
     learner = build_learner(learner_cfg, data.dataset_sizes())
     loaders = {group: resolve(cfg.data.get(group), attributes) for group in LOADER_GROUPS}
-    callbacks = _callbacks(learner, loaders, hparams, data, run_dir, mode)
+    callbacks = [DataEpoch(data), *_callbacks(learner, loaders, hparams, data, run_dir, mode)]
     resume = cfg.run.resume_from_checkpoint
     ckpt_path = None
     if resume:

@@ -6,8 +6,10 @@ import csv
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -288,22 +290,54 @@ def test_sigkilled_run_resumes_to_the_same_final_step_and_weights(experiment):
     assert _summary_value(out.stdout, "val/top1") == _summary_value(straight.stdout, "val/top1")
 
 
-def test_mid_epoch_checkpoint_resumes_with_the_same_batches(experiment):
-    # Deterministic transforms and no dropout: then only the data order can make the weights
-    # differ, and the resumable loaders restore it from a checkpoint taken in mid-epoch.
-    center = "{_target_:sesemi.transforms.center_crop_transforms,input_h:32,input_w:32}"
-    setup = [
-        "run.num_epochs=3",
-        "+trainer.val_check_interval=2",  # epochs of 4 steps: a checkpoint at step 2
-        f"data.train.supervised.dataset.image_transform={center}",
-        f"data.train.rotation_prediction.dataset.image_transform={center}",
-        "learner.hparams.model.backbone.drop_rate=0",
-    ]
-    stopped = _custom(experiment, *setup, "run.id=resumed", "+trainer.max_steps=2")
-    assert stopped.returncode == 0, stopped.stderr[-3000:]
+PAUSE = """
+import pathlib
+import time
+
+import pytorch_lightning as pl
+
+
+class PauseAfter(pl.Callback):
+    \"\"\"Waits (to be killed) when step `step + 1` starts, its checkpoint written.\"\"\"
+
+    def __init__(self, step, flag):
+        self.step, self.flag = step, pathlib.Path(flag)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.flag.write_text("paused")
+            time.sleep(600)
+"""
+
+
+def test_a_run_killed_after_a_mid_epoch_checkpoint_resumes_to_the_same_weights(experiment):
+    # Random crops and flips, dropout 0.5: each sample's augmentation is seeded by (run seed,
+    # epoch, index), so the resumed run augments the batches it has left exactly as the run
+    # that never stopped, although the killed run had already fetched the next batch.
+    (experiment / "src").mkdir()
+    (experiment / "src" / "__init__.py").write_text("")
+    (experiment / "src" / "pause.py").write_text(PAUSE)
+    flag = experiment / "paused"
+    setup = ["run.num_epochs=3", "+trainer.val_check_interval=2"]  # epochs of 4 steps
+    pause = f"+trainer.callbacks=[{{_target_:src.pause.PauseAfter,step:2,flag:'{flag}'}}]"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "sesemi", "-cd", "configs", "-cn", "custom", *setup]
+    proc = subprocess.Popen(
+        [*args, "run.id=resumed", pause],
+        cwd=experiment,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while not flag.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (killed,) = glob.glob(str(experiment / "runs/resumed/*/checkpoints/last.ckpt"))
+    assert torch.load(killed, map_location="cpu", weights_only=True)["global_step"] == 2
     resumed = _custom(experiment, *setup, "run.id=resumed", "run.resume_from_checkpoint=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "not resumable" not in resumed.stderr
     straight = _custom(experiment, *setup, "run.id=straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
     paths = {
@@ -314,6 +348,7 @@ def test_mid_epoch_checkpoint_resumes_with_the_same_batches(experiment):
     assert ends["resumed"]["global_step"] == ends["straight"]["global_step"] == 12
     for key, value in ends["straight"]["state_dict"].items():
         assert torch.equal(ends["resumed"]["state_dict"][key], value), key
+    assert _summary_value(resumed.stdout, "val/top1") == _summary_value(straight.stdout, "val/top1")
 
 
 def _summary_value(stdout: str, key: str) -> float:
