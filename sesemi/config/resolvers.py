@@ -123,4 +123,6 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("sesemi.mul"):
         OmegaConf.register_new_resolver("sesemi.mul", _multiply)
     if not OmegaConf.has_resolver("sesemi.new_dir"):
-        OmegaConf.register_new_resolver("sesemi.new_dir", claim_new_dir)
+        # Cached in the config, so a launcher's job processes (joblib, submitit) that receive
+        # the config get the folder the parent claimed instead of claiming another.
+        OmegaConf.register_new_resolver("sesemi.new_dir", claim_new_dir, use_cache=True)
