@@ -64,6 +64,29 @@ def missing_config_error(argv: list[str]) -> str | None:
     )
 
 
+def yaml_syntax_error(argv: list[str]) -> str | None:
+    """One line naming the file, line and column of the first YAML syntax error in the `-cd`
+    folder's configs (Hydra would show a long traceback), or None."""
+    import yaml
+
+    folder = _option(argv, "-cd", "--config-dir")
+    if not folder or not os.path.isdir(folder):
+        return None
+    for root, _, names in sorted(os.walk(folder)):
+        for name in sorted(n for n in names if n.endswith((".yaml", ".yml"))):
+            path = os.path.join(root, name)
+            try:
+                with open(path) as f:
+                    yaml.safe_load(f)
+            except yaml.MarkedYAMLError as e:
+                mark = e.problem_mark
+                where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+                return f"{path}, {where}: {e.problem or e}; fix the YAML (tabs cannot indent)"
+            except (yaml.YAMLError, OSError) as e:
+                return f"{path}: {e}"
+    return None
+
+
 def _next_command(argv: list[str]) -> str:
     # The user's own invocation minus options the summary's suggestion replaces; in a multirun,
     # the job's own overrides instead of the sweep's.
@@ -116,7 +139,7 @@ def main() -> None:
 
         run_subcommand(sys.argv[1:])
         return
-    error = missing_config_error(sys.argv[1:])
+    error = missing_config_error(sys.argv[1:]) or yaml_syntax_error(sys.argv[1:])
     if error is not None:
         exit_with("open_sesemi", ValueError(error))
     # The spec's own experiment configs (`defaults: [base]`) omit `_self_`; Hydra's default of

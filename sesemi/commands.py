@@ -7,16 +7,31 @@ need (weights, class names, preprocessing) from the checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from sesemi.errors import reporting_user_errors
 
 SUBCOMMANDS = ("predict", "export", "pseudo-label")
+
+
+@contextlib.contextmanager
+def _atomic_output(path: str) -> Iterator[str]:
+    """Yields a temporary name to write `path` under; it becomes `path` only when the block ends
+    without an error, and is removed when it fails, so no half-written output is left."""
+    tmp = path + ".partial"
+    try:
+        yield tmp
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
 
 
 def _refuse_overwrite(path: str, overwrite: bool) -> None:
@@ -138,8 +153,7 @@ def run_predict(args: argparse.Namespace) -> str:
     k = min(args.top_k, len(model.class_names))
     files, predictions = _predictions(args, model)
     failed = 0
-    tmp = args.output + ".partial"
-    with open(tmp, "w", newline="") as f:
+    with _atomic_output(args.output) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         header = ["file"]
         for i in range(1, k + 1):
@@ -156,7 +170,6 @@ def run_predict(args: argparse.Namespace) -> str:
             for s, i in zip(scores.tolist(), indices.tolist(), strict=True):
                 row += [model.class_names[i], f"{s:.6f}"]
             writer.writerow([*row, ""])
-    os.replace(tmp, args.output)
     summary = f"predicted {len(files) - failed} image(s) into {args.output}"
     return summary + (f"; {failed} unreadable file(s) reported there" if failed else "")
 
@@ -234,8 +247,7 @@ def run_pseudo_label(args: argparse.Namespace) -> str:
         rows.append([rel, model.class_names[int(index)], f"{float(confidence):.6f}", *probs])
     kept = len(rows)
     rows = balance_rows(rows, args.balance, args.per_class)
-    tmp = csv_path + ".partial"
-    with open(tmp, "w", newline="") as f:
+    with _atomic_output(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "label", "confidence", *[f"p:{c}" for c in model.class_names]])
         writer.writerows(rows)
@@ -256,7 +268,6 @@ def run_pseudo_label(args: argparse.Namespace) -> str:
     }
     with open(os.path.join(args.output, META_NAME), "w") as f:
         json.dump(meta, f, indent=2)
-    os.replace(tmp, csv_path)
     share = kept / max(len(files) - failed, 1)
     balanced = f", {len(rows)} rows after --balance {args.balance}" * (args.balance != "none")
     return (

@@ -366,6 +366,11 @@ def predict(
         if images is not None:
             views = tta_views(images.to(device), tta, size)
             probabilities = torch.stack([net(v).softmax(dim=-1) for v in views]).mean(dim=0)
+            if not torch.isfinite(probabilities).all():
+                raise ValueError(
+                    f"the model of '{model.checkpoint}' gives non-finite outputs (NaN or inf): "
+                    "its weights are broken; use another checkpoint of the run"
+                )
             for i, p in zip(indices, probabilities.float().cpu(), strict=True):
                 results[i] = Prediction(files[i], p)
         for i in sorted(results):
@@ -378,7 +383,12 @@ def resolve_device(name: str) -> torch.device:
     """ "auto" is the first GPU when there is one, else the CPU; other names are torch's."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"--device {name} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA GPU is available; use --device cpu")
     return device

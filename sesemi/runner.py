@@ -26,7 +26,7 @@ from sesemi.callbacks import (
 )
 from sesemi.checkpoints import find_checkpoint, load_pretrained_weights, read_checkpoint
 from sesemi.compare import SUMMARY_NAME
-from sesemi.config.resolvers import SESEMIConfigAttributes, resolve
+from sesemi.config.resolvers import FAILED_CLAIMS, SESEMIConfigAttributes, resolve
 from sesemi.config.structs import RunMode
 from sesemi.data import LOADER_GROUPS, SESEMIDataModule
 from sesemi.devices import DevicePlan, plan_devices
@@ -83,27 +83,61 @@ def check_run_config(run: DictConfig) -> RunMode:
     return mode
 
 
-def check_classes(data: SESEMIDataModule, num_classes: int) -> None:
-    """Checks that labeled loaders agree with each other and with `num_classes`."""
-    labeled = [
-        (s.where, s.dataset.classes) for s in data.specs() if getattr(s.dataset, "classes", None)
-    ]
-    for where, classes in labeled:
-        if len(classes) != num_classes:
-            raise ValueError(
-                f"learner.hparams.num_classes={num_classes} but {where} has {len(classes)} "
-                f"classes ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}); "
-                f"set learner.hparams.num_classes={len(classes)} (in the built-in configs: "
-                f"data.num_classes={len(classes)}, or data.num_classes='${{sesemi:num_classes}}' "
-                "to count the class folders)"
-            )
+def _labeled(data: SESEMIDataModule) -> list[tuple[str, list[str]]]:
+    return [(s.where, s.dataset.classes) for s in data.specs() if getattr(s.dataset, "classes", [])]
+
+
+def check_class_lists(data: SESEMIDataModule) -> None:
+    """Checks that the labeled loaders have the same class folders (before any count: a count
+    is only worth fixing once the lists agree)."""
+    labeled = _labeled(data)
     for where, classes in labeled[1:]:
         if classes != labeled[0][1]:
-            diff = sorted(set(classes) ^ set(labeled[0][1]))
+            only_first = sorted(set(labeled[0][1]) - set(classes))
+            only_here = sorted(set(classes) - set(labeled[0][1]))
+            parts = [f"only in {labeled[0][0]}: {', '.join(only_first)}" * bool(only_first)]
+            parts += [f"only in {where}: {', '.join(only_here)}" * bool(only_here)]
+            differ = "; ".join(p for p in parts if p) or "the same names in another order"
             raise ValueError(
-                f"{where} and {labeled[0][0]} have different classes (differing: "
-                f"{', '.join(diff)}); give them the same class folders"
+                f"{where} and {labeled[0][0]} have different class folders ({differ}); give "
+                "them the same class folders"
             )
+
+
+def check_classes(data: SESEMIDataModule, num_classes: int) -> None:
+    """Checks the labeled loaders' class lists, then that their count is `num_classes`."""
+    check_class_lists(data)
+    labeled = _labeled(data)
+    if labeled and len(labeled[0][1]) != num_classes:
+        where, classes = labeled[0]
+        raise ValueError(
+            f"learner.hparams.num_classes={num_classes} but {where} has {len(classes)} "
+            f"classes ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}); "
+            f"set learner.hparams.num_classes={len(classes)} (in the built-in configs: "
+            f"data.num_classes={len(classes)}, or data.num_classes='${{sesemi:num_classes}}' "
+            "to count the class folders)"
+        )
+
+
+def check_resumable(learner: pl.LightningModule, path: str) -> None:
+    """Refuses a checkpoint whose weights do not fit the configured model, before training."""
+    state = read_checkpoint(path).get("state_dict")
+    if not isinstance(state, Mapping):
+        raise ValueError(f"'{path}' holds no state_dict to resume from")
+    own = learner.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    resized = sorted(
+        k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)
+    )
+    if missing or unexpected or resized:
+        example = (resized or missing or unexpected)[0]
+        raise ValueError(
+            f"'{path}' was written by another model than this config builds ({len(resized)} "
+            f"weights of another shape, {len(missing)} missing, {len(unexpected)} unexpected; "
+            f"e.g. {example}); resume with the config that wrote it, or start from its weights "
+            "with run.pretrained_checkpoint_path"
+        )
 
 
 def check_head_inputs(heads: Mapping[str, Any] | None, data: SESEMIDataModule) -> None:
@@ -273,6 +307,8 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     """
     start = time.time()
     quiet_known_warnings()
+    if run_dir in FAILED_CLAIMS:  # Hydra got a stand-in folder: say why the real one failed
+        raise FileExistsError(FAILED_CLAIMS[run_dir])
     missing = missing_keys(OmegaConf.to_container(cfg, resolve=False))
     if missing:
         raise ValueError(
@@ -285,6 +321,7 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     cpu_devices = (cfg.trainer or {}).get("devices")
     plan = plan_devices(cfg.run.gpus, cfg.run.accelerator, cfg.run.num_nodes, cpu_devices)
     data = build_data(cfg, mode, plan)
+    check_class_lists(data)
     attributes = _attributes(cfg, data, plan)
     if mode != RunMode.FIT:
         _drop_training_schedules(cfg.learner)
@@ -302,7 +339,7 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     ckpt_path = None
     if resume:
         ckpt_path = find_checkpoint(resume, "resume_from_checkpoint", cfg.run.dir, cfg.run.id)
-        read_checkpoint(ckpt_path)  # data only: a file that is not refuses here, in one line
+        check_resumable(learner, ckpt_path)  # data only, and the weights must fit the model
     if cfg.run.pretrained_checkpoint_path:
         key = "pretrained_checkpoint_path"
         path = find_checkpoint(cfg.run[key], key, cfg.run.dir, cfg.run.id)
@@ -333,7 +370,7 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
         mode=mode,
         run_dir=run_dir,
         metrics=metrics,
-        best_checkpoint=(checkpoint.best_model_path or None) if checkpoint else None,
+        best_checkpoint=_existing(checkpoint.best_model_path if checkpoint else None),
         last_checkpoint=last.path if os.path.isfile(last.path) else None,
         seconds=time.time() - start,
         reports=[p for c in callbacks if isinstance(c, ConfusionReport) for p in c.reports],
@@ -341,6 +378,11 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     if trainer.is_global_zero:
         write_summary(result)
     return result
+
+
+def _existing(path: str | None) -> str | None:
+    # A checkpoint deleted during the run (its folder removed, say) is not reported.
+    return path if path and os.path.isfile(path) else None
 
 
 def write_summary(result: RunResult) -> str:

@@ -504,3 +504,19 @@ def test_two_runs_started_together_get_a_folder_each(experiment):
         assert rows.count(rows[0]) == 1  # one run's log: one header
         assert json.loads((run / "summary.json").read_text())["run_dir"] == str(run)
     assert seeds == {1, 2}
+
+
+def test_a_yaml_syntax_error_or_an_unusable_run_dir_is_one_line(experiment):
+    bad = experiment / "configs" / "tabs.yaml"
+    bad.write_text("defaults:\n  - custom\n\trun:\n  seed: 1\n")
+    out = open_sesemi("-cd", "configs", "-cn", "tabs", cwd=experiment)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1
+    assert "tabs.yaml, line 3, column 1" in out.stderr and "Traceback" not in out.stderr
+    bad.unlink()
+    (experiment / "a_file").write_text("not a folder")
+    out = _custom(experiment, "run.dir=a_file")
+    assert out.returncode == 1 and out.stderr.count("\n") == 1
+    assert (
+        "cannot create the run folder 'a_file/tiny/" in out.stderr and "set run.dir" in out.stderr
+    )
+    assert (experiment / "a_file").read_text() == "not a folder"

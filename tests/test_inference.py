@@ -368,3 +368,26 @@ def test_an_opset_the_exporter_cannot_write_is_one_line_and_writes_nothing(
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert f"--opset {opset} is not supported" in result.stderr
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_broken_weights_or_an_unknown_device_are_one_line_and_write_nothing(trained, tmp_path):
+    checkpoint = torch.load(trained["checkpoint"], map_location="cpu", weights_only=True)
+    checkpoint["state_dict"]["net.supervised_head.weight"].fill_(float("nan"))
+    broken = tmp_path / "nan.ckpt"
+    torch.save(checkpoint, broken)
+    images = str(trained["data"] / "val")
+    out = tmp_path / "predictions.csv"
+    result = open_sesemi("predict", str(broken), images, "-o", str(out), cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "nan.ckpt" in result.stderr and "non-finite" in result.stderr
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+    pseudo = tmp_path / "pseudo"
+    args = ("pseudo-label", str(broken), images, "-o", str(pseudo), "--threshold", "0.99")
+    result = open_sesemi(*args, cwd=tmp_path)
+    assert result.returncode == 1 and "non-finite" in result.stderr
+    assert not (pseudo / "pseudo_labels.csv").exists()
+    result = open_sesemi(
+        "predict", str(trained["checkpoint"]), images, "--device", "tpu9", cwd=tmp_path
+    )
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "--device tpu9 is not a device" in result.stderr

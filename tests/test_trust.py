@@ -7,9 +7,11 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_image_folder, write_images
+from PIL import Image
 
 from sesemi.checkpoints import find_checkpoint
 from sesemi.datasets import dataset
@@ -94,3 +96,99 @@ def test_export_without_onnx_names_the_extra_to_install(monkeypatch, tmp_path, c
     err = capsys.readouterr().err
     assert stop.value.code == 1 and err.count("\n") == 1 and "sesemi[export]" in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_sixteen_bit_and_float_images_keep_their_range(tmp_path):
+    from sesemi.datasets.image_folder import load_image
+
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    pixels = np.asarray(load_image(str(tmp_path / "deep.png")))[..., 0]
+    assert (pixels == 255).mean() < 0.05 and pixels.min() == 0 and pixels.max() == 255
+    assert abs(int(pixels[0, 32]) - round(ramp[0, 32] / 257)) <= 1  # scaled, not clipped
+    unit = np.tile(np.linspace(0.0, 1.0, 64, dtype=np.float32), (8, 1))
+    Image.fromarray(unit).save(tmp_path / "float.tiff")
+    pixels = np.asarray(load_image(str(tmp_path / "float.tiff")))[..., 0]
+    assert pixels.min() == 0 and pixels.max() == 255 and 100 < pixels.mean() < 155
+
+
+def test_an_image_over_pillows_pixel_limit_is_an_unreadable_image_like_any_other(
+    image_root, monkeypatch
+):
+    from sesemi.datasets.image_folder import ImageReadError, load_image
+
+    big = image_root / "train" / "cat" / "000.png"
+    Image.new("RGB", (200, 200)).save(big)  # 40,000 px; the others have 1,920
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # over twice the limit: an error
+    with pytest.raises(ImageReadError, match="000.png.*MAX_IMAGE_PIXELS"):
+        load_image(str(big))
+    ds = SkipUnreadable(dataset("image_folder", str(image_root), "train"))
+    assert ds[0][1] == 0 and ds.skipped == 1  # skipped and counted; the next image served
+
+
+def test_an_unreadable_class_folder_is_named_as_unreadable(image_root, monkeypatch):
+    locked = str(image_root / "train" / "dog")
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(PermissionError, match="cannot read the folder .*dog.*Permission denied"):
+        dataset("image_folder", str(image_root), "train")
+
+
+def test_class_lists_that_differ_are_named_before_any_class_count(tmp_path, monkeypatch):
+    import sesemi
+    from sesemi.errors import one_line
+
+    root = make_image_folder(tmp_path / "data", {"train": 4}, classes=("cat", "dog"))
+    make_image_folder(root, {"val": 2}, classes=("cat", "dog", "fox"))
+    monkeypatch.chdir(tmp_path)
+    for num_classes in ("${sesemi:num_classes}", "3", "2"):  # whatever the count says
+        cfg = sesemi.compose(
+            "base",
+            [f"run.data_root={root}", f"run.dir={tmp_path}/runs", "run.gpus=0",
+             "run.batch_size_per_gpu=2",
+             "data.image_size=32", f"data.num_classes={num_classes}",
+             "learner.hparams.model.backbone.name=test_resnet"],
+        )  # fmt: skip
+        with pytest.raises(ValueError) as error:
+            sesemi.fit(cfg)
+        message = one_line(error.value)
+        assert "different class folders" in message and "only in data.val: fox" in message
+
+
+def test_resuming_from_a_truncated_or_foreign_checkpoint_is_one_line(experiment, monkeypatch):
+    import sesemi
+    from sesemi.errors import USER_ERRORS, one_line
+
+    monkeypatch.chdir(experiment)
+    configs = experiment / "configs"
+    first = sesemi.fit(sesemi.compose("custom", ["run.num_epochs=1"], config_dir=configs))
+    truncated = experiment / "truncated.ckpt"
+    truncated.write_bytes(Path(first.last_checkpoint).read_bytes()[:5000])
+    for path, expected in [
+        (truncated, "is not a PyTorch checkpoint"),
+        (first.last_checkpoint, "written by another model than this config builds"),
+    ]:
+        other = ["learner.hparams.model.backbone.name=test_efficientnet"]  # another model
+        cfg = sesemi.compose("custom", [f"run.resume_from_checkpoint={path}", *other], configs)
+        with pytest.raises(USER_ERRORS) as error:
+            sesemi.fit(cfg)
+        assert expected in one_line(error.value) and os.path.basename(str(path)) in one_line(
+            error.value
+        )
+
+
+def test_the_summary_lists_only_checkpoints_that_still_exist(tmp_path):
+    from sesemi.config.structs import RunMode
+    from sesemi.runner import RunResult, _existing, format_summary
+
+    kept = tmp_path / "last.ckpt"
+    kept.write_bytes(b"x")
+    assert _existing(str(kept)) == str(kept) and _existing(str(tmp_path / "gone.ckpt")) is None
+    summary = format_summary(RunResult(RunMode.FIT, str(tmp_path), {"val/top1": 0.5}))
+    assert "ckpt" not in summary and "predict:" not in summary

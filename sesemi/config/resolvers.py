@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -80,15 +81,31 @@ def resolve(node: Any, attributes: SESEMIConfigAttributes) -> Any:
 
 
 _CLAIMED: dict[str, str] = {}
+# Folders that could not be created, by the stand-in folder handed out instead (see below).
+FAILED_CLAIMS: dict[str, str] = {}
 
 
 def claim_new_dir(path: str) -> str:
     """Creates the folder `path` for this process alone and returns it: when another process
     (a run started in the same second) already has it, `path_1`, `path_2`, ... instead. The
-    same `path` asked again in this process gives the same folder."""
+    same `path` asked again in this process gives the same folder.
+
+    When the folder cannot be created (`run.dir` is a file, or not writable), a temporary
+    stand-in folder is returned and the reason kept in `FAILED_CLAIMS`, so that the run stops
+    with one line naming it (`sesemi.runner.run`) instead of Hydra's traceback.
+    """
     if path in _CLAIMED:
         return _CLAIMED[path]
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    except OSError as e:
+        stand_in = tempfile.mkdtemp(prefix="sesemi-unusable-run-dir-")
+        FAILED_CLAIMS[stand_in] = (
+            f"cannot create the run folder '{path}' ({e.strerror or e}); set run.dir to a "
+            "writable folder"
+        )
+        _CLAIMED[path] = stand_in
+        return stand_in
     for attempt in range(1000):
         candidate = path if attempt == 0 else f"{path}_{attempt}"
         try:

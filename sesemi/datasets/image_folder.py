@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision.datasets import ImageFolder
@@ -64,12 +65,40 @@ def load_image(path: str, decode_size: int | None = None) -> Image.Image:
         with Image.open(path) as image:
             if decode_size is not None:
                 image.draft("RGB", (decode_size, decode_size))  # a no-op for non-JPEGs
-            return image.convert("RGB")
+            return to_rgb(image)
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(
+            f"cannot read image '{path}' ({e}); if it is a real image, raise Pillow's limit "
+            "(PIL.Image.MAX_IMAGE_PIXELS) in your code, else delete it or set the dataset's "
+            "skip_unreadable: true"
+        ) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(
             f"cannot read image '{path}' ({e}); replace or delete it, or set the dataset's "
             "skip_unreadable: true"
         ) from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Converts an image to 8-bit RGB by its values' real range.
+
+    Pillow's own conversion clips 16-bit and 32-bit integer images at 255 (a 16-bit PNG turns
+    almost white) and float images too (a float TIFF in [0, 1] turns black). Here 16-bit images
+    are scaled by 255 / 65535, float images in [0, 1] by 255, and other integer or float images
+    stretched from their minimum to their maximum.
+    """
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        low, high = 0.0, 65535.0
+    elif image.mode == "F" and values.min() >= 0.0 and values.max() <= 1.0:
+        low, high = 0.0, 1.0
+    else:
+        low, high = float(values.min()), float(values.max())
+    scaled = (values - low) / max(high - low, 1e-12) * 255.0
+    gray = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+    return gray.convert("RGB")
 
 
 def _loader(decode_size: int | None) -> Callable[[str], Image.Image]:
@@ -156,7 +185,14 @@ def iter_images(folder: str) -> Iterator[str]:
     it sits in (a loop, which would repeat the images forever), and each real folder is read once.
     """
     seen: set[str] = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
+
+    def unreadable(error: OSError) -> None:
+        raise PermissionError(
+            f"cannot read the folder '{error.filename}' ({error.strerror}); give this user read "
+            "access to it or move it out of the dataset"
+        )
+
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
         real = os.path.realpath(root)
         if real in seen:
             dirs[:] = []
