@@ -391,3 +391,13 @@ def test_broken_weights_or_an_unknown_device_are_one_line_and_write_nothing(trai
     )
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert "--device tpu9 is not a device" in result.stderr
+
+
+def test_a_checkpoint_whose_description_does_not_fit_its_weights_is_one_line(trained, tmp_path):
+    checkpoint = torch.load(trained["checkpoint"], map_location="cpu", weights_only=True)
+    checkpoint["sesemi"]["model"]["backbone"]["name"] = "test_efficientnet"
+    odd = tmp_path / "odd.ckpt"
+    torch.save(checkpoint, odd)
+    result = open_sesemi("predict", str(odd), str(trained["data"] / "val"), cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "odd.ckpt" in result.stderr and "do not fit the network it describes" in result.stderr
