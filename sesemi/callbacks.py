@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -20,32 +21,42 @@ from sesemi.evaluation import write_confusion_report
 
 
 class LastCheckpoint(Callback):
-    """Writes `dirpath/last.ckpt` after every validation and epoch of training.
+    """Writes `dirpath/last.ckpt` after every validation, at the end of training and, at most
+    every `min_seconds`, at epoch ends.
 
     Lightning 2's `ModelCheckpoint(save_last=True)` refreshes `last.ckpt` only when it also saves
     a top-k checkpoint, so after an epoch that did not improve the monitored metric the file is
     stale; resuming needs the newest state. The file is written to a temporary name and renamed,
     so a kill during the save leaves the previous `last.ckpt` intact.
 
+    Epoch ends are rate-limited because short epochs (a few labeled images make one-step
+    epochs) would otherwise write the whole model every step; a run killed between saves resumes
+    from the newest one, exactly (see `_restore_rng`), repeating at most `min_seconds` of work.
+
     Every checkpoint also carries the random number generators' states (Python, NumPy, torch on
-    the CPU and GPUs); a resumed run restores them when its first epoch starts, so, from a
-    checkpoint taken at the end of an epoch, it draws the same data order, augmentations and
-    dropout masks as the run that was never stopped.
+    the CPU and GPUs); a resumed run restores them when its first epoch starts (from an
+    epoch-end checkpoint) or just before the step it stopped at (mid-epoch), so it draws the
+    same data order, augmentations and dropout masks as the run that was never stopped.
     """
 
     FILENAME = "last.ckpt"
 
-    def __init__(self, dirpath: str, every_n_steps: int | None = None) -> None:
+    def __init__(
+        self, dirpath: str, every_n_steps: int | None = None, min_seconds: float = 60.0
+    ) -> None:
         """Initializes the callback.
 
         Args:
             dirpath: The checkpoint folder.
             every_n_steps: Also save every this many optimizer steps (None: only at
-                validation and epoch ends).
+                validation, epoch ends and the end).
+            min_seconds: The least time between two saves at epoch ends (0: every epoch).
         """
         self.dirpath = dirpath
         self.every_n_steps = every_n_steps
+        self.min_seconds = min_seconds
         self._saved_step = -1
+        self._saved_at = time.monotonic()
 
     @property
     def path(self) -> str:
@@ -62,6 +73,7 @@ class LastCheckpoint(Callback):
         if trainer.global_step == self._saved_step:
             return
         self._saved_step = trainer.global_step
+        self._saved_at = time.monotonic()
         self._mid_epoch = mid_epoch
         tmp = self.path + ".tmp"
         trainer.save_checkpoint(tmp, weights_only=False)
@@ -116,6 +128,10 @@ class LastCheckpoint(Callback):
             self.save(trainer, mid_epoch=not last and not trainer.should_stop)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if time.monotonic() - self._saved_at >= self.min_seconds:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.save(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:

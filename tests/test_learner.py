@@ -438,3 +438,32 @@ def test_the_joint_forward_changes_only_the_batchnorm_statistics():
     assert len(seen) == 16
     expected = (1 - bn.momentum) * before + bn.momentum * seen.mean(dim=(0, 2, 3))
     torch.testing.assert_close(bn.running_mean, expected)
+
+
+def test_one_step_epochs_do_not_write_the_model_every_step(tmp_path):
+    from sesemi.callbacks import LastCheckpoint
+
+    class Counting(LastCheckpoint):
+        saves: list[int] = []
+
+        def save(self, trainer, mid_epoch=False):
+            before = self._saved_step
+            super().save(trainer, mid_epoch)
+            if self._saved_step != before:
+                self.saves.append(trainer.global_step)
+
+    hp = _hparams()
+    hp["lr_scheduler"] = None
+    loader = torch.utils.data.DataLoader(_Batches(), batch_size=12)  # one step per epoch
+    last = Counting(str(tmp_path), min_seconds=3600)
+    trainer = pl.Trainer(
+        max_epochs=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[last],
+    )
+    trainer.fit(build_classifier(hp), train_dataloaders={"supervised": loader})
+    assert last.saves == [6]  # not after each of the 6 epochs: once, at the end
+    assert torch.load(last.path, map_location="cpu", weights_only=True)["global_step"] == 6
