@@ -280,7 +280,8 @@ class CheckpointMetadata(Callback):
     `checkpoint["sesemi"]` holds the class names (in target order), the eval preprocessing
     (`center_crop_transforms` arguments) and a plain description of the network (its class
     count and, for `sesemi.PyTorchImageModels`, the timm name and arguments), so `predict`,
-    `export` and `load_classifier` rebuild it from data alone.
+    `export` and `load_classifier` rebuild it from data alone; and the number of training
+    processes, which a resumed run must match.
     """
 
     def __init__(self, class_names: list[str] | None, preprocessing: Mapping | None) -> None:
@@ -306,6 +307,7 @@ class CheckpointMetadata(Callback):
                 "num_classes": getattr(net, "num_classes", None),
                 "backbone": spec() if callable(spec) else None,
             },
+            "world_size": trainer.world_size,  # training processes (resume needs as many)
         }
 
 

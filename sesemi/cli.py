@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import shlex
 import sys
@@ -14,6 +15,7 @@ from omegaconf import DictConfig
 
 import sesemi.config  # noqa: F401  (registers the schema and the ${sesemi:...} resolver)
 from sesemi.errors import exit_with, reporting_user_errors
+from sesemi.launch import external_launch, peer_overrides
 
 
 def _option(argv: list[str], *names: str) -> str | None:
@@ -145,6 +147,10 @@ def main() -> None:
     # The spec's own experiment configs (`defaults: [base]`) omit `_self_`; Hydra's default of
     # applying the file last is what they mean, so the upgrade notice is noise for users.
     warnings.filterwarnings("ignore", message=r".*Defaults list is missing `_self_`.*")
+    # Optuna's storage layer (alembic) logs each of its plugins at INFO: noise in a sweep's output.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # One process of several started by torchrun or srun: rank 0 alone writes `.hydra/`.
+    sys.argv += peer_overrides(external_launch())
     cli()
 
 

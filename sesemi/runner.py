@@ -24,7 +24,12 @@ from sesemi.callbacks import (
     KNNEvaluation,
     LastCheckpoint,
 )
-from sesemi.checkpoints import find_checkpoint, load_pretrained_weights, read_checkpoint
+from sesemi.checkpoints import (
+    METADATA_KEY,
+    find_checkpoint,
+    load_pretrained_weights,
+    read_checkpoint,
+)
 from sesemi.compare import SUMMARY_NAME
 from sesemi.config.resolvers import FAILED_CLAIMS, SESEMIConfigAttributes, resolve
 from sesemi.config.structs import RunMode
@@ -119,11 +124,22 @@ def check_classes(data: SESEMIDataModule, num_classes: int) -> None:
         )
 
 
-def check_resumable(learner: pl.LightningModule, path: str) -> None:
-    """Refuses a checkpoint whose weights do not fit the configured model, before training."""
-    state = read_checkpoint(path).get("state_dict")
+def check_resumable(learner: pl.LightningModule, path: str, world_size: int | None = None) -> None:
+    """Refuses, before training, a checkpoint whose weights do not fit the configured model, or
+    one written by a run on another number of processes (`world_size`): its step count, LR
+    schedule and each process's share of the data were laid out for that number, so resuming on
+    another would not continue the same run."""
+    checkpoint = read_checkpoint(path)
+    state = checkpoint.get("state_dict")
     if not isinstance(state, Mapping):
         raise ValueError(f"'{path}' holds no state_dict to resume from")
+    written_by = (checkpoint.get(METADATA_KEY) or {}).get("world_size")
+    if world_size is not None and written_by is not None and int(written_by) != world_size:
+        raise ValueError(
+            f"'{path}' was written by a run on {written_by} process(es) and this run has "
+            f"{world_size} (run.num_nodes x GPUs or trainer.devices): resume on {written_by}, or "
+            f"start a new run from its weights with run.pretrained_checkpoint_path={path}"
+        )
     own = learner.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -339,7 +355,8 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     ckpt_path = None
     if resume:
         ckpt_path = find_checkpoint(resume, "resume_from_checkpoint", cfg.run.dir, cfg.run.id)
-        check_resumable(learner, ckpt_path)  # data only, and the weights must fit the model
+        # Data only; the weights must fit the model and the run its number of processes.
+        check_resumable(learner, ckpt_path, plan.world_size)
     if cfg.run.pretrained_checkpoint_path:
         key = "pretrained_checkpoint_path"
         path = find_checkpoint(cfg.run[key], key, cfg.run.dir, cfg.run.id)

@@ -119,6 +119,23 @@ def open_sesemi(
     )
 
 
+def single_process_top1(run_dir: Path, data_root: Path) -> float:
+    """The top-1 accuracy of `run_dir`'s last checkpoint on every image of `data_root/val`,
+    evaluated here in one process (what a DDP run's reduced val/top1 must equal)."""
+    import torch
+
+    import sesemi
+    from sesemi.datasets import dataset
+    from sesemi.transforms import center_crop_transforms
+
+    model = sesemi.load_classifier(Path(run_dir) / "checkpoints/last.ckpt")
+    val = dataset("image_folder", data_root, "val", center_crop_transforms(32, 32))
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    with torch.no_grad():
+        predicted = model.net(images).argmax(dim=1)
+    return (predicted == torch.tensor(val.targets)).float().mean().item()
+
+
 @pytest.fixture
 def image_root(tmp_path: Path) -> Path:
     """A two-class image folder with train (8 per class) and val (4 per class) subsets."""

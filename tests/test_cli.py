@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import open_sesemi
+from conftest import open_sesemi, single_process_top1
 
 import sesemi
 from sesemi.errors import USER_ERRORS, one_line
@@ -401,22 +401,12 @@ def test_ddp_ranks_agree_reshuffle_and_reduce_metrics(experiment):
     assert len(set(first0)) == 3  # each epoch reshuffles
 
     # val/top1 is reduced over both processes: it equals one process evaluating every image.
-    from sesemi.datasets import dataset
-    from sesemi.transforms import center_crop_transforms
-
     (run_dir,) = glob.glob(str(experiment / "runs/tiny/*"))
     rows = (Path(run_dir) / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     logged = [r.split(",")[header.index("val/top1")] for r in rows[1:]]
     final_top1 = float([v for v in logged if v][-1])
-    model = sesemi.load_classifier(Path(run_dir) / "checkpoints/last.ckpt")
-    val = dataset("image_folder", experiment / "data", "val", center_crop_transforms(32, 32))
-    images = torch.stack([val[i][0] for i in range(len(val))])
-    with torch.no_grad():
-        predicted = model.net(images).argmax(dim=1)
-    assert final_top1 == pytest.approx(
-        (predicted == torch.tensor(val.targets)).float().mean().item()
-    )
+    assert final_top1 == pytest.approx(single_process_top1(run_dir, experiment / "data"))
 
 
 def test_unknown_config_name_gets_one_line(experiment):

@@ -88,14 +88,21 @@ FAILED_CLAIMS: dict[str, str] = {}
 def claim_new_dir(path: str) -> str:
     """Creates the folder `path` for this process alone and returns it: when another process
     (a run started in the same second) already has it, `path_1`, `path_2`, ... instead. The
-    same `path` asked again in this process gives the same folder.
+    same `path` asked again in this process gives the same folder. The processes of one
+    `torchrun` or `srun` launch share one folder (`sesemi.launch.shared_run_dir`).
 
     When the folder cannot be created (`run.dir` is a file, or not writable), a temporary
     stand-in folder is returned and the reason kept in `FAILED_CLAIMS`, so that the run stops
     with one line naming it (`sesemi.runner.run`) instead of Hydra's traceback.
     """
-    if path in _CLAIMED:
-        return _CLAIMED[path]
+    from sesemi.launch import shared_run_dir
+
+    if path not in _CLAIMED:
+        _CLAIMED[path] = shared_run_dir(path, _claim) or _claim(path)
+    return _CLAIMED[path]
+
+
+def _claim(path: str) -> str:
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     except OSError as e:
@@ -104,7 +111,6 @@ def claim_new_dir(path: str) -> str:
             f"cannot create the run folder '{path}' ({e.strerror or e}); set run.dir to a "
             "writable folder"
         )
-        _CLAIMED[path] = stand_in
         return stand_in
     for attempt in range(1000):
         candidate = path if attempt == 0 else f"{path}_{attempt}"
@@ -112,7 +118,6 @@ def claim_new_dir(path: str) -> str:
             os.mkdir(candidate)  # atomic: exactly one process creates a given folder
         except FileExistsError:
             continue
-        _CLAIMED[path] = candidate
         return candidate
     raise FileExistsError(f"could not create a new run folder next to '{path}'")
 
