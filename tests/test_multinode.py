@@ -186,3 +186,26 @@ def test_a_one_process_checkpoint_is_not_resumed_on_two(experiment):
     assert "written by a run on 1 process(es) and this run has 2" in out.stderr
     assert "Traceback" not in out.stderr
     assert len(glob.glob(str(experiment / "runs/tiny/*/checkpoints/*.ckpt"))) == 2  # no new one
+
+
+def test_launchers_are_recognized_and_srun_tasks_share_a_folder(tmp_path, monkeypatch):
+    from sesemi.launch import LaunchPeer, external_launch, peer_overrides, shared_run_dir
+
+    torchrun = {"TORCHELASTIC_RUN_ID": "none", "RANK": "1", "WORLD_SIZE": "2"}
+    srun = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0"}
+    assert external_launch(torchrun) == LaunchPeer(1, 2, "torchrun")
+    assert external_launch(srun) == LaunchPeer(3, 4, "srun")
+    assert external_launch({**srun, "SLURM_NTASKS": "1"}) is None  # one task: a plain run
+    assert external_launch({k: v for k, v in srun.items() if k != "SLURM_STEP_ID"}) is None
+    assert external_launch({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}) is None  # Lightning's own
+    assert peer_overrides(LaunchPeer(0, 2, "srun")) == []
+    assert "hydra.output_subdir=null" in peer_overrides(LaunchPeer(1, 2, "srun"))
+
+    def claim(path: str) -> str:
+        raise AssertionError("srun tasks do not claim a folder each")
+
+    folders = set()
+    for rank in ("0", "1"):  # two tasks whose clocks disagree by a second
+        monkeypatch.setattr("os.environ", {**srun, "SLURM_PROCID": rank})
+        folders.add(shared_run_dir(str(tmp_path / "tiny" / f"2026-01-01_00-00-0{rank}"), claim))
+    assert folders == {str(tmp_path / "tiny" / "slurm-77.0")}
