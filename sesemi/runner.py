@@ -37,6 +37,7 @@ from sesemi.data import LOADER_GROUPS, SESEMIDataModule
 from sesemi.devices import DevicePlan, plan_devices
 from sesemi.inference import preprocessing_from_transform
 from sesemi.learners import Classifier
+from sesemi.threads import ThreadShare
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +351,11 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     check_fresh_run_dir(run_dir)
     learner = build_learner(learner_cfg, data.dataset_sizes())
     loaders = {group: resolve(cfg.data.get(group), attributes) for group in LOADER_GROUPS}
-    callbacks = [DataEpoch(data), *_callbacks(learner, loaders, hparams, data, run_dir, mode)]
+    callbacks = [
+        DataEpoch(data),
+        ThreadShare(cfg.run.threads),
+        *_callbacks(learner, loaders, hparams, data, run_dir, mode),
+    ]
     resume = cfg.run.resume_from_checkpoint
     ckpt_path = None
     if resume:

@@ -176,4 +176,6 @@ def _quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests never touch a GPU or the network.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # In-process runs keep the test's thread count (sesemi.threads respects OMP_NUM_THREADS).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     os.environ.setdefault("PYTHONHASHSEED", "0")

@@ -40,6 +40,10 @@ class RunConfig:
         resume_from_checkpoint: An optional checkpoint path to restore the full trainer state, or
             "last" for the newest `last.ckpt` of this run id.
         pretrained_checkpoint_path: An optional checkpoint path to load model weights only.
+        threads: Intra-op CPU threads of the training process; None (auto): the cores this
+            process may use divided by the sesemi training processes running on the machine
+            (parallel multirun jobs, runs side by side, DDP ranks), re-checked as they come and
+            go, unless OMP_NUM_THREADS is set in the environment (then torch's choice stands).
     """
 
     seed: int | None = None
@@ -55,6 +59,7 @@ class RunConfig:
     mode: RunMode = RunMode.FIT
     resume_from_checkpoint: str | None = None
     pretrained_checkpoint_path: str | None = None
+    threads: int | None = None
 
 
 @dataclass
