@@ -105,6 +105,10 @@ def _next_command(argv: list[str]) -> str:
                 skip = True
             elif arg.startswith("--config"):
                 flags.append(arg)
+        if not flags:  # a launcher's job process (submitit) has its own argv: ask Hydra
+            sources = hydra_cfg.runtime.config_sources
+            flags = [f"-cd={s.path}" for s in sources if s.provider == "command-line"]
+            flags += ["-cn", hydra_cfg.job.config_name]
         argv = [*flags, *hydra_cfg.overrides.task]
     kept = [a for a in argv if not a.startswith(drop)]
     return shlex.join(["open_sesemi", *kept])

@@ -133,13 +133,30 @@ def _multiply(*factors: Any) -> Any:
     return product
 
 
+def gpu_count(gpus: Any, without_gpus: Any = 0) -> Any:
+    """The number of GPUs per node that `run.gpus` asks for (a count, a list of ids or "0,1"),
+    or `without_gpus` for a CPU run (0, null, []): what a cluster launcher requests per node.
+    -1 ("every GPU there is") is not a count a scheduler can reserve, so it is refused."""
+    if isinstance(gpus, str):  # "4" or "0,1"
+        text = gpus.strip()
+        is_count = text.lstrip("-").isdigit()
+        gpus = int(text) if is_count else [g for g in text.split(",") if g.strip()]
+    count = int(gpus or 0) if gpus is None or isinstance(gpus, int) else len(gpus)
+    if count < 0:
+        raise ValueError(
+            f"run.gpus={gpus} (every GPU there is) cannot size a cluster job; set run.gpus to "
+            "the GPUs per node to reserve, e.g. run.gpus=4"
+        )
+    return count if count > 0 else without_gpus
+
+
 def _attribute(name: str) -> Any:
     return (_CURRENT.get() or SESEMIConfigAttributes())(name)
 
 
 def register_resolvers() -> None:
-    """Registers `${sesemi:name}`, `${sesemi.mul:a,b}` (a product) and `${sesemi.new_dir:path}`
-    (a run folder no other process has) with OmegaConf."""
+    """Registers `${sesemi:name}`, `${sesemi.mul:a,b}` (a product), `${sesemi.new_dir:path}`
+    (a run folder no other process has) and `${sesemi.gpu_count:gpus,default}` with OmegaConf."""
     if not OmegaConf.has_resolver("sesemi"):
         OmegaConf.register_new_resolver("sesemi", _attribute)
     if not OmegaConf.has_resolver("sesemi.mul"):
@@ -148,3 +165,5 @@ def register_resolvers() -> None:
         # Cached in the config, so a launcher's job processes (joblib, submitit) that receive
         # the config get the folder the parent claimed instead of claiming another.
         OmegaConf.register_new_resolver("sesemi.new_dir", claim_new_dir, use_cache=True)
+    if not OmegaConf.has_resolver("sesemi.gpu_count"):
+        OmegaConf.register_new_resolver("sesemi.gpu_count", gpu_count)
