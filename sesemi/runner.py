@@ -305,6 +305,9 @@ def _callbacks(
 def quiet_known_warnings() -> None:
     """Silences warnings that say nothing to a sesemi user (by design, or third-party noise)."""
     warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
+    # Lightning 2 counts the logging interval over the whole run, not per epoch: short epochs
+    # (few labels) still log every log_every_n_steps steps.
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=r".*pin_memory.*no accelerator.*")
     warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated.*")  # torchdata
     # The learner's on_after_batch_transfer (device normalization) is meant to be used.
