@@ -1,0 +1,1113 @@
+"""Head to head on the digits: sesemi's FixMatch and FlexMatch vs. USB's (`semilearn`).
+
+USB (microsoft/Semi-supervised-learning, PyPI `semilearn`) is the reference implementation of
+both methods. For every seed, both libraries train on the SAME prepared split and are scored on
+the same val images:
+
+* the split is `sesemi.datasets.digits.prepare_digits(<workdir>/digits_l<L>_s<split seed>,
+  labels_per_class=L, seed=<split seed>)`, the split seed being the run's seed (as
+  `ssl_digits.py` does; the plain demo keeps seed 0 for every run.seed unless
+  `+data.prepare.seed` is given) or `--split-seed`;
+* sesemi runs `python -m sesemi -cn demo method=<m> run.seed=<s> data.prepare.labels_per_class=L
+  +data.prepare.seed=<split seed> run.num_iterations=<steps> ...`, validates once, after the last
+  step, and its `summary.json` gives val/top1 of the final weights;
+* USB runs in a virtual environment of its own (`<workdir>/usb_venv`, created on first use with
+  `semilearn --no-deps`, torch and the few packages its FixMatch/FlexMatch path imports; never in
+  the project's environment). A worker process (this file with `--usb-worker`, run by that
+  environment's Python) builds USB's `fixmatch` / `flexmatch` algorithm with `semilearn.get_config`
+  and `get_algorithm`, on `BasicDataset`s of the same PNG files, and trains it with the
+  algorithm's own `train()` loop on the CPU. Every setting is read from sesemi's composed demo
+  config (timm ResNet-18 and its dropout, batch 32 + 7 x 32, SGD, the polynomial LR schedule with
+  warm-up, threshold, lambda_u, the weak / strong / eval transforms: sesemi's own transform code,
+  which USB's dataset accepts) and mirrored; what cannot be mirrored is listed in the report.
+
+Each run is one process, one at a time; s/step is its whole wall time (Python start, imports,
+model build, training, the final validation) divided by the steps, excluding the USB environment's
+set-up and the data preparation. USB evaluates its EMA model (`ema_m`, which in USB changes only
+evaluation, not training); the table gives both the final weights' and the EMA weights' top-1.
+
+Usage (from the repository root, in the project's virtual environment):
+
+    python benchmarks/peer_usb.py --labels 1 --seeds 0 1 2 --steps 300 \
+        --out benchmarks/results/peer_usb.md
+
+A quick check of the whole pipeline (minutes, mostly the USB environment on first use):
+
+    python benchmarks/peer_usb.py --seeds 0 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import importlib.abc
+import importlib.metadata
+import importlib.util
+import inspect
+import json
+import math
+import os
+import pathlib
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import types
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LIBRARIES = ("sesemi", "usb")
+METHODS = ("fixmatch", "flexmatch")
+METHOD_LABELS = {"fixmatch": "FixMatch", "flexmatch": "FlexMatch"}
+USB_VERSION = "0.3.2"
+# pip takes these two from this machine's disk; the same builds as the project's environment.
+USB_TORCH = ("torch==2.14.1", "torchvision==0.29.1")
+# What `import semilearn` needs on the FixMatch / FlexMatch path besides torch, torchvision,
+# numpy and Pillow (found by importing it): sklearn.metrics (AlgorithmBase), timm (its ViTs),
+# torch.utils.tensorboard (its TBLog), ruamel.yaml (its config helpers), progress (its Trainer),
+# tqdm (its MedMNIST loader).
+USB_PACKAGES = ("scikit-learn", "timm", "tensorboard", "ruamel.yaml", "progress", "tqdm")
+# Imported when semilearn is imported, used only by its audio, NLP, W&B, Aim and MedMNIST code:
+# replaced by stub modules in the USB worker when they are not installed (they are not).
+USB_STUBS = ("torchaudio", "transformers", "wandb", "aim", "skimage")
+USB_MARKER = "peer_usb_ready.json"  # in the USB environment once it imports semilearn
+SESEMI_VERSIONS = ("sesemi", "torch", "torchvision", "timm", "pytorch-lightning", "hydra-core")
+LOG_EVERY = 10  # USB's num_log_iter (sesemi's demo logs every 10 steps too)
+TAIL_LINES = 40  # of a failed run's log
+
+
+# ----------------------------------------------------------------------------------------------
+# The USB side: runs in the USB environment's Python (no sesemi installation, no Hydra).
+# ----------------------------------------------------------------------------------------------
+
+
+class _Placeholder:
+    """Stands for any name of a stubbed package; using it says which package is missing."""
+
+    _origin = "?"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"{self._origin} is a stub in peer_usb's USB worker (not installed)")
+
+
+class _StubModule(types.ModuleType):
+    """A module whose every public attribute is a `_Placeholder` subclass named after it."""
+
+    def __getattr__(self, name: str) -> type:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        placeholder = type(name, (_Placeholder,), {"_origin": f"{self.__name__}.{name}"})
+        setattr(self, name, placeholder)
+        return placeholder
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports `_StubModule`s for the given top-level packages and all their submodules."""
+
+    def __init__(self, roots: set[str]) -> None:
+        self.roots = roots
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None):
+        if fullname.partition(".")[0] not in self.roots:
+            return None
+        return importlib.util.spec_from_loader(fullname, self, is_package=True)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        return _StubModule(spec.name)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        """Stub modules have no code to run."""
+
+
+def install_stubs() -> list[str]:
+    """Stubs every package of `USB_STUBS` that is not installed; returns the stubbed names."""
+    missing = {name for name in USB_STUBS if importlib.util.find_spec(name) is None}
+    if missing:
+        sys.meta_path.insert(0, _StubFinder(missing))
+    return sorted(missing)
+
+
+def patch_torch_amp() -> list[str]:
+    """Gives `torch.cuda.amp` the `GradScaler` / `autocast` names semilearn imports, where this
+    torch no longer has them (they moved to `torch.amp`); returns what was patched."""
+    import torch
+
+    patched = []
+    amp = torch.cuda.amp
+    if not hasattr(amp, "GradScaler"):
+        amp.GradScaler = lambda *args, **kwargs: torch.amp.GradScaler("cuda", *args, **kwargs)
+        patched.append("torch.cuda.amp.GradScaler")
+    if not hasattr(amp, "autocast"):
+        amp.autocast = lambda *args, **kwargs: torch.amp.autocast("cuda", *args, **kwargs)
+        patched.append("torch.cuda.amp.autocast")
+    return patched
+
+
+def load_sesemi_sources(repo: pathlib.Path) -> types.SimpleNamespace:
+    """sesemi's transform and LR-schedule code, read from the repository's source files.
+
+    `sesemi` becomes a namespace package over `repo/sesemi` without running its `__init__`, so
+    `sesemi.transforms`, `sesemi.randaugment` and `sesemi.schedulers.lr` (which need only torch,
+    torchvision and Pillow) import as they are; nothing of sesemi is installed in this
+    environment.
+    """
+    package = types.ModuleType("sesemi")
+    package.__path__ = [str(repo / "sesemi")]
+    sys.modules["sesemi"] = package
+    return types.SimpleNamespace(
+        transforms=importlib.import_module("sesemi.transforms"),
+        polynomial_lr=importlib.import_module("sesemi.schedulers.lr").polynomial_lr,
+    )
+
+
+def read_split(root: pathlib.Path, subsets: list[str]) -> tuple:
+    """The images `(N, H, W, 3)` uint8 and class indices `(N,)` of `root/<subset>/<class>/*.png`,
+    subsets concatenated in order, classes in sorted order, files sorted by name."""
+    import numpy as np
+    from PIL import Image
+
+    images, targets = [], []
+    for subset in subsets:
+        classes = sorted(p.name for p in (root / subset).iterdir() if p.is_dir())
+        for label, name in enumerate(classes):
+            for path in sorted((root / subset / name).glob("*.png")):
+                with Image.open(path) as image:
+                    images.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+                targets.append(label)
+    return np.stack(images), np.array(targets, dtype=np.int64)
+
+
+def make_classifier(num_classes: int, backbone: dict):
+    """sesemi's network in USB's model interface: a timm model without classifier (global
+    pooling and dropout `drop_rate` on the pooled features, as `sesemi.PyTorchImageModels`), then a
+    linear layer. Returns `{"logits", "feat"}`; `only_feat` / `only_fc` as USB's networks."""
+    import timm
+    from torch import nn
+
+    class TimmClassifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            options = {k: v for k, v in backbone.items() if k != "name"}
+            self.backbone = timm.create_model(
+                backbone["name"], pretrained=False, num_classes=0, **options
+            )
+            width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+            self.classifier = nn.Linear(width, num_classes)
+
+        def forward(self, x, only_fc: bool = False, only_feat: bool = False, **kwargs):
+            if only_fc:
+                return self.classifier(x)
+            feat = self.backbone(x)
+            if only_feat:
+                return feat
+            return {"logits": self.classifier(feat), "feat": feat}
+
+    return TimmClassifier()
+
+
+class CycledBatches:
+    """`steps` batches of a DataLoader, as Lightning's `max_size_cycle` combination of sesemi's
+    training loaders draws them: every `epoch_length` steps all loaders restart (reshuffled);
+    within an epoch a loader that runs out restarts (reshuffled)."""
+
+    def __init__(self, loader, steps: int, epoch_length: int) -> None:
+        self.loader, self.steps, self.epoch_length = loader, steps, epoch_length
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        done = 0
+        while done < self.steps:
+            batches = iter(self.loader)
+            for _ in range(min(self.epoch_length, self.steps - done)):
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    batches = iter(self.loader)
+                    batch = next(batches)
+                yield batch
+                done += 1
+
+
+def build_transform(node: dict, sources: types.SimpleNamespace):
+    """Instantiates a `sesemi.transforms.<recipe>` config node."""
+    module, _, name = node["_target_"].rpartition(".")
+    if module != "sesemi.transforms":
+        raise ValueError(f"peer_usb builds sesemi.transforms recipes only, not {node['_target_']}")
+    return getattr(sources.transforms, name)(
+        **{k: v for k, v in node.items() if not k.startswith("_")}
+    )
+
+
+def usb_strong_transform(node: dict, sources: types.SimpleNamespace):
+    """USB's strong view on sesemi's geometry: the node's crop and flip, then USB's
+    `RandAugment(3, 5)` (its CIFAR recipe: 3 ops, PIL cutout in (125, 123, 114)), then to a
+    normalized tensor."""
+    from semilearn.datasets.augmentation import RandAugment
+    from torchvision.transforms import v2
+
+    keys = ("input_h", "input_w", "scale", "ratio", "interpolation", "p_hflip")
+    weak = sources.transforms.train_transforms(
+        **{k: node[k] for k in (*keys, "norm_mean", "norm_std") if k in node}
+    )
+    steps = list(weak.transforms)
+    steps.insert(2, RandAugment(3, 5))  # after the crop and the flip, before PILToTensor
+    return v2.Compose(steps)
+
+
+def usb_worker(spec_path: pathlib.Path) -> int:
+    """Trains USB's algorithm as `spec` says and writes its val top-1 to `spec["result"]`."""
+    start = time.time()
+    spec = json.loads(spec_path.read_text())
+    stubbed = install_stubs()
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    patched = patch_torch_amp()
+    sources = load_sesemi_sources(pathlib.Path(spec["repo"]))
+    from semilearn import BasicDataset, get_algorithm, get_config
+    from semilearn.core.hooks import Hook
+    from torch.utils.data import DataLoader
+
+    method, seed, steps = spec["method"], spec["seed"], spec["steps"]
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+    root = pathlib.Path(spec["data_root"])
+    lb_x, lb_y = read_split(root, spec["labeled_subsets"])
+    ulb_x, ulb_y = read_split(root, spec["unlabeled_subsets"])
+    val_x, val_y = read_split(root, spec["val_subsets"])
+    num_classes = spec["num_classes"]
+    loaders = spec["loaders"]
+    optimizer_options, schedule = spec["optimizer"], spec["lr_schedule"]
+    config = {
+        "algorithm": method,
+        "net": "peer_usb_timm",  # a name for logs; the network comes from net_builder below
+        "use_pretrain": False,
+        "num_classes": num_classes,
+        "num_labels": len(lb_y),
+        "batch_size": loaders["labeled"]["batch_size"],
+        "uratio": loaders["uratio"],
+        "eval_batch_size": loaders["val"]["batch_size"],
+        "epoch": 1,
+        "num_train_iter": steps,
+        "num_eval_iter": steps,  # its LoggingHook's long line, once, at the end
+        "num_log_iter": LOG_EVERY,
+        "num_warmup_iter": schedule["warmup_iters"],  # for the record; the schedule is replaced
+        "ema_m": spec["ema_m"],
+        "ulb_loss_ratio": spec["lambda_u"],
+        "T": spec["temperature"],  # unused with hard labels
+        "p_cutoff": spec["threshold"],
+        "hard_label": True,
+        "use_cat": spec["use_cat"],
+        "amp": False,
+        "clip_grad": 0.0,
+        "optim": "SGD",
+        "lr": optimizer_options["lr"],
+        "momentum": optimizer_options.get("momentum", 0.0),
+        "weight_decay": optimizer_options.get("weight_decay", 0.0),
+        "dataset": "peer_usb_digits",  # unknown to USB: no dataset is built from data_dir
+        "data_dir": str(root),
+        "num_workers": 0,
+        "include_lb_to_ulb": True,
+        "img_size": spec["image_size"],
+        "seed": seed,
+        "gpu": None,
+        "rank": 0,
+        "world_size": 1,
+        "distributed": False,
+        "multiprocessing_distributed": False,
+        "save_dir": spec["save_dir"],
+        "save_name": f"{method}_s{seed}",
+        "ulb_dest_len": len(ulb_y),  # FlexMatch's per-image learning status
+        "lb_dest_len": len(lb_y),
+    }
+    if method == "flexmatch":
+        config["thresh_warmup"] = spec["flexmatch_warmup"]
+    args = get_config(config)
+
+    def net_builder(num_classes: int, pretrained: bool = False, **kwargs: object):
+        if pretrained:
+            raise ValueError("peer_usb never loads pretrained weights")
+        return make_classifier(num_classes, spec["backbone"])
+
+    algorithm = get_algorithm(args, net_builder, None, None)
+
+    # The CPU: batches stay where they are (USB's process_batch moves them with .cuda()).
+    wanted = list(inspect.signature(algorithm.train_step).parameters)
+
+    def process_batch(input_args=None, **kwargs):
+        names = input_args if input_args is not None else wanted
+        return {k: v for k, v in kwargs.items() if k in names and v is not None}
+
+    algorithm.process_batch = process_batch
+
+    # Hooks that need CUDA (TimerHook's events) or USB's .cuda() evaluation and checkpoints
+    # (EvaluationHook, CheckpointHook) go; the val set is scored below. The LR each step used
+    # (TimerHook logged the next one) is logged instead.
+    class LRLogHook(Hook):
+        def before_train_step(self, algorithm):
+            self.lr = algorithm.optimizer.param_groups[0]["lr"]
+
+        def after_train_step(self, algorithm):
+            algorithm.log_dict["lr"] = self.lr
+
+    dropped = ("TimerHook", "EvaluationHook", "CheckpointHook")
+    algorithm._hooks = [h for h in algorithm._hooks if h.name not in dropped]
+    algorithm.register_hook(LRLogHook(), "LRLogHook", "LOW")
+
+    # sesemi's optimizer (weight decay on every parameter; USB's get_optimizer spares biases and
+    # BatchNorm) and its LR schedule, stepped after each optimizer step as USB steps its own.
+    algorithm.optimizer = torch.optim.SGD(algorithm.model.parameters(), **optimizer_options)
+    base_lr = optimizer_options["lr"]
+
+    def lr_factor(step: int) -> float:
+        lr = sources.polynomial_lr(
+            step,
+            base_lr,
+            schedule["warmup_iters"],
+            schedule["warmup_lr"],
+            schedule["lr_pow"],
+            schedule["max_iters"],
+        )
+        return lr / base_lr
+
+    algorithm.scheduler = torch.optim.lr_scheduler.LambdaLR(algorithm.optimizer, lr_factor)
+
+    transforms = spec["transforms"]
+    weak_labeled = build_transform(transforms["labeled"], sources)
+    weak = build_transform(transforms["weak"], sources)
+    if spec["usb_strong"] == "usb":
+        strong = usb_strong_transform(transforms["strong"], sources)
+    else:
+        strong = build_transform(transforms["strong"], sources)
+    evaluation = build_transform(transforms["eval"], sources)
+    lb_set = BasicDataset(method, lb_x, lb_y, num_classes, weak_labeled, False, None, False)
+    ulb_set = BasicDataset(method, ulb_x, ulb_y, num_classes, weak, True, strong, False)
+    val_set = BasicDataset(method, val_x, val_y, num_classes, evaluation, False, None, False)
+
+    batch_size = loaders["labeled"]["batch_size"]
+    ulb_batch_size = batch_size * loaders["uratio"]
+    if spec["sampler"] == "usb":
+        from semilearn.core.utils import get_data_loader
+
+        train_lb = get_data_loader(args, lb_set, batch_size, num_workers=0, num_iters=steps)
+        train_ulb = get_data_loader(args, ulb_set, ulb_batch_size, num_workers=0, num_iters=steps)
+    else:
+        labeled = DataLoader(
+            lb_set,
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=loaders["labeled"]["drop_last"],
+            generator=torch.Generator().manual_seed(seed),
+        )
+        unlabeled = DataLoader(
+            ulb_set,
+            batch_size=ulb_batch_size,
+            shuffle=True,
+            drop_last=loaders["unlabeled"]["drop_last"],
+            generator=torch.Generator().manual_seed(seed + 1),
+        )
+        epoch_length = max(len(labeled), len(unlabeled))
+        train_lb = CycledBatches(labeled, steps, epoch_length)
+        train_ulb = CycledBatches(unlabeled, steps, epoch_length)
+    val_loader = DataLoader(val_set, batch_size=loaders["val"]["batch_size"], shuffle=False)
+    algorithm.loader_dict = {"train_lb": train_lb, "train_ulb": train_ulb, "eval": val_loader}
+
+    print(
+        f"peer_usb worker: semilearn {importlib.metadata.version('semilearn')}, {method}, "
+        f"seed {seed}, {steps} steps, {len(lb_y)} labeled / {len(ulb_y)} unlabeled / "
+        f"{len(val_y)} val images, stubs {stubbed}, patched {patched}",
+        flush=True,
+    )
+    train_start = time.time()
+    algorithm.train()
+    train_seconds = time.time() - train_start
+
+    def top1() -> float:
+        model = algorithm.model
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for batch in val_loader:
+                logits = model(batch["x_lb"])["logits"]
+                correct += int((logits.argmax(dim=1) == batch["y_lb"]).sum())
+        model.train()
+        return correct / len(val_y)
+
+    final = top1()
+    algorithm.ema.apply_shadow()  # what USB's own evaluate() scores
+    ema = top1()
+    algorithm.ema.restore()
+    result = {
+        "top1": final,
+        "ema_top1": ema,
+        "train_seconds": train_seconds,
+        "worker_seconds": time.time() - start,
+        "last_log": {k: float(v) for k, v in algorithm.log_dict.items()},
+        "stubs": stubbed,
+        "patched": patched,
+    }
+    pathlib.Path(spec["result"]).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"peer_usb worker: val top-1 {final:.4f} (EMA {ema:.4f})", flush=True)
+    return 0
+
+
+def usb_check() -> int:
+    """Imports semilearn (with the stubs) and prints the environment's versions as JSON."""
+    stubbed = install_stubs()
+    patched = patch_torch_amp()
+    import semilearn  # noqa: F401
+    from semilearn import get_algorithm, get_config  # noqa: F401
+
+    versions = {}
+    for name in ("semilearn", "torch", "torchvision", "timm", "numpy", "pillow", "scikit-learn"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    print(json.dumps({"versions": versions, "stubs": stubbed, "patched": patched}))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The main side: the project's environment (sesemi, Hydra).
+# ----------------------------------------------------------------------------------------------
+
+
+def run_logged(command: list[str], log: pathlib.Path, env: dict | None = None) -> int:
+    """Runs `command`, its output appended to `log`; returns its exit status."""
+    with open(log, "a") as out:
+        out.write("$ " + shlex.join(command) + "\n")
+        out.flush()
+        return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def tail(log: pathlib.Path) -> str:
+    """The last lines of a log, for an error message."""
+    lines = log.read_text(errors="replace").splitlines()[-TAIL_LINES:]
+    return f"last {len(lines)} lines of {log}:\n" + "\n".join(lines)
+
+
+def ensure_usb_venv(workdir: pathlib.Path) -> tuple[pathlib.Path, dict, float]:
+    """Creates (once) `<workdir>/usb_venv` with semilearn and returns its Python, its record
+    (versions, stubs) and the seconds the set-up took now (0 when it was ready)."""
+    venv = workdir / "usb_venv"
+    python = venv / "bin" / "python"
+    marker = venv / USB_MARKER
+    if marker.is_file() and python.is_file():
+        record = json.loads(marker.read_text())
+        if record.get("versions", {}).get("semilearn") == USB_VERSION:
+            return python, record, 0.0
+    log = workdir / "logs" / "usb_venv.log"
+    print(f"[usb] setting up {venv} (log: {log})", flush=True)
+    start = time.time()
+    if not python.is_file():
+        if run_logged([sys.executable, "-m", "venv", str(venv)], log):
+            raise RuntimeError(f"could not create {venv}; {tail(log)}")
+    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
+    for packages in (USB_TORCH, (f"semilearn=={USB_VERSION}", "--no-deps"), USB_PACKAGES):
+        if run_logged([*pip, *packages], log):
+            raise RuntimeError(f"pip install {' '.join(packages)} failed; {tail(log)}")
+    check = subprocess.run(
+        [str(python), str(pathlib.Path(__file__).resolve()), "--usb-check"],
+        capture_output=True,
+        text=True,
+    )
+    if check.returncode != 0:
+        raise RuntimeError(f"semilearn does not import in {venv}:\n{check.stderr[-3000:]}")
+    record = json.loads(check.stdout.strip().splitlines()[-1])
+    record["setup_seconds"] = time.time() - start
+    record["packages"] = [*USB_TORCH, f"semilearn=={USB_VERSION} --no-deps", *USB_PACKAGES]
+    marker.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"[usb] ready in {record['setup_seconds']:.0f} s: {record['versions']}", flush=True)
+    return python, record, record["setup_seconds"]
+
+
+def hydra_quoted(path: pathlib.Path) -> str:
+    """`path` as a double-quoted Hydra value."""
+    # Inside quotes Hydra unescapes `\\"` and the backslashes right before a quote.
+    escaped = re.sub(r'(\\*)"', lambda m: m[1] * 2 + '\\"', str(path))
+    return f'"{escaped}"'
+
+
+def split_root(workdir: pathlib.Path, labels: int, split_seed: int) -> pathlib.Path:
+    """Where the split of (labels per class, split seed) lives."""
+    return workdir / f"digits_l{labels}_s{split_seed}"
+
+
+def sesemi_overrides(
+    method: str, seed: int, split_seed: int, args: argparse.Namespace, root: pathlib.Path
+) -> list[str]:
+    """The Hydra overrides of sesemi's run (and of the config the USB run mirrors)."""
+    overrides = [
+        f"method={method}",
+        f"run.seed={seed}",
+        f"run.data_root={hydra_quoted(root)}",
+        f"data.prepare.labels_per_class={args.labels}",
+        # The demo's digits.yaml sets no seed: prepare_digits' default (0) whatever run.seed is.
+        f"+data.prepare.seed={split_seed}",
+        f"run.num_iterations={args.steps}",
+        f"trainer.val_check_interval={args.steps}",  # validate once, at the end
+        f"run.dir={hydra_quoted(args.workdir / 'runs')}",
+        f"run.id=l{args.labels}_{method}_s{seed}",
+        "++trainer.num_sanity_val_steps=0",
+        "++trainer.enable_progress_bar=false",
+        "++trainer.enable_model_summary=false",
+    ]
+    if args.sesemi_ema:
+        overrides.append(f"+learner.hparams.model.ema.decay={args.ema}")
+    return overrides
+
+
+def _require(condition: bool, what: str) -> None:
+    if not condition:
+        raise ValueError(f"the USB run cannot mirror sesemi's config: {what}")
+
+
+def _loader(node: dict, run: dict, root: pathlib.Path, where: str) -> dict:
+    """A training or val loader's subsets, size, batch size and effective drop_last."""
+    dataset = node["dataset"]
+    _require(dataset.get("name") == "image_folder", f"{where} is not an image_folder")
+    _require(not dataset.get("root") and not dataset.get("kwargs"), f"{where}.dataset options")
+    for key in ("sampler", "batch_sampler", "collate_fn"):
+        _require(node.get(key) is None, f"{where}.{key} is set")
+    subsets = dataset["subset"] if isinstance(dataset["subset"], list) else [dataset["subset"]]
+    subsets = [s.rstrip("?") for s in subsets if (root / s.rstrip("?")).is_dir()]
+    size = sum(1 for s in subsets for _ in (root / s).glob("*/*.png"))
+    batch_size = node.get("batch_size") or run["batch_size_per_gpu"]
+    # sesemi drops a last training batch of one image (BatchNorm cannot normalize it).
+    drop_last = bool(node.get("drop_last")) or (size % batch_size == 1 and size > 1)
+    return {"subsets": subsets, "size": size, "batch_size": batch_size, "drop_last": drop_last}
+
+
+def usb_spec(method: str, seed: int, split_seed: int, args: argparse.Namespace) -> dict:
+    """The settings of sesemi's run, read from its composed config, as the USB worker's spec.
+
+    Raises:
+        ValueError: When the config holds something the USB run cannot mirror.
+    """
+    import sesemi
+    from sesemi.config.resolvers import SESEMIConfigAttributes, resolve
+
+    root = split_root(args.workdir, args.labels, split_seed)
+    cfg = sesemi.compose("demo", sesemi_overrides(method, seed, split_seed, args, root))
+    known = SESEMIConfigAttributes(max_iterations=args.steps, num_gpus=0, num_nodes=1)
+    run = resolve(cfg.run, known)
+    data = resolve(cfg.data, known)
+    trainer = resolve(cfg.trainer, known) or {}
+    for key in ("accumulate_grad_batches", "gradient_clip_val", "precision"):
+        _require(trainer.get(key) in (None, 1, 0, 32, "32", "32-true"), f"trainer.{key}")
+    train = data["train"]
+    _require(set(train) == {"supervised", "unlabeled"}, f"data.train loaders {sorted(train)}")
+    labeled = _loader(train["supervised"], run, root, "data.train.supervised")
+    unlabeled = _loader(train["unlabeled"], run, root, "data.train.unlabeled")
+    val = _loader(data["val"], run, root, "data.val")
+    val["drop_last"] = bool(data["val"].get("drop_last"))
+    for name, node in (("supervised", train["supervised"]), ("unlabeled", train["unlabeled"])):
+        _require(node.get("shuffle") is True, f"data.train.{name}.shuffle is not true")
+    uratio, remainder = divmod(unlabeled["batch_size"], labeled["batch_size"])
+    _require(remainder == 0, "the unlabeled batch is not a multiple of the labeled one")
+    batches = [
+        (n["size"] // n["batch_size"]) if n["drop_last"] else math.ceil(n["size"] / n["batch_size"])
+        for n in (labeled, unlabeled)
+    ]
+    known.iterations_per_epoch = max(batches)
+    known.num_classes = sum(1 for p in (root / "train").iterdir() if p.is_dir())
+    hparams = resolve(cfg.learner, known)["hparams"]
+
+    model = hparams["model"]
+    backbone = dict(model["backbone"])
+    _require(backbone.pop("_target_") == "sesemi.PyTorchImageModels", "the backbone's _target_")
+    _require(not backbone.pop("freeze", False), "a frozen backbone")
+    _require(not backbone.pop("pretrained", False), "pretrained weights")
+    supervised = model["supervised_loss"]
+    _require(
+        supervised["callable"] == {"_target_": "torch.nn.CrossEntropyLoss"}
+        and supervised.get("scheduler") is None
+        and supervised.get("reduction", "mean") == "mean"
+        and supervised.get("scale_factor", 1.0) == 1.0,
+        f"supervised_loss {supervised}",
+    )
+    heads = model.get("regularization_loss_heads") or {}
+    _require(set(heads) == {"fixmatch"}, f"loss heads {sorted(heads)}")
+    term = heads["fixmatch"]
+    head = dict(term["head"])
+    _require(head["_target_"].endswith(".FixMatchLossHead"), f"the head {head['_target_']}")
+    _require(term.get("scheduler") is None, "a weight schedule on the FixMatch term")
+    _require(term.get("reduction", "mean") == "mean", "the FixMatch term's reduction")
+    _require(head.get("teacher", "student") == "student", "an EMA teacher for pseudo-labels")
+    _require(head.get("temperature", 1.0) == 1.0, "a temperature (USB masks untempered)")
+    joint = head.get("joint_forward", False)
+    _require(joint in (False, "all"), f"joint_forward={joint!r} (USB: all or nothing)")
+    threshold = head["threshold"]
+    flexmatch_warmup = None
+    if isinstance(threshold, dict):
+        _require(
+            threshold["_target_"].endswith(".FlexMatchThreshold") and method == "flexmatch",
+            f"the threshold policy {threshold['_target_']} for method {method}",
+        )
+        _require(threshold.get("mapping", "convex") == "convex", "a non-convex mapping")
+        _require(threshold.get("learning_status", "index") == "index", "estimated status")
+        flexmatch_warmup = bool(threshold.get("warmup", True))
+        threshold = threshold.get("threshold", 0.95)
+    else:
+        _require(method == "fixmatch", f"a fixed threshold for method {method}")
+    optimizer = dict(hparams["optimizer"])
+    _require(optimizer.pop("_target_") == "torch.optim.SGD", "an optimizer other than SGD")
+    optimizer.pop("_partial_", None)
+    scheduler = dict(hparams["lr_scheduler"]["scheduler"])
+    _require(scheduler.pop("_target_") == "sesemi.PolynomialLR", "an LR schedule")
+    _require(hparams["lr_scheduler"].get("interval", "step") == "step", "per-epoch LR steps")
+    _require(hparams["lr_scheduler"].get("frequency", 1) == 1, "an LR step frequency")
+    warmup_iters = scheduler.get("warmup_iters")
+    if scheduler.get("warmup_epochs") is not None:
+        warmup_iters = scheduler["warmup_epochs"] * scheduler["iters_per_epoch"]
+    max_iters = int(scheduler["max_iters"])
+    ema = model.get("ema")
+    views = train["unlabeled"]["dataset"]["image_transform"]
+    _require(
+        views["_target_"] == "sesemi.transforms.MultiView" and len(views["views"]) == 2,
+        "the unlabeled loader's transform is not MultiView([weak, strong])",
+    )
+    return {
+        "method": method,
+        "seed": seed,
+        "steps": args.steps,
+        "threads": args.threads,
+        "repo": str(REPO),
+        "data_root": str(root),
+        "labeled_subsets": labeled["subsets"],
+        "unlabeled_subsets": unlabeled["subsets"],
+        "val_subsets": val["subsets"],
+        "num_classes": known.num_classes,
+        "image_size": data.get("image_size"),
+        "backbone": backbone,
+        "loaders": {"labeled": labeled, "unlabeled": unlabeled, "val": val, "uratio": uratio},
+        "optimizer": optimizer,
+        "lr_schedule": {
+            "warmup_iters": min(int(warmup_iters or 0), max_iters),
+            "warmup_lr": float(scheduler.get("warmup_lr", 0.0)),
+            "lr_pow": float(scheduler.get("lr_pow", 0.5)),
+            "max_iters": max_iters,
+        },
+        "threshold": float(threshold),
+        "flexmatch_warmup": flexmatch_warmup,
+        "temperature": 1.0,
+        "lambda_u": float(term.get("scale_factor", 1.0)),
+        "use_cat": joint == "all",
+        "sesemi_ema": ema.get("decay") if ema else None,
+        "ema_m": args.ema,
+        "transforms": {
+            "labeled": train["supervised"]["dataset"]["image_transform"],
+            "weak": views["views"][0],
+            "strong": views["views"][1],
+            "eval": data["val"]["dataset"]["image_transform"],
+        },
+        "usb_strong": args.usb_strong,
+        "sampler": args.usb_sampler,
+    }
+
+
+def thread_env(threads: int) -> dict:
+    """The environment of a run: its thread count, unbuffered output."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_sesemi(method: str, seed: int, split_seed: int, args: argparse.Namespace) -> dict:
+    """One sesemi run; returns its val top-1 (final, EMA or None) and wall seconds."""
+    root = split_root(args.workdir, args.labels, split_seed)
+    parent = args.workdir / "runs" / f"l{args.labels}_{method}_s{seed}"
+    before = set(parent.glob("*")) if parent.is_dir() else set()
+    command = [
+        sys.executable,
+        *("-m", "sesemi", "-cn", "demo"),
+        *sesemi_overrides(method, seed, split_seed, args, root),
+    ]
+    log = args.workdir / "logs" / f"sesemi_l{args.labels}_{method}_s{seed}.log"
+    log.write_text("")
+    start = time.time()
+    status = run_logged(command, log, thread_env(args.threads))
+    seconds = time.time() - start
+    new = sorted(set(parent.glob("*")) - before) if parent.is_dir() else []
+    summaries = [d / "summary.json" for d in new if (d / "summary.json").is_file()]
+    if status != 0 or len(summaries) != 1:
+        raise RuntimeError(f"sesemi {method} seed {seed} failed (exit {status}); {tail(log)}")
+    metrics = json.loads(summaries[0].read_text())["metrics"]
+    shutil.rmtree(summaries[0].parent / "checkpoints", ignore_errors=True)
+    if "val/top1" not in metrics:
+        raise RuntimeError(f"{summaries[0]} has no val/top1; {tail(log)}")
+    return {
+        "top1": metrics["val/top1"],
+        "ema_top1": metrics.get("val/ema/top1"),
+        "seconds": seconds,
+        "log": str(log),
+        "command": command,
+    }
+
+
+def run_usb(
+    python: pathlib.Path, method: str, seed: int, split_seed: int, args: argparse.Namespace
+) -> dict:
+    """One USB run in its own environment; returns its val top-1 (final, EMA) and wall seconds."""
+    spec = usb_spec(method, seed, split_seed, args)
+    folder = args.workdir / "usb_runs" / f"l{args.labels}_{method}_s{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    result = folder / "result.json"
+    result.unlink(missing_ok=True)
+    spec.update(result=str(result), save_dir=str(folder))
+    (folder / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+    command = [str(python), str(pathlib.Path(__file__).resolve()), "--usb-worker"]
+    command.append(str(folder / "spec.json"))
+    log = args.workdir / "logs" / f"usb_l{args.labels}_{method}_s{seed}.log"
+    log.write_text("")
+    start = time.time()
+    status = run_logged(command, log, thread_env(args.threads))
+    seconds = time.time() - start
+    if status != 0 or not result.is_file():
+        raise RuntimeError(f"USB {method} seed {seed} failed (exit {status}); {tail(log)}")
+    return {**json.loads(result.read_text()), "seconds": seconds, "log": str(log), "spec": spec}
+
+
+def percent(value: float | None) -> str:
+    """A top-1 in percent, or "-"."""
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def mean_std(values: list[float | None]) -> str:
+    """`mean ± std` in percent over seeds (sample std, n-1; 0 for one seed), or "-"."""
+    if not values or any(v is None for v in values):
+        return "-"
+    a = [100 * v for v in values]
+    return f"{statistics.fmean(a):.1f} ± {statistics.stdev(a) if len(a) > 1 else 0.0:.1f}"
+
+
+def format_table(results: dict, args: argparse.Namespace) -> str:
+    """One row per (library, method, seed), then each (library, method)'s mean ± std."""
+    head = ["library", "method", "seed", "val top-1 (final)", "val top-1 (EMA)", "s/step"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---:|---:|---:|"]
+    for (library, method), runs in results.items():
+        for seed, r in runs.items():
+            row = [library, METHOD_LABELS[method], str(seed), percent(r["top1"])]
+            row += [percent(r["ema_top1"]), f"{r['seconds'] / args.steps:.2f}"]
+            lines.append("| " + " | ".join(row) + " |")
+    for (library, method), runs in results.items():
+        values = list(runs.values())
+        per_step = statistics.fmean(r["seconds"] / args.steps for r in values)
+        row = [f"**{library}**", f"**{METHOD_LABELS[method]}**", "mean ± std"]
+        row += [mean_std([r["top1"] for r in values]), mean_std([r["ema_top1"] for r in values])]
+        lines.append("| " + " | ".join([*row, f"{per_step:.2f}"]) + " |")
+    return "\n".join(lines)
+
+
+def unmatched_settings(args: argparse.Namespace, usb_record: dict | None) -> list[str]:
+    """The settings the USB runs could not (or, by option, do not) share with sesemi's."""
+    items = [
+        "Random streams: same architecture, initialization scheme, data and augmentation "
+        "recipes, but each library draws its own initial weights, data order and augmentation "
+        "parameters from the seed (sesemi seeds each sample's augmentation by (seed, epoch, "
+        "index); the USB worker uses the global generators and one torch.Generator per loader).",
+        "Forward passes per step: both run the labeled batch, the weak view (no gradient) and "
+        "the strong view as separate passes (sesemi joint_forward=false, USB use_cat=False), but "
+        "USB runs labeled, strong, weak and sesemi labeled, weak, strong: the BatchNorm running "
+        "statistics (used at evaluation) see the batches in another order.",
+        "EMA: USB's EMA (ema_m) averages the parameters only (the EMA model is evaluated with "
+        "the live BatchNorm statistics) and starts from the initial weights; sesemi's EMA teacher "
+        "(only with --sesemi-ema) averages parameters and BatchNorm buffers, its first update "
+        "copies the student. In USB ema_m changes evaluation only (pseudo-labels come from the "
+        f"model itself), so the USB runs use ema_m={args.ema} and report both top-1s.",
+        "Time per step: sesemi's includes Lightning (logging every 10 steps, last.ckpt and the "
+        "best checkpoint written at the end); the USB worker writes no checkpoints (its "
+        "Evaluation/Checkpoint hooks are removed: they call .cuda()), logs every 10 steps and "
+        "copies the EMA into its ema_model every step (USB's EMAHook). Both include Python start "
+        "and imports (Hydra + Lightning vs semilearn).",
+        "USB on the CPU needed patches (no CUDA calls in the training step itself): the worker "
+        "replaces process_batch (USB's moves batches with .cuda()), removes TimerHook (CUDA "
+        "events), EvaluationHook and CheckpointHook, and scores the val set itself (final "
+        "weights, then ema.apply_shadow() as USB's evaluate does); the optimizer and scheduler "
+        "USB builds are replaced by sesemi's (SGD with weight decay on every parameter: USB's "
+        "get_optimizer exempts biases and BatchNorm; the polynomial LR with warm-up, "
+        "sesemi.schedulers.lr.polynomial_lr in a LambdaLR: USB has a cosine schedule only).",
+    ]
+    if args.usb_strong == "usb":
+        items.append(
+            "Strong view (--usb-strong usb): USB's RandAugment(3, 5) on sesemi's crop: 3 ops "
+            "(sesemi: 2, the paper's), geometric ops fill black (sesemi: the mean colour), cutout "
+            "drawn in PIL with colour (125, 123, 114) before normalization (sesemi: after "
+            "normalization, the mean colour), cutout skipped at size 0."
+        )
+    else:
+        items.append(
+            "Strong view: USB's BasicDataset takes sesemi's transforms, so both run sesemi's "
+            "code (FixMatch's RandAugment, 2 ops, then the square cutout); USB's own recipe, "
+            "RandAugment(3, 5) with 3 ops, black fill and a PIL cutout, is --usb-strong usb."
+        )
+    if args.usb_sampler == "usb":
+        items.append(
+            "Batches (--usb-sampler usb): USB's RandomSampler fills every labeled batch (32) "
+            "by repeating the labeled set (sesemi: each labeled image once per pass, a short "
+            "last batch kept), and seeds its shuffling with the epoch (0), not the run's "
+            "seed: the data order is the same for every seed."
+        )
+    else:
+        items.append(
+            "Batches: the USB runs draw sesemi's batches (shuffled passes, the labeled loader's "
+            "short last batch kept, the unlabeled loader's dropped, all loaders restarted every "
+            "epoch of the longest, Lightning's max_size_cycle); USB's own RandomSampler (labeled "
+            "batches always full, shuffling seeded by the epoch, not the seed) is --usb-sampler "
+            "usb."
+        )
+    if usb_record and usb_record.get("stubs"):
+        items.append(
+            "Stubbed in the USB process (imported by `import semilearn`, used only by its audio, "
+            f"NLP, W&B, Aim and MedMNIST code): {', '.join(usb_record['stubs'])}."
+        )
+    if usb_record and usb_record.get("patched"):
+        items.append(f"Patched for this torch: {', '.join(usb_record['patched'])}.")
+    return items
+
+
+def _transform(node: dict) -> str:
+    """A short description of a sesemi.transforms recipe node (its defaults filled in)."""
+    import sesemi.transforms
+
+    recipe = getattr(sesemi.transforms, node["_target_"].rpartition(".")[2])
+    values = {
+        name: p.default
+        for name, p in inspect.signature(recipe).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    values.update({k: v for k, v in node.items() if not k.startswith("_")})
+    size = f"{values['input_h']}x{values['input_w']}"
+    norm = f"normalize mean {values['norm_mean']} std {values['norm_std']}"
+    if "scale" not in values:
+        return f"resize + center crop {size} (crop_pct {values['crop_pct']}), {norm}"
+    text = (
+        f"RandomResizedCrop {size} scale {tuple(values['scale'])} ratio "
+        f"{tuple(values['ratio'])} {values['interpolation']}, flip p {values['p_hflip']}"
+    )
+    if values.get("recipe") == "fixmatch":
+        text += (
+            f", FixMatch RandAugment ({values['num_ops']} ops, random magnitudes), square cutout"
+            f" up to {values['cutout']} of the width"
+        )
+    elif "recipe" in values:
+        text += f", timm {values['rand_augment']}, RandomErasing p {values['cutout_p']}"
+    return f"{text}, {norm}"
+
+
+def shared_settings(specs: dict[str, dict]) -> str:
+    """What both libraries' runs share, from the USB specs of sesemi's configs (by method)."""
+    spec = next(iter(specs.values()))
+    backbone = ", ".join(f"{k} {v}" for k, v in spec["backbone"].items() if k != "name")
+    loaders, optimizer, schedule = spec["loaders"], spec["optimizer"], spec["lr_schedule"]
+    labeled = loaders["labeled"]
+    thresholds = []
+    for method, s in specs.items():
+        text = f"{METHOD_LABELS[method]} threshold {s['threshold']}"
+        if s["flexmatch_warmup"] is not None:
+            warmup = "with" if s["flexmatch_warmup"] else "without"
+            text += f" (class-wise, convex mapping, per-image status, {warmup} threshold warm-up)"
+        thresholds.append(text)
+    transforms = spec["transforms"]
+    unlabeled = loaders["unlabeled"]
+    views = {name: _transform(transforms[name]) for name in ("weak", "strong", "eval")}
+    if labeled["size"] < labeled["batch_size"]:
+        batches = f"{labeled['batch_size']} (all {labeled['size']} in one batch per step)"
+    else:
+        batches = f"{labeled['batch_size']} (drop_last {labeled['drop_last']})"
+    weak = f"weak view: {views['weak']}"
+    if transforms["labeled"] != transforms["weak"]:
+        weak = f"labeled view: {_transform(transforms['labeled'])}; {weak}"
+    return (
+        f"timm {spec['backbone']['name']} (pretrained=False, num_classes=0, {backbone}) + a "
+        f"linear classifier; {labeled['size']} labeled images, batches of {batches}, "
+        f"{unlabeled['size']} "
+        f"unlabeled images ({' + '.join(unlabeled['subsets'])}), batches of "
+        f"{loaders['uratio']} x {labeled['batch_size']} (drop_last {unlabeled['drop_last']}); "
+        f"SGD {optimizer} on every parameter; LR warm-up {schedule['warmup_iters']} steps from "
+        f"{schedule['warmup_lr']}, then polynomial decay (power {schedule['lr_pow']}) to 0 at "
+        f"step {schedule['max_iters']}, stepped every step; {'; '.join(thresholds)}; lambda_u "
+        f"{spec['lambda_u']}; hard pseudo-labels, temperature {spec['temperature']}; unlabeled "
+        "loss = mean over the unlabeled batch of mask x CE; labeled loss = mean CE; "
+        f"{weak}; strong view (sesemi): {views['strong']}; eval: {views['eval']}"
+    )
+
+
+def footer(
+    argv: list[str],
+    args: argparse.Namespace,
+    usb_record: dict | None,
+    setup_seconds: float,
+    wall: float,
+    loads: tuple,
+    specs: dict[str, dict],
+) -> str:
+    """Command, date, machine, versions, settings and what could not be matched."""
+    versions = []
+    for name in SESEMI_VERSIONS:
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    split = "the run's seed" if args.split_seed is None else str(args.split_seed)
+    lines = [
+        f"- command: `{shlex.join(['python', os.path.relpath(sys.argv[0]), *argv])}`",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{platform.platform()}; OMP_NUM_THREADS={args.threads} (torch.set_num_threads in the USB "
+        f"worker), OMP_WAIT_POLICY=PASSIVE, DataLoader workers 0, one run at a time; load average"
+        f" {loads[0]:.1f} at the start, {loads[1]:.1f} at the end",
+        f"- sesemi environment: {', '.join(versions)}, Python {platform.python_version()}",
+    ]
+    if usb_record:
+        usb = ", ".join(f"{k} {v}" for k, v in usb_record["versions"].items() if v)
+        setup = f"{setup_seconds:.0f} s now" if setup_seconds else "reused"
+        first = usb_record.get("setup_seconds")
+        lines.append(
+            f"- USB environment ({args.workdir / 'usb_venv'}, set-up {setup}"
+            + (f"; {first:.0f} s when created" if first else "")
+            + f"): {usb}; installed: {', '.join(usb_record.get('packages', []))}"
+        )
+    lines += [
+        f"- data: digits, {args.labels} labeled image(s) per class, split seed = {split} "
+        "(sesemi.datasets.digits.prepare_digits; both libraries read the same PNG folders); "
+        "unlabeled = train + unlabeled images (USB's include_lb_to_ulb); val = the 30% "
+        "stratified val split",
+        f"- settings shared (read from sesemi's composed demo config): {shared_settings(specs)}",
+        f"- budget: {args.steps} steps per run; metric: top-1 (%) on the val split after the last"
+        " step (final weights; EMA weights where evaluated: USB always, sesemi with --sesemi-ema"
+        f"); mean ± sample std (n-1) over seeds {', '.join(map(str, args.seeds))}",
+        "- s/step: the run's whole process wall time / steps (without the USB environment's "
+        "set-up and the data preparation)",
+        f"- total wall time: {wall / 60:.1f} min",
+        "",
+        "Settings that could not be matched (or differ by option):",
+        "",
+        *[f"- {item}" for item in unmatched_settings(args, usb_record)],
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--labels", type=int, default=1, help="labeled images per class")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=300, help="training steps of every run")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=list(LIBRARIES))
+    parser.add_argument("--workdir", default="/tmp/peer_usb", help="USB env, data, runs, logs")
+    parser.add_argument("--out", default=None, help="also write the markdown report here")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of every run")
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        default=None,
+        help="the digits split's seed for every run (default: the run's seed)",
+    )
+    parser.add_argument(
+        "--ema", type=float, default=0.999, help="USB's ema_m (evaluation only; USB's default)"
+    )
+    parser.add_argument(
+        "--sesemi-ema",
+        action="store_true",
+        help="give sesemi the same evaluation-only EMA teacher (+learner.hparams.model.ema)",
+    )
+    parser.add_argument(
+        "--usb-strong",
+        choices=("sesemi", "usb"),
+        default="sesemi",
+        help="the USB runs' strong view: sesemi's transform (default) or USB's RandAugment(3, 5)",
+    )
+    parser.add_argument(
+        "--usb-sampler",
+        choices=("sesemi", "usb"),
+        default="sesemi",
+        help="the USB runs' batches: drawn as sesemi draws them (default) or USB's RandomSampler",
+    )
+    args = parser.parse_args(argv)
+    args.methods = list(dict.fromkeys(args.methods))
+    args.libraries = [lib for lib in LIBRARIES if lib in args.libraries]
+    args.workdir = pathlib.Path(args.workdir).resolve()
+    if args.steps < 1 or args.labels < 1 or args.threads < 1:
+        parser.error("--steps, --labels and --threads must be at least 1")
+    if not 0.0 <= args.ema < 1.0:
+        parser.error("--ema must be in [0, 1)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the grid and prints (and optionally writes) the markdown report."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--usb-worker"] and len(argv) == 2:
+        return usb_worker(pathlib.Path(argv[1]))
+    if argv == ["--usb-check"]:
+        return usb_check()
+    args = parse_args(argv)
+    from sesemi.datasets.digits import prepare_digits
+
+    (args.workdir / "logs").mkdir(parents=True, exist_ok=True)
+    start, load_start = time.time(), os.getloadavg()[0]
+    results: dict = {(lib, m): {} for lib in args.libraries for m in args.methods}
+    usb_record, setup_seconds, python = None, 0.0, None
+    try:
+        if "usb" in args.libraries:
+            python, usb_record, setup_seconds = ensure_usb_venv(args.workdir)
+        run_start = time.time()
+        for seed in args.seeds:
+            split_seed = seed if args.split_seed is None else args.split_seed
+            root = prepare_digits(
+                split_root(args.workdir, args.labels, split_seed),
+                labels_per_class=args.labels,
+                seed=split_seed,
+            )
+            for method in args.methods:
+                for library in args.libraries:
+                    if library == "sesemi":
+                        r = run_sesemi(method, seed, split_seed, args)
+                    else:
+                        r = run_usb(python, method, seed, split_seed, args)
+                    results[(library, method)][seed] = r
+                    print(
+                        f"[{library} {method} seed {seed}] val top-1 {percent(r['top1'])} % "
+                        f"(EMA {percent(r['ema_top1'])}), {r['seconds'] / args.steps:.2f} s/step"
+                        f"; split {root.name}; log {r['log']}",
+                        flush=True,
+                    )
+    except (RuntimeError, ValueError, FileExistsError) as error:
+        print(f"peer_usb: {error}", file=sys.stderr)
+        return 1
+    print(f"runs took {(time.time() - run_start) / 60:.1f} min", flush=True)
+    loads = (load_start, os.getloadavg()[0])
+    split_seed = args.seeds[0] if args.split_seed is None else args.split_seed
+    specs = {m: usb_spec(m, args.seeds[0], split_seed, args) for m in args.methods}
+    report = (
+        f"## sesemi vs USB (semilearn {USB_VERSION}): val top-1 (%) on digits, "
+        f"{args.labels} label(s) per class, {args.steps} steps\n\n"
+        + format_table(results, args)
+        + "\n\n"
+        + footer(argv, args, usb_record, setup_seconds, time.time() - start, loads, specs)
+        + "\n"
+    )
+    print("\n" + report)
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
