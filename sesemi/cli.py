@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import sesemi.config  # noqa: F401  (registers the schema and the ${sesemi:...} resolver)
+from sesemi.config.resolvers import RunTimePlaceholders, use_attributes
 from sesemi.errors import exit_with, reporting_user_errors
 from sesemi.launch import external_launch, peer_overrides
 
@@ -155,6 +156,12 @@ def main() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # One process of several started by torchrun or srun: rank 0 alone writes `.hydra/`.
     sys.argv += peer_overrides(external_launch())
+    argv = sys.argv[1:]
+    if "--resolve" in argv and any(a in ("-c", "--cfg") or a.startswith("--cfg=") for a in argv):
+        # Printing a resolved config builds no run: ${sesemi:...} values print as placeholders.
+        with use_attributes(RunTimePlaceholders()):
+            cli()
+        return
     cli()
 
 

@@ -510,3 +510,10 @@ def test_a_yaml_syntax_error_or_an_unusable_run_dir_is_one_line(experiment):
         "cannot create the run folder 'a_file/tiny/" in out.stderr and "set run.dir" in out.stderr
     )
     assert (experiment / "a_file").read_text() == "not a folder"
+
+
+def test_printing_the_resolved_config_shows_run_time_values_as_placeholders(tmp_path):
+    out = open_sesemi("-cn", "demo", "--cfg", "job", "--resolve", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "max_iters: '<max_iterations: known when the run is built>'" in out.stdout
+    assert not (tmp_path / "runs").exists()  # printing a config starts no run

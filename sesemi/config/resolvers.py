@@ -58,6 +58,17 @@ class SESEMIConfigAttributes(AttributeResolver):
     num_classes: int | None = None
 
 
+class RunTimePlaceholders(SESEMIConfigAttributes):
+    """Resolves every `${sesemi:name}` to a readable placeholder, for printing a config before
+    any run is built (`open_sesemi --cfg job --resolve`)."""
+
+    def __call__(self, name: str) -> Any:
+        names = [f.name for f in fields(self)]  # type: ignore[arg-type]
+        if name not in names:
+            raise ValueError(f"unknown attribute '${{sesemi:{name}}}'; known: {', '.join(names)}")
+        return f"<{name}: known when the run is built>"
+
+
 # The values `${sesemi:...}` resolves to, set only while the runner resolves a config.
 _CURRENT: ContextVar[SESEMIConfigAttributes | None] = ContextVar("sesemi_attributes", default=None)
 
