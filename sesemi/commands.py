@@ -1,7 +1,8 @@
-"""`open_sesemi predict | export | pseudo-label`: put a trained checkpoint to work.
+"""`open_sesemi predict | export | pseudo-label | suggest`: put a trained checkpoint to work; and
+`open_sesemi shards`: write an image folder as WebDataset shards.
 
-These subcommands take plain options (argparse), not Hydra overrides: they read everything they
-need (weights, class names, preprocessing) from the checkpoint.
+These subcommands take plain options (argparse), not Hydra overrides: the checkpoint commands
+read everything they need (weights, class names, preprocessing) from the checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Iterator, Sequence
 
 from sesemi.errors import reporting_user_errors
 
-SUBCOMMANDS = ("predict", "export", "pseudo-label")
+SUBCOMMANDS = ("predict", "export", "pseudo-label", "shards", "suggest")
 
 
 @contextlib.contextmanager
@@ -64,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of the checkpoint subcommands."""
     parser = argparse.ArgumentParser(
         prog="open_sesemi",
-        description="Use a trained checkpoint. (Training: open_sesemi [-cn CONFIG] [overrides]; "
-        "see open_sesemi -h.)",
+        description="Use a trained checkpoint, or write data shards. (Training: open_sesemi "
+        "[-cn CONFIG] [overrides]; see open_sesemi -h.)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -122,7 +123,86 @@ def build_parser() -> argparse.ArgumentParser:
         "the largest's for duplicate)",
     )
     label.add_argument("--overwrite", action="store_true", help="replace existing pseudo-labels")
+    _add_shards_parser(commands)
+    _add_suggest_parser(commands)
     return parser
+
+
+def _add_shards_parser(commands: argparse._SubParsersAction) -> None:
+    shards = commands.add_parser(
+        "shards",
+        help="write an image folder as WebDataset tar shards (dataset name: webdataset)",
+        description="Writes each subset of an image folder (train, unlabeled, val, test: those "
+        "that exist) as WebDataset tar shards, OUTPUT/<subset>/<subset>-000000.tar, ..., and "
+        "OUTPUT/index.json (classes, sample counts, shards). The images' bytes are stored as "
+        "they are, in a shuffled order, with their class index (cls, -1 for loose images) and "
+        "their position in the subset's sorted file list as key. Resumable: a write that was "
+        "interrupted (no index.json yet) continues with the shard it stopped at when run again "
+        "with the same options on unchanged images, and starts over otherwise.",
+    )
+    shards.add_argument("folder", help="the image folder: <subset>/<class>/*.png|jpg|...")
+    shards.add_argument("-o", "--output", required=True, help="folder to write the shards into")
+    shards.add_argument(
+        "--max-size", default="1GB", help="bytes per shard, e.g. 1GB (default), 500MB, 2GiB"
+    )
+    shards.add_argument("--max-count", type=int, default=100_000, help="images per shard (100000)")
+    shards.add_argument(
+        "--subsets", help="comma-separated subsets (default: train,unlabeled,val,test that exist)"
+    )
+    shards.add_argument("--seed", type=int, default=0, help="seeds the order images are written in")
+    shards.add_argument("--overwrite", action="store_true", help="replace finished shards")
+
+
+# `open_sesemi suggest --strategy` (sesemi.suggest.STRATEGIES) and what each one's score is.
+SUGGEST_STRATEGIES = {
+    "random": "a seeded uniform draw in [0, 1), lowest first (the baseline)",
+    "entropy": "predictive entropy in nats, highest first",
+    "margin": "top-1 minus top-2 probability, smallest (the closest call) first",
+    "kcenter": "greedy k-center over the backbone's unit-length features, starting from the "
+    "labeled images: the distance from the pick to its nearest labeled or earlier pick, largest "
+    "first (inf: the first pick when there are no labeled images, the smallest-margin image)",
+    "margin-kcenter": "kcenter's, among the --pool-factor x n smallest-margin images",
+}
+
+
+def _add_suggest_parser(commands: argparse._SubParsersAction) -> None:
+    scores = "; ".join(f"{name}: {text}" for name, text in SUGGEST_STRATEGIES.items())
+    suggest = commands.add_parser(
+        "suggest",
+        help="suggest which unlabeled images to label next (active learning)",
+        description="Ranks unlabeled images by what labeling them would teach the model and "
+        "writes the first n to a CSV: rank, file, score, guess (the model's top class, a "
+        f"pre-label) and probability (its probability). The score, by strategy: {scores}. "
+        "Images already in the labeled folder are left out; unreadable ones are skipped.",
+    )
+    _add_model_options(suggest)
+    _add_input_options(suggest)
+    suggest.add_argument("-n", type=int, default=50, help="images to suggest (50)")
+    suggest.add_argument(
+        "--strategy",
+        choices=tuple(SUGGEST_STRATEGIES),
+        default="margin",
+        help="how to rank (margin); each one's score is described above",
+    )
+    suggest.add_argument(
+        "-o", "--output", default="to_label.csv", help="CSV file to write (to_label.csv)"
+    )
+    suggest.add_argument(
+        "--copy-to", help="also copy (never move) the images here, flat, named <rank>_<name>"
+    )
+    suggest.add_argument(
+        "--labeled",
+        help="folder of the labeled images (k-center starts from them; they are left out of "
+        "the inputs); default: the checkpoint's training folder, from its run's .hydra/config.yaml",
+    )
+    suggest.add_argument("--seed", type=int, default=0, help="seeds --strategy random (0)")
+    suggest.add_argument(
+        "--pool-factor",
+        type=int,
+        default=10,
+        help="margin-kcenter: k-center among the pool-factor x n smallest-margin images (10)",
+    )
+    suggest.add_argument("--overwrite", action="store_true", help="replace the CSV and copies")
 
 
 def _load(args: argparse.Namespace):
@@ -278,7 +358,46 @@ def run_pseudo_label(args: argparse.Namespace) -> str:
     )
 
 
-RUNNERS = {"predict": run_predict, "export": run_export, "pseudo-label": run_pseudo_label}
+def run_shards(args: argparse.Namespace) -> str:
+    """Writes the shards and index.json; returns a summary."""
+    _refuse_overwrite(os.path.join(args.output, "index.json"), args.overwrite)  # before imports
+    from sesemi.shards import parse_size, write_shards
+
+    subsets = [s.strip() for s in args.subsets.split(",") if s.strip()] if args.subsets else None
+    index = write_shards(
+        args.folder,
+        args.output,
+        max_size=parse_size(args.max_size),
+        max_count=args.max_count,
+        subsets=subsets,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        report=lambda line: print(f"open_sesemi shards: {line}", file=sys.stderr),
+    )
+    parts = index["subsets"]
+    counts = ", ".join(f"{p['count']} {name}" for name, p in parts.items())
+    shards = sum(len(p["shards"]) for p in parts.values())
+    index_path = os.path.join(args.output, "index.json")
+    return (
+        f"wrote {counts} images in {shards} shard(s) and {index_path}; "
+        f"train on them with dataset name: webdataset, root: {os.path.abspath(args.output)}"
+    )
+
+
+def run_suggest(args: argparse.Namespace) -> str:
+    """Writes the images to label next, in order, to a CSV; returns a summary."""
+    from sesemi.suggest import run
+
+    return run(args)
+
+
+RUNNERS = {
+    "predict": run_predict,
+    "export": run_export,
+    "pseudo-label": run_pseudo_label,
+    "shards": run_shards,
+    "suggest": run_suggest,
+}
 
 
 def main(argv: Sequence[str]) -> None:

@@ -9,6 +9,7 @@ import math
 import multiprocessing
 import os
 import random
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sesemi.datasets import dataset as build_dataset_by_name
 
@@ -152,8 +153,10 @@ class LoaderSpec:
         indexed: bool = False,
         world_size: int | None = None,
         seed: int | None = None,
+        processes: int | None = None,
     ) -> DataLoader:
-        """Builds the DataLoader (Lightning adds a DistributedSampler under DDP).
+        """Builds the DataLoader (Lightning adds a DistributedSampler under DDP, except to an
+        IterableDataset, which splits itself: see `_stream`).
 
         Args:
             indexed: Give each sample its dataset index as last element (`IndexedDataset`).
@@ -163,6 +166,8 @@ class LoaderSpec:
             resumable: Build torchdata's `StatefulDataLoader`, whose position and shuffling
                 state Lightning saves in checkpoints, so a run resumed from a checkpoint taken
                 mid-epoch continues with the batches the uninterrupted run would have drawn.
+            processes: For an IterableDataset: the processes it is split over (default
+                `world_size`); None: each process reads all of it.
         """
         node = self.node
         kwargs = {k: node[k] for k in _PLAIN_ARGS if node.get(k) is not None}
@@ -176,26 +181,66 @@ class LoaderSpec:
             kwargs.pop("persistent_workers", None)
         elif node.get("prefetch_factor") is not None:
             kwargs["prefetch_factor"] = node["prefetch_factor"]
-        batch_sampler = _maybe_call(node.get("batch_sampler"), self.dataset)
-        if batch_sampler is not None:
-            kwargs = {k: v for k, v in kwargs.items() if k not in ("shuffle", "drop_last")}
-            kwargs["batch_sampler"] = batch_sampler
+        if isinstance(self.dataset, IterableDataset):
+            dataset = self._stream(kwargs, indexed, processes or world_size, seed)
         else:
-            kwargs["batch_size"] = self.batch_size
-            kwargs["sampler"] = _maybe_call(node.get("sampler"), self.dataset)
-            if kwargs["sampler"] is not None:
-                kwargs.pop("shuffle", None)
+            dataset = self._sampled(kwargs, indexed, seed)
         if node.get("collate_fn") is not None:
             kwargs["collate_fn"] = instantiate(node["collate_fn"])
         if node.get("worker_init_fn") is not None:
             kwargs["worker_init_fn"] = instantiate(node["worker_init_fn"])
-        dataset = IndexedDataset(self.dataset, seed) if indexed else self.dataset
         self.indexed = dataset if indexed else None
         if resumable:
             from torchdata.stateful_dataloader import StatefulDataLoader
 
             return StatefulDataLoader(dataset, **kwargs)
         return DataLoader(dataset, **kwargs)
+
+    def _sampled(self, kwargs: dict[str, Any], indexed: bool, seed: int | None) -> Dataset:
+        """A map-style dataset's sampler arguments (into `kwargs`) and the dataset to load."""
+        node = self.node
+        batch_sampler = _maybe_call(node.get("batch_sampler"), self.dataset)
+        if batch_sampler is not None:
+            kwargs.pop("shuffle", None)
+            kwargs.pop("drop_last", None)
+            kwargs["batch_sampler"] = batch_sampler
+        else:
+            kwargs["batch_size"] = self.batch_size
+            kwargs["sampler"] = _maybe_call(node.get("sampler"), self.dataset)
+            if kwargs["sampler"] is not None:
+                kwargs.pop("shuffle", None)
+        return IndexedDataset(self.dataset, seed) if indexed else self.dataset
+
+    def _stream(
+        self, kwargs: dict[str, Any], indexed: bool, processes: int | None, seed: int | None
+    ) -> IterableDataset:
+        """An IterableDataset's view for this loader (e.g. `ShardedImages.stream`): it takes no
+        sampler nor the DataLoader's `shuffle` (the node's `shuffle` is passed to it), splits
+        itself over processes and workers, gives each sample its index, and its length is this
+        process's sample count, so the DataLoader's length is exact."""
+        for key in ("sampler", "batch_sampler"):
+            if self.node.get(key) is not None:
+                raise ValueError(
+                    f"{self.where}.{key}: a {type(self.dataset).__name__} dataset orders itself; "
+                    f"remove the {key}"
+                )
+        if not callable(getattr(self.dataset, "stream", None)):
+            raise TypeError(
+                f"{self.where}.dataset is an IterableDataset without a stream(batch_size, "
+                "processes, drop_last, shuffle, indexed, seed) method, which sesemi's loaders "
+                "read (see sesemi.datasets.wds_shards.ShardedImages.stream)"
+            )
+        # The stream splits itself per worker, so its length is exact (Lightning doubts it).
+        warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
+        kwargs["batch_size"] = self.batch_size
+        return self.dataset.stream(
+            batch_size=self.batch_size,
+            processes=processes,
+            drop_last=bool(kwargs.get("drop_last")),
+            shuffle=bool(kwargs.pop("shuffle", False)),
+            indexed=indexed,
+            seed=seed,
+        )
 
     def drops_last(self, world_size: int, training: bool = True) -> bool:
         """Whether the last incomplete batch is dropped: when the node says so, and, in
@@ -324,8 +369,8 @@ class SESEMIDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """Returns the validation loader."""
-        return self.val.loader() if self.val else []
+        return self.val.loader(processes=self.world_size) if self.val else []
 
     def test_dataloader(self) -> DataLoader:
         """Returns the test loader."""
-        return self.test.loader() if self.test else []
+        return self.test.loader(processes=self.world_size) if self.test else []

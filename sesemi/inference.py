@@ -317,11 +317,13 @@ def _collate(items: list[tuple[Tensor | None, int, str]]) -> tuple[Tensor | None
 
 @dataclass
 class Prediction:
-    """One file's result: class probabilities, or the error that kept it from being read."""
+    """One file's result: class probabilities (and, if asked for, the backbone's pooled
+    features `(D,)`, averaged over the TTA views), or the error that kept it from being read."""
 
     file: str
     probabilities: Tensor | None
     error: str = ""
+    features: Tensor | None = None
 
 
 @torch.no_grad()
@@ -333,6 +335,7 @@ def predict(
     device: str | torch.device = "cpu",
     tta: Sequence[str] = (),
     progress: bool = False,
+    features: bool = False,
 ) -> Iterator[Prediction]:
     """Predicts class probabilities for image files, in order, in batches.
 
@@ -345,6 +348,7 @@ def predict(
         tta: Test-time views to average probabilities over: "flip" (the mirrored image too)
             and/or "crops" (center and four corners of the region the standard crop comes from).
         progress: Show a progress bar on stderr.
+        features: Also return each image's backbone features (`Prediction.features`).
 
     Yields:
         One `Prediction` per file, in the order of `files`.
@@ -365,14 +369,18 @@ def predict(
         }
         if images is not None:
             views = tta_views(images.to(device), tta, size)
-            probabilities = torch.stack([net(v).softmax(dim=-1) for v in views]).mean(dim=0)
+            pooled = [net.backbone(v) for v in views]  # each (B, D); net(v) is head(backbone(v))
+            probabilities = torch.stack(
+                [net.supervised_head(f).softmax(dim=-1) for f in pooled]
+            ).mean(dim=0)
             if not torch.isfinite(probabilities).all():
                 raise ValueError(
                     f"the model of '{model.checkpoint}' gives non-finite outputs (NaN or inf): "
                     "its weights are broken; use another checkpoint of the run"
                 )
-            for i, p in zip(indices, probabilities.float().cpu(), strict=True):
-                results[i] = Prediction(files[i], p)
+            mean = torch.stack(pooled).mean(dim=0).float().cpu() if features else None
+            for k, (i, p) in enumerate(zip(indices, probabilities.float().cpu(), strict=True)):
+                results[i] = Prediction(files[i], p, features=mean[k] if features else None)
         for i in sorted(results):
             yield results[i]
         bar.update(len(results))

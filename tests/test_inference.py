@@ -160,9 +160,9 @@ def test_test_mode_writes_confusion_matrix_and_per_class_accuracy(trained):
     per_class = _rows(run_dir / "test_per_class_accuracy.csv")
     for i, row in enumerate(per_class):
         assert float(row["accuracy"]) == pytest.approx(counts[i, i] / 4, abs=1e-4)
-    top1 = float(
-        next(line for line in result.stdout.splitlines() if "test/top1" in line).split()[-1]
-    )
+    # sesemi's own summary (Lightning's results table before it is drawn by rich when installed).
+    summary = result.stdout[result.stdout.index("sesemi TEST finished") :].splitlines()
+    top1 = float(next(line for line in summary if line.split()[:1] == ["test/top1"]).split()[1])
     assert counts.trace() / 8 == pytest.approx(top1, abs=1e-4)
     assert (run_dir / "test_confusion_matrix.png").stat().st_size > 1000
 

@@ -1,0 +1,347 @@
+"""Active learning: which unlabeled images to label next (uncertainty, diversity, or both),
+and `open_sesemi suggest`, which writes that order as a CSV and copies the images out.
+
+The strategies are small functions of a model's outputs on the unlabeled pool: class
+probabilities `(N, C)` and backbone features `(N, D)`. Each returns a `Ranking`: the pool indices
+to label, first first, and each pick's score:
+
+- random: a seeded uniform draw in [0, 1), lowest first (the baseline).
+- entropy: predictive entropy in nats, highest (the flattest prediction) first.
+- margin: top-1 minus top-2 probability, smallest (the closest call) first.
+- kcenter: greedy k-center (core-set, Sener & Savarese, arXiv:1708.00489) over unit-length
+  backbone features, starting from the labeled images' features; the score is the pick's
+  distance to its nearest labeled or earlier-picked image, largest first. With no labeled
+  images the first pick is the smallest-margin image (score inf).
+- margin-kcenter: kcenter within the `pool_factor * n` smallest-margin images (uncertain, and
+  not near-duplicates of each other or of labeled images); the score is kcenter's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from sesemi.inference import TrainedModel
+
+# The strategies, as `open_sesemi suggest --strategy` names them (its help says what each score is).
+STRATEGIES = ("random", "entropy", "margin", "kcenter", "margin-kcenter")
+CSV_COLUMNS = ("rank", "file", "score", "guess", "probability")
+
+
+class Ranking(NamedTuple):
+    """Images in the order to label them.
+
+    Attributes:
+        order: `(n,)` indices into the pool, the first to label first.
+        scores: `(n,)` each pick's score (its meaning is the strategy's, see `STRATEGIES`).
+    """
+
+    order: Tensor
+    scores: Tensor
+
+
+def margins(probs: Tensor) -> Tensor:
+    """Top-1 minus top-2 class probability of each row of `probs` `(N, C)`: `(N,)`."""
+    top = probs.topk(min(2, probs.shape[1]), dim=1).values
+    return top[:, 0] - top[:, 1] if top.shape[1] > 1 else top[:, 0]
+
+
+def entropies(probs: Tensor) -> Tensor:
+    """Predictive entropy (nats) of each row of `probs` `(N, C)`: `(N,)`; 0 log 0 is 0."""
+    return torch.special.entr(probs.double()).sum(dim=1)
+
+
+def rank_margin(probs: Tensor) -> Ranking:
+    """Smallest margin (the closest call between the two likeliest classes) first."""
+    scores = margins(probs)
+    order = torch.argsort(scores, stable=True)
+    return Ranking(order, scores[order])
+
+
+def rank_entropy(probs: Tensor) -> Ranking:
+    """Highest entropy (the flattest prediction over all classes) first."""
+    scores = entropies(probs)
+    order = torch.argsort(scores, descending=True, stable=True)
+    return Ranking(order, scores[order])
+
+
+def rank_random(count: int, seed: int) -> Ranking:
+    """A seeded random permutation of `count` images: ordered by a uniform draw per image."""
+    keys = torch.rand(count, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    order = torch.argsort(keys, stable=True)
+    return Ranking(order, keys[order])
+
+
+def nearest_distances(features: Tensor, reference: Tensor) -> Tensor:
+    """Each row's Euclidean distance to its nearest row of `reference`: `(N,)`, inf if none.
+
+    `reference` `(M, D)` is taken in chunks so that no more than ~32M distances are held at once.
+    """
+    features, reference = features.double(), reference.double()
+    nearest = torch.full((len(features),), float("inf"), dtype=torch.float64)
+    squared = (features**2).sum(dim=1, keepdim=True)  # (N, 1)
+    chunk = max(1, 2**25 // max(len(features), 1))
+    for start in range(0, len(reference), chunk):
+        part = reference[start : start + chunk]  # (m, D)
+        d2 = squared + (part**2).sum(dim=1) - 2 * features @ part.T  # (N, m)
+        nearest = torch.minimum(nearest, d2.clamp_min(0).min(dim=1).values.sqrt())
+    return nearest
+
+
+def k_center(features: Tensor, labeled_features: Tensor, n: int, first: int = 0) -> Ranking:
+    """Greedy k-center (the core-set selection of Sener & Savarese, arXiv:1708.00489).
+
+    Each pick is the image farthest from its nearest labeled or already picked image, so the
+    picks cover the pool: far from what is labeled and from each other.
+
+    Args:
+        features: `(N, D)` the pool's features (Euclidean distances between rows are used).
+        labeled_features: `(M, D)` the labeled images' features; `M` may be 0.
+        n: How many to pick (at most N).
+        first: The first pick when there are no labeled images (every distance is inf).
+
+    Returns:
+        The picks; each score is the pick's distance to its nearest labeled or earlier pick.
+    """
+    n = min(n, len(features))
+    nearest = nearest_distances(features, labeled_features)
+    taken = torch.zeros(len(features), dtype=torch.bool)
+    order, scores = [], []
+    for _ in range(n):
+        if len(labeled_features) == 0 and not order:
+            pick = first
+        else:
+            pick = int(torch.where(taken, -1.0, nearest).argmax())
+        order.append(pick)
+        scores.append(float(nearest[pick]))
+        taken[pick] = True
+        nearest = torch.minimum(nearest, nearest_distances(features, features[pick : pick + 1]))
+    return Ranking(torch.tensor(order, dtype=torch.long), torch.tensor(scores, dtype=torch.float64))
+
+
+def margin_k_center(
+    probs: Tensor, features: Tensor, labeled_features: Tensor, n: int, pool_factor: int = 10
+) -> Ranking:
+    """Uncertainty, then diversity: k-center among the `pool_factor * n` smallest margins.
+
+    The uncertain pool alone would hold near-duplicates (the same confusing look many times);
+    k-center inside it keeps one of each. With no labeled images the smallest margin is first.
+    """
+    pool = rank_margin(probs).order[: pool_factor * n]
+    within = k_center(features[pool], labeled_features, n, first=0)
+    return Ranking(pool[within.order], within.scores)
+
+
+def rank(
+    strategy: str,
+    probs: Tensor,
+    features: Tensor | None,
+    labeled_features: Tensor | None,
+    n: int,
+    seed: int = 0,
+    pool_factor: int = 10,
+) -> Ranking:
+    """The first `n` images of the pool to label by `strategy` (one of `STRATEGIES`).
+
+    Args:
+        strategy: The strategy's name.
+        probs: `(N, C)` the pool's class probabilities.
+        features: `(N, D)` the pool's features (k-center strategies only; made unit length here).
+        labeled_features: `(M, D)` the labeled images' features (k-center strategies only).
+        n: How many images (at most N).
+        seed: Seeds `random`.
+        pool_factor: `margin-kcenter`'s uncertain pool, in multiples of n.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy '{strategy}'; use one of {', '.join(STRATEGIES)}")
+    if strategy == "random":
+        ranking = rank_random(len(probs), seed)
+    elif strategy == "entropy":
+        ranking = rank_entropy(probs)
+    elif strategy == "margin":
+        ranking = rank_margin(probs)
+    else:
+        if features is None:
+            raise ValueError(f"--strategy {strategy} needs the images' features")
+        unit = torch.nn.functional.normalize(features.float(), dim=1)
+        labeled = labeled_features if labeled_features is not None else unit[:0]
+        labeled = torch.nn.functional.normalize(labeled.float(), dim=1)
+        if strategy == "kcenter":
+            first = int(rank_margin(probs).order[0])
+            return k_center(unit, labeled, n, first)
+        return margin_k_center(probs, unit, labeled, n, pool_factor)
+    return Ranking(ranking.order[:n], ranking.scores[:n])
+
+
+def training_folders(checkpoint: str) -> list[str] | None:
+    """The labeled image folders a checkpoint's run trained on, from the run's saved config
+    (`<run>/.hydra/config.yaml` beside `<run>/checkpoints/`), or None when they cannot be told:
+    no saved config, a supervised dataset other than `image_folder`, or folders that are gone."""
+    from omegaconf import OmegaConf
+
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, ".hydra", "config.yaml")))
+        node = cfg["data"]["train"]["supervised"]["dataset"]
+        data_root, root, subset = cfg["run"].get("data_root"), node.get("root"), node.get("subset")
+    except Exception:  # noqa: BLE001 - no config, or an unreadable one: the folder is unknown
+        return None
+    subsets = [subset] if isinstance(subset, str) or subset is None else subset
+    values = [data_root, root, *subsets]
+    if node.get("name") != "image_folder" or any("${" in str(v) for v in values):
+        return None
+    try:  # a relative data_root is relative to the folder the run was launched from
+        hydra = OmegaConf.load(os.path.join(run_dir, ".hydra", "hydra.yaml"))
+        launched = str(OmegaConf.select(hydra, "hydra.runtime.cwd", default=None) or os.getcwd())
+    except Exception:  # noqa: BLE001 - runs saved by sesemi.fit have no hydra.yaml
+        launched = os.getcwd()
+    base = os.path.join(launched, str(data_root)) if data_root else launched
+    base = os.path.join(base, str(root)) if root else base
+    folders = [
+        os.path.normpath(os.path.join(base, str(s).rstrip("?") if s else "")) for s in subsets
+    ]
+    folders = [f for f in folders if os.path.isdir(f)]
+    return folders or None
+
+
+def _report(line: str) -> None:
+    print(f"open_sesemi suggest: {line}", file=sys.stderr)
+
+
+def _outputs(
+    model: TrainedModel, files: list[str], args: argparse.Namespace, features: bool, what: str
+) -> tuple[Tensor, Tensor | None, list[str]]:
+    """Class probabilities `(N, C)`, features `(N, D)` or None, and the files that were read."""
+    from sesemi.inference import parse_tta, predict, resolve_device
+
+    tta, device = parse_tta(args.tta), resolve_device(args.device)
+    progress = sys.stderr.isatty()
+    probs, feats, read = [], [], []
+    run = predict(model, files, args.batch_size, args.workers, device, tta, progress, features)
+    for p in run:
+        if p.probabilities is None:
+            _report(f"skipped{what}: {p.error}")
+            continue
+        read.append(p.file)
+        probs.append(p.probabilities)
+        feats.append(p.features)
+    if not read:
+        return torch.zeros(0, len(model.class_names)), None, read
+    return torch.stack(probs), torch.stack(feats) if features else None, read
+
+
+def _labeled_files(args: argparse.Namespace) -> list[str]:
+    """The labeled images: --labeled, else the checkpoint's training folders (possibly none)."""
+    from sesemi.inference import list_images
+
+    if args.labeled is not None:
+        if not os.path.isdir(args.labeled):
+            raise FileNotFoundError(f"--labeled folder '{args.labeled}' does not exist")
+        return list_images([args.labeled])
+    folders = training_folders(args.checkpoint)
+    if folders is None:
+        return []
+    try:
+        return list_images(folders)
+    except FileNotFoundError:  # the folders hold no images
+        return []
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuses bad numbers and existing outputs early, before the model is loaded."""
+    from sesemi.commands import _refuse_overwrite
+
+    for name, value in (("-n", args.n), ("--pool-factor", args.pool_factor)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    _refuse_overwrite(args.output, args.overwrite)
+    folder = args.copy_to
+    if folder and not args.overwrite:
+        if os.path.isfile(folder) or (os.path.isdir(folder) and os.listdir(folder)):
+            raise FileExistsError(
+                f"--copy-to '{folder}' is not an empty folder; choose another one or add "
+                "--overwrite"
+            )
+
+
+def copy_out(files: Sequence[str], folder: str) -> list[str]:
+    """Copies (never moves) `files`, in rank order, into `folder` as `<rank>_<name>`: one flat
+    folder whose sorted names keep the order (`0001_x.png`, `0002_y.png`, ...); a file of the
+    same name there is replaced."""
+    os.makedirs(folder, exist_ok=True)
+    width = max(4, len(str(len(files))))
+    targets = []
+    for position, source in enumerate(files, start=1):
+        target = os.path.join(folder, f"{position:0{width}d}_{os.path.basename(source)}")
+        shutil.copy2(source, target)
+        targets.append(target)
+    return targets
+
+
+def _write_csv(path: str, pool: list[str], probs: Tensor, ranking: Ranking, names: list[str]):
+    from sesemi.commands import _atomic_output
+
+    with _atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        picks = zip(ranking.order.tolist(), ranking.scores.tolist(), strict=True)
+        for position, (i, score) in enumerate(picks, start=1):
+            probability, guess = probs[i].max(dim=0)
+            row = [position, pool[i], f"{score:.6f}", names[int(guess)]]
+            writer.writerow([*row, f"{float(probability):.6f}"])
+
+
+def run(args: argparse.Namespace) -> str:
+    """`open_sesemi suggest`: writes the CSV (and the copies); returns a summary line."""
+    from sesemi.inference import list_images, load_trained_model
+
+    _check_options(args)
+    model = load_trained_model(args.checkpoint, ema=args.ema)
+    files = list_images(args.inputs, args.file_list)
+    labeled = _labeled_files(args)
+    known = {os.path.realpath(f) for f in labeled}
+    pool = [f for f in files if os.path.realpath(f) not in known]
+    if len(pool) < len(files):
+        _report(f"left out {len(files) - len(pool)} input image(s) that are labeled already")
+    if not pool:
+        raise ValueError("every input image is labeled already; give unlabeled images")
+    diverse = args.strategy in ("kcenter", "margin-kcenter")
+    readable = len(pool)
+    probs, feats, pool = _outputs(model, pool, args, diverse, "")
+    unreadable = readable - len(pool)
+    if not pool:
+        raise ValueError("none of the input images could be read")
+    labeled_feats = None
+    if diverse and labeled:
+        _, labeled_feats, _ = _outputs(model, labeled, args, True, " labeled image")
+    if diverse and labeled_feats is None:
+        _report(
+            "no labeled images (the checkpoint's run names no image_folder training folder that "
+            "is still there; give one with --labeled DIR): k-center starts from the "
+            "smallest-margin image"
+        )
+    n = args.n
+    if n > len(pool):
+        _report(f"-n {n} is more than the {len(pool)} readable image(s); suggesting them all")
+        n = len(pool)
+    ranking = rank(args.strategy, probs, feats, labeled_feats, n, args.seed, args.pool_factor)
+    summary = f"suggested {n} of {len(pool)} image(s) by {args.strategy} into {args.output}"
+    if args.copy_to:
+        before = set(os.listdir(args.copy_to)) if os.path.isdir(args.copy_to) else set()
+        copied = copy_out([pool[i] for i in ranking.order.tolist()], args.copy_to)
+        others = len(before - {os.path.basename(c) for c in copied})
+        summary += f"; copied them to {args.copy_to}"
+        summary += f" ({others} older file(s) left there)" if others else ""
+    _write_csv(args.output, pool, probs, ranking, model.class_names)
+    return summary + (f"; {unreadable} unreadable file(s) skipped" if unreadable else "")
