@@ -50,6 +50,8 @@ import sys
 import tempfile
 import time
 
+from _report import emit  # benchmarks/_report.py (the script's own folder)
+
 from sesemi.datasets.digits import prepare_digits
 
 STRATEGIES = ("random", "entropy", "margin", "kcenter", "margin-kcenter")
@@ -260,11 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         + footer(argv, args, time.time() - start)
         + "\n"
     )
-    print("\n" + report)
-    if args.out:
-        out = pathlib.Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report)
+    emit(report, args.out)
     return 0
 
 

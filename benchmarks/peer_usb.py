@@ -59,6 +59,8 @@ import sys
 import time
 import types
 
+from _report import emit  # benchmarks/_report.py (the script's own folder)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LIBRARIES = ("sesemi", "usb")
 METHODS = ("fixmatch", "flexmatch")
@@ -1101,11 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
         + footer(argv, args, usb_record, setup_seconds, time.time() - start, loads, specs)
         + "\n"
     )
-    print("\n" + report)
-    if args.out:
-        out = pathlib.Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report)
+    emit(report, args.out)
     return 0
 
 

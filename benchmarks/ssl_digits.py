@@ -45,6 +45,7 @@ import time
 import warnings
 
 import numpy as np
+from _report import emit  # benchmarks/_report.py (the script's own folder)
 from sklearn.datasets import load_digits
 from sklearn.semi_supervised import LabelSpreading
 
@@ -298,11 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         + footer(argv, args, multirun_command(args.labels[0], args, workdir), time.time() - start)
         + "\n"
     )
-    print("\n" + report)
-    if args.out:
-        out = pathlib.Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report)
+    emit(report, args.out)
     return 0
 
 

@@ -87,15 +87,14 @@ class Batches(pl.LightningDataModule):
         return loaders
 
 
-def raw_loop(model: Classifier, loader: DataLoader, steps: int) -> float:
-    """Seconds per step of a plain loop over the learner's own modules."""
+def _timed_steps(model: Classifier, batches, loss_of, steps: int) -> float:
+    """Seconds per step of a plain SGD loop over `batches()` (re-iterated each pass)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     done, start = 0, time.perf_counter()
     while done < steps:
-        for images, targets in loader:
-            logits = model.net(images)
-            loss = torch.nn.functional.cross_entropy(logits, targets)
+        for batch in batches():
+            loss = loss_of(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -103,30 +102,33 @@ def raw_loop(model: Classifier, loader: DataLoader, steps: int) -> float:
             if done == steps:
                 break
     return (time.perf_counter() - start) / steps
+
+
+def raw_loop(model: Classifier, loader: DataLoader, steps: int) -> float:
+    """Seconds per step of a plain loop over the learner's own modules."""
+
+    def loss_of(batch):
+        images, targets = batch
+        return F.cross_entropy(model.net(images), targets)
+
+    return _timed_steps(model, lambda: loader, loss_of, steps)
 
 
 def raw_fixmatch_loop(model: Classifier, data: Batches, steps: int) -> float:
     """Seconds per step of a plain FixMatch loop over the learner's own network."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    model.train()
-    done, start = 0, time.perf_counter()
-    while done < steps:
-        for (images, targets), ([weak, strong], _, _) in zip(
-            data.loader, data.unlabeled, strict=True
-        ):
-            loss = F.cross_entropy(model.net(images), targets)
-            with torch.no_grad():
-                confidence, pseudo = F.softmax(model.net(weak), dim=1).max(dim=1)
-            mask = (confidence >= THRESHOLD).float()
-            losses = F.cross_entropy(model.net(strong), pseudo, reduction="none")
-            loss = loss + (mask * losses).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            done += 1
-            if done == steps:
-                break
-    return (time.perf_counter() - start) / steps
+
+    def loss_of(batch):
+        (images, targets), ([weak, strong], _, _) = batch
+        loss = F.cross_entropy(model.net(images), targets)
+        with torch.no_grad():
+            confidence, pseudo = F.softmax(model.net(weak), dim=1).max(dim=1)
+        mask = (confidence >= THRESHOLD).float()
+        losses = F.cross_entropy(model.net(strong), pseudo, reduction="none")
+        return loss + (mask * losses).mean()
+
+    return _timed_steps(
+        model, lambda: zip(data.loader, data.unlabeled, strict=True), loss_of, steps
+    )
 
 
 TIMING = """
