@@ -20,10 +20,13 @@ class AttributeResolver:
     null, since that means the value is not known yet (e.g. no training data was configured).
     """
 
-    def __call__(self, name: str) -> Any:
+    def _check(self, name: str) -> None:
         names = [f.name for f in fields(self)]  # type: ignore[arg-type]
         if name not in names:
             raise ValueError(f"unknown attribute '${{sesemi:{name}}}'; known: {', '.join(names)}")
+
+    def __call__(self, name: str) -> Any:
+        self._check(name)
         value = getattr(self, name)
         if value is None:
             raise ValueError(
@@ -63,9 +66,7 @@ class RunTimePlaceholders(SESEMIConfigAttributes):
     any run is built (`open_sesemi --cfg job --resolve`)."""
 
     def __call__(self, name: str) -> Any:
-        names = [f.name for f in fields(self)]  # type: ignore[arg-type]
-        if name not in names:
-            raise ValueError(f"unknown attribute '${{sesemi:{name}}}'; known: {', '.join(names)}")
+        self._check(name)
         return f"<{name}: known when the run is built>"
 
 
