@@ -347,6 +347,8 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
         _drop_training_schedules(cfg.learner)
     learner_cfg = resolve(cfg.learner, attributes)
     hparams = learner_cfg.get("hparams") or {}
+    if "hparams" in learner_cfg and hparams.get("channels_last") is None:
+        hparams["channels_last"] = plan.accelerator == "cpu"  # auto: see ClassifierHParams
     if hparams.get("num_classes") is not None:
         check_classes(data, int(hparams["num_classes"]))
     if mode == RunMode.FIT:

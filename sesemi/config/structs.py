@@ -274,8 +274,10 @@ class ClassifierHParams:
             val/knn/top1 (see `KNNConfig`); enable with `learner.hparams.knn={k:20}`.
         input_normalization: `{mean: [...], std: [...]}` applied on the device to uint8 image
             batches (transforms with `uint8_output: true`), after scaling to [0, 1].
-        channels_last: Keep the model and image batches in channels-last memory format (faster
-            convolutions on GPUs with tensor cores, with bf16/fp16 precision).
+        channels_last: Keep the model and image batches in channels-last memory format. null
+            (default): on when training on the CPU (oneDNN's faster layout: 1.4x for a ResNet-18
+            step at 32 px, benchmarks/step_overhead.py), off on GPUs, where it pays with
+            bf16/fp16 precision on tensor cores: set true there.
         compile: `torch.compile` the backbone: true, or a dict of `torch.compile` arguments
             (e.g. `{mode: max-autotune}`).
     """
@@ -287,7 +289,7 @@ class ClassifierHParams:
     # Any, not `KNNConfig | None`, for the same reason as `ClassifierModelConfig.ema`.
     knn: Any = None
     input_normalization: Any = None
-    channels_last: bool = False
+    channels_last: bool | None = None
     compile: Any = False
 
 
