@@ -15,11 +15,9 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from sesemi.models.ema import EMATeacher
-from sesemi.models.heads.base import HeadContext, HeadInputs, LossHead
+from sesemi.models.heads.base import SUPERVISED, HeadContext, HeadInputs, LossHead
 from sesemi.models.net import BatchPreparation, ClassifierNet
 from sesemi.schedulers.weight import WeightedTerm
-
-SUPERVISED = "supervised"  # The data.train loader the supervised loss reads, and its term's name.
 
 
 def per_sample_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

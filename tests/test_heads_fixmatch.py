@@ -321,3 +321,37 @@ def test_flexmatch_passes_fixmatch_arguments_through():
     assert isinstance(head.policy, FlexMatchThreshold)
     with pytest.raises(TypeError):
         FlexMatchLossHead("unlabeled", "backbone")  # FixMatch's arguments by name only
+
+
+def test_the_head_shows_the_policy_labeled_targets_and_takes_its_adjusted_logits():
+    from sesemi.models.heads.thresholds import DebiasedThreshold, DistributionAlignment
+
+    policy = DistributionAlignment(DebiasedThreshold(0.5, strength=1.0, momentum=0.0))
+    head = FixMatchLossHead("unlabeled", threshold=policy).train()
+    backbones, heads = _modules()
+    head.build(HeadContext(backbones, heads, 3, {"unlabeled": 100}))
+    weak = _logits_with_max_prob([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
+    strong = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
+    data = {
+        "unlabeled": [[weak, strong], torch.full((3,), -1)],
+        "supervised": [torch.zeros(4, 3), torch.tensor([0, 0, 1, 2])],
+    }
+    losses = head(HeadInputs(data=data, backbones=backbones, heads=heads))
+    assert policy.labeled_counts.tolist() == [2.0, 1.0, 1.0]
+    # Aligned to the labeled frequencies, then debiased by the (momentum 0) batch mean of the
+    # aligned predictions; the loss reads the strong logits plus log of the bias before the batch
+    # (uniform: a constant shift, no change) -- recompute it all by hand.
+    probs = weak.softmax(dim=1)
+    aligned = probs * torch.tensor([0.5, 0.25, 0.25]) / probs.mean(dim=0)
+    aligned = aligned / aligned.sum(dim=1, keepdim=True)
+    debiased = aligned / aligned.mean(dim=0)
+    debiased = debiased / debiased.sum(dim=1, keepdim=True)
+    confidence, labels = debiased.max(dim=1)
+    mask = (confidence >= 0.5).float()
+    expected = mask * F.cross_entropy(strong + math.log(1 / 3), labels, reduction="none")
+    torch.testing.assert_close(losses, expected)
+    assert mask.sum() >= 1
+    # A second step: the margin is now log of the first batch's mean, not a constant.
+    head(HeadInputs(data=data, backbones=backbones, heads=heads))
+    inner = policy.policy
+    assert inner.adjust_logits(strong)[0].tolist() != (strong[0] + math.log(1 / 3)).tolist()

@@ -27,6 +27,8 @@ HEADS = {
     "flexmatch": ["fixmatch"],
     "freematch": ["fixmatch"],
     "softmatch": ["fixmatch"],
+    "fixmatch_da": ["fixmatch"],
+    "debiaspl": ["fixmatch"],
     "rotation_entropy": ["rotation_prediction", "entropy_minimization"],
     "noisy_student_teacher": [],
     "noisy_student": ["pseudo_label"],

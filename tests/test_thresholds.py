@@ -1,5 +1,6 @@
-"""FreeMatch's and SoftMatch's policies against their formulas on hand-made probabilities, their
-state in checkpoints, and the same state on every DDP process."""
+"""FreeMatch's, SoftMatch's, distribution alignment's and DebiasPL's policies against their
+formulas on hand-made probabilities, their state in checkpoints, and the same state on every DDP
+process."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import torch.multiprocessing as mp
 
 from sesemi.models.heads import HeadContext
 from sesemi.models.heads.thresholds import (
+    DebiasedThreshold,
+    DistributionAlignment,
+    FixedThreshold,
     FlexMatchThreshold,
     FreeMatchThreshold,
     SoftMatchWeight,
@@ -26,6 +30,8 @@ PROBS = torch.tensor(
         [0.96, 0.02, 0.02],
     ]
 )
+
+LABELS = torch.tensor([0, 2, 1, 2])  # a labeled batch: class frequencies 1/4, 1/4, 1/2
 
 
 def _built(policy):
@@ -120,6 +126,8 @@ def test_softmatch_without_alignment_weighs_the_raw_confidence():
         lambda: SoftMatchWeight(momentum=0.5),
         lambda: FlexMatchThreshold(0.6),
         lambda: FlexMatchThreshold(0.6, learning_status="estimate"),
+        lambda: DistributionAlignment(FlexMatchThreshold(0.6), window=2),
+        lambda: DebiasedThreshold(0.6, momentum=0.5),
     ],
 )
 def test_the_state_is_in_the_state_dict_and_a_restored_policy_weighs_the_same(make):
@@ -148,6 +156,7 @@ def _ddp_worker(rank: int, port: int, out: dict) -> None:
             policy = _built(policy).train()
             for step in range(3):  # each process sees its half of every batch
                 batch = PROBS.roll(step, dims=0)
+                policy.observe_labeled(LABELS[2 * rank : 2 * rank + 2])
                 policy(batch[2 * rank : 2 * rank + 2], torch.arange(2 * rank, 2 * rank + 2))
             states[name] = {k: v.clone() for k, v in policy.state_dict().items()}
         out[rank] = states
@@ -161,6 +170,8 @@ def _policies():
         "softmatch": SoftMatchWeight(momentum=0.5),
         "flexmatch_estimate": FlexMatchThreshold(0.6, learning_status="estimate"),
         "flexmatch_index": FlexMatchThreshold(0.6),
+        "alignment": DistributionAlignment(FreeMatchThreshold(momentum=0.5), window=2),
+        "debiaspl": DebiasedThreshold(0.6, momentum=0.5),
     }
 
 
@@ -174,6 +185,7 @@ def test_every_process_keeps_the_state_of_the_whole_batch():
     for name, policy in _policies().items():
         policy = _built(policy).train()
         for step in range(3):
+            policy.observe_labeled(LABELS)
             policy(PROBS.roll(step, dims=0), torch.arange(4))
         alone[name] = policy.state_dict()
     for name, state in alone.items():
@@ -210,3 +222,78 @@ def test_flexmatch_exact_status_keeps_never_confident_images_unused_and_the_esti
     assert estimate.learning_effect()[1].item() < 0.05
     assert exact.class_thresholds().max().item() < 0.1
     assert estimate.class_thresholds().max().item() > 0.9
+
+
+def _normalized(x: torch.Tensor) -> torch.Tensor:
+    return x / x.sum(dim=1, keepdim=True)
+
+
+def test_distribution_alignment_scales_by_the_labeled_frequencies_over_the_mean_prediction():
+    policy = _built(DistributionAlignment(FixedThreshold(0.6), window=2)).train()
+    policy.observe_labeled(torch.tensor([0, 2, 1, 2, -1]))  # -1: a target it cannot count
+    assert policy.target_distribution().tolist() == [0.25, 0.25, 0.5]
+    label_probs, weights = policy(PROBS)
+    # The batch's own mean prediction enters the window before it aligns.
+    aligned = _normalized(PROBS * torch.tensor([0.25, 0.25, 0.5]) / PROBS.mean(dim=0))
+    torch.testing.assert_close(label_probs, aligned)
+    assert weights.tolist() == (aligned.max(dim=1).values >= 0.6).float().tolist()
+    # Image 2 (0.30, 0.30, 0.40) is under the threshold alone, over it once aligned: class 2 is
+    # predicted less than the labeled set holds it.
+    assert PROBS[2].max() < 0.6 and weights[2] == 1.0
+    assert policy.logged["alignment_max"] == pytest.approx(
+        (torch.tensor([0.25, 0.25, 0.5]) / PROBS.mean(dim=0)).max().item()
+    )
+
+
+def test_distribution_alignment_averages_the_last_window_batches():
+    policy = _built(DistributionAlignment(FixedThreshold(0.6), target="uniform", window=2))
+    policy.train().observe_labeled(LABELS)  # ignored: the target is uniform
+    batches = [PROBS, PROBS.flip(1), PROBS.roll(1, dims=1)]
+    for batch in batches:
+        label_probs, _ = policy(batch)
+    p_model = (batches[1].mean(dim=0) + batches[2].mean(dim=0)) / 2  # the first one dropped out
+    torch.testing.assert_close(policy.model_distribution(), p_model)
+    torch.testing.assert_close(label_probs, _normalized(batches[2] / 3 / p_model))
+    fresh = _built(DistributionAlignment(0.6)).eval()
+    assert torch.equal(fresh(PROBS)[0], PROBS)  # nothing seen yet: unaligned
+
+
+def test_debiaspl_moves_the_bias_first_then_debiases_and_masks():
+    policy = _built(DebiasedThreshold(0.6, strength=0.4, momentum=0.5)).train()
+    label_probs, weights = policy(PROBS)
+    p = 0.5 / 3 + 0.5 * PROBS.mean(dim=0)
+    torch.testing.assert_close(policy.class_prediction, p)
+    # For softmax probabilities, Normalize(q / p^lambda) is softmax(z - lambda log p).
+    logits = PROBS.log()
+    torch.testing.assert_close(label_probs, (logits - 0.4 * p.log()).softmax(dim=1))
+    assert weights.tolist() == (label_probs.max(dim=1).values >= 0.6).float().tolist()
+    assert policy.logged["bias_max"] == pytest.approx(p.max().item())
+
+
+def test_debiaspl_margin_uses_the_bias_from_before_the_batch():
+    policy = _built(DebiasedThreshold(0.6, strength=0.4, momentum=0.5)).train()
+    strong = torch.tensor([[2.0, 0.0, -1.0]])
+    policy(PROBS)
+    before = policy.class_prediction.clone()
+    policy(PROBS.flip(1))  # moves the bias again
+    torch.testing.assert_close(policy.adjust_logits(strong), strong + 0.4 * before.log())
+    off = _built(DebiasedThreshold(0.6, marginal_loss=False)).train()
+    off(PROBS)
+    assert torch.equal(off.adjust_logits(strong), strong)
+    assert _built(DebiasedThreshold(0.6, strength=0.0)).train()(PROBS)[1].tolist() == [
+        float(q >= 0.6) for q in PROBS.max(dim=1).values
+    ]  # strength 0 is FixMatch
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: DistributionAlignment(target="model"), "alignment target"),
+        (lambda: DistributionAlignment(window=0), "window"),
+        (lambda: DebiasedThreshold(strength=-1), "strength"),
+        (lambda: DebiasedThreshold(momentum=1.0), "momentum"),
+    ],
+)
+def test_bad_alignment_and_debiasing_arguments_are_clear_errors(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 # How to give the learner an EMA teacher, for every head that reads one.
+SUPERVISED = "supervised"  # The data.train loader the supervised loss reads, and its term's name.
 EMA_HINT = (
     "set learner.hparams.model.ema: {decay: 0.999} "
     "(on the command line: +learner.hparams.model.ema.decay=0.999)"

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sesemi.models.heads.base import HeadContext, HeadInputs, LossHead
+from sesemi.models.heads.base import SUPERVISED, HeadContext, HeadInputs, LossHead
 from sesemi.models.heads.thresholds import FixedThreshold, FlexMatchThreshold, ThresholdPolicy
 
 TEACHERS = ("student", "ema")
@@ -157,12 +157,16 @@ class FixMatchLossHead(LossHead):
             hint=" (e.g. sesemi.transforms.train_transforms and strong_transforms)",
         )
         weak_logits, strong_logits = self._logits(inputs, weak, strong)
+        labeled = inputs.data.get(SUPERVISED)
+        if self.training and labeled is not None:
+            self.policy.observe_labeled(labeled[1])  # distribution alignment counts classes
         with torch.no_grad():
             probs = F.softmax(weak_logits.float() / self.temperature, dim=1)  # (B, C)
             # The policy weighs each pseudo-label in [0, 1] (and moves its state in training).
             label_probs, mask = self.policy(probs, indices)
             confidence, pseudo_labels = label_probs.max(dim=1)
-        losses = mask * F.cross_entropy(strong_logits.float(), pseudo_labels, reduction="none")
+        strong_logits = self.policy.adjust_logits(strong_logits.float())
+        losses = mask * F.cross_entropy(strong_logits, pseudo_labels, reduction="none")
         extra = self.policy.extra_loss(strong_logits, mask)
         if extra is not None:  # a batch-level term on every sample: the mean adds it once
             losses = losses + extra

@@ -83,6 +83,13 @@ class ThresholdPolicy(nn.Module):
         """An optional batch-level term added to the unlabeled loss (FreeMatch's fairness)."""
         return None
 
+    def adjust_logits(self, strong_logits: Tensor) -> Tensor:
+        """The strong-view logits the loss reads (DebiasPL's adaptive margin); unchanged here."""
+        return strong_logits
+
+    def observe_labeled(self, targets: Tensor) -> None:
+        """Sees a training step's labeled targets `(B,)` (distribution alignment counts them)."""
+
 
 class FixedThreshold(ThresholdPolicy):
     """FixMatch's rule: an image counts (weight 1) when its max probability is at least tau."""
@@ -585,3 +592,224 @@ def _class_count(given: int | None, context: HeadContext, owner: str) -> int:
             f"{context.num_classes} classes; leave num_classes unset to use the classifier's"
         )
     return int(given)
+
+
+class DistributionAlignment(ThresholdPolicy):
+    """ReMixMatch's distribution alignment in front of another policy (FixMatch's threshold by
+    default): each weak prediction is scaled by the target class distribution over the model's
+    running mean prediction, `q' = SumNorm(q * p_target / p_model)`, and the wrapped policy
+    thresholds (and takes its pseudo-labels from) `q'`.
+
+    `p_model` is the mean of the last `window` unlabeled batches' mean predictions (ReMixMatch:
+    128; the batch's own mean enters before it is aligned, as in USB's `DistAlignQueueHook`).
+    `p_target` is "uniform" or "labeled": the class frequencies of the labeled training
+    targets seen so far (counted from the `supervised` batches, over all processes; exact after
+    one labeled epoch, uniform until the first labeled batch). On a long-tailed labeled set,
+    "labeled" keeps the pseudo-labels' class balance at the labeled set's instead of letting
+    the majority classes take over; "uniform" pushes towards balance.
+
+    Reference: Berthelot et al., "ReMixMatch: Semi-Supervised Learning with Distribution
+    Alignment and Augmentation Anchoring", arXiv:1911.09785, section 3.2. The state
+    (`prediction_history`, `labeled_counts` and the wrapped policy's) is saved in checkpoints
+    and equal on every DDP process. Logs the wrapped policy's values and `alignment_max`, the
+    largest class scale `p_target / p_model`.
+    """
+
+    TARGETS = ("labeled", "uniform")
+
+    def __init__(
+        self,
+        policy: ThresholdPolicy | float = 0.95,
+        target: str = "labeled",
+        window: int = 128,
+        num_classes: int | None = None,
+    ) -> None:
+        """Initializes the policy.
+
+        Args:
+            policy: The policy thresholding the aligned predictions, or FixMatch's threshold.
+            target: The distribution to align to: "labeled" or "uniform".
+            window: How many recent unlabeled batches `p_model` averages.
+            num_classes: The number of classes; None: the classifier's (from `build`).
+        """
+        super().__init__()
+        if target not in self.TARGETS:
+            raise ValueError(f"unknown alignment target '{target}'; use one of: labeled, uniform")
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        self.policy = policy if isinstance(policy, ThresholdPolicy) else FixedThreshold(policy)
+        self.target = target
+        self.window = int(window)
+        self.num_classes = num_classes
+        self._allocate()
+
+    def _allocate(self) -> None:
+        if self.num_classes is None or "prediction_history" in self._buffers:
+            return
+        self.register_buffer("prediction_history", torch.zeros(self.window, self.num_classes))
+        self.register_buffer("history_size", torch.zeros((), dtype=torch.long))
+        self.register_buffer("labeled_counts", torch.zeros(self.num_classes))
+
+    def build(self, context: HeadContext, input_data: str) -> None:
+        """Takes the class count from the classifier, creates the state, builds the policy."""
+        self.num_classes = _class_count(self.num_classes, context, "distribution alignment")
+        self._allocate()
+        self.policy.build(context, input_data)
+
+    @torch.no_grad()
+    def observe_labeled(self, targets: Tensor) -> None:
+        """Counts the (global) labeled batch's classes; targets < 0 (unknown) are skipped."""
+        if self.target != "labeled":
+            return
+        known = targets[targets >= 0].long()
+        (counts,) = _global_sums(torch.bincount(known, minlength=self.num_classes).float())
+        self.labeled_counts.add_(counts.to(self.labeled_counts))
+
+    def target_distribution(self) -> Tensor:
+        """`p_target` `(C,)`: the labeled class frequencies, or uniform."""
+        total = self.labeled_counts.sum()
+        if self.target == "uniform" or total <= 0:
+            return torch.full_like(self.labeled_counts, 1.0 / self.num_classes)
+        return self.labeled_counts / total
+
+    def model_distribution(self) -> Tensor | None:
+        """`p_model` `(C,)`: the mean of the recent batch means (None before the first)."""
+        size = int(self.history_size)
+        if size == 0:
+            return None
+        return self.prediction_history[: min(size, self.window)].mean(dim=0)
+
+    @torch.no_grad()
+    def update_history(self, probs: Tensor) -> None:
+        """Adds the (global) batch's mean prediction to the window, replacing the oldest."""
+        total, count = _global_sums(probs.sum(dim=0), probs.new_tensor([len(probs)]))
+        slot = int(self.history_size) % self.window
+        self.prediction_history[slot] = total / count.clamp(min=1.0)
+        self.history_size += 1
+
+    def align(self, probs: Tensor) -> Tensor:
+        """`SumNorm(q * p_target / p_model)` (q unchanged before the first batch)."""
+        p_model = self.model_distribution()
+        if p_model is None:
+            return probs
+        scale = self.target_distribution() / p_model.clamp(min=1e-6)
+        return _sum_normalize(probs * scale, dim=1)
+
+    def forward(self, probs: Tensor, indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Adds the batch to the window (in training), aligns, and lets the policy weigh."""
+        if self.training:
+            self.update_history(probs)
+        aligned = self.align(probs)
+        label_probs, weights = self.policy(aligned, indices)
+        self.logged = {**self.policy.logged, **self.log_values()}
+        return label_probs, weights
+
+    def extra_loss(self, strong_logits: Tensor, weights: Tensor) -> Tensor | None:
+        """The wrapped policy's extra term."""
+        return self.policy.extra_loss(strong_logits, weights)
+
+    def adjust_logits(self, strong_logits: Tensor) -> Tensor:
+        """The wrapped policy's logit adjustment."""
+        return self.policy.adjust_logits(strong_logits)
+
+    @torch.no_grad()
+    def log_values(self) -> dict[str, Tensor]:
+        """The largest class scale `p_target / p_model` (1 before the first batch)."""
+        p_model = self.model_distribution()
+        if p_model is None:
+            return {"alignment_max": torch.ones(())}
+        return {"alignment_max": (self.target_distribution() / p_model.clamp(min=1e-6)).max()}
+
+
+class DebiasedThreshold(ThresholdPolicy):
+    """DebiasPL: pseudo-labels from predictions debiased by the model's own running class
+    bias, thresholded as FixMatch does, and an adaptive margin in the strong view's loss.
+
+    The running mean prediction `p = m p + (1 - m) mean_b q_b` (started uniform; every image of
+    the global batch, before thresholding) moves first; the pseudo-labels and the mask come from
+    `q' = SumNorm(q / p^lambda)`, which for the head's softmax is `softmax(z - lambda log p)`
+    ("adaptive debiasing": classes the model over-predicts are pulled down, rare ones lifted),
+    with `max q' >= threshold`. The strong view's loss reads `z_strong + lambda log p` with the
+    `p` from before the batch ("adaptive marginal loss"), as USB's implementation does.
+
+    Reference: Wang et al., "Debiased Learning from Naturally Imbalanced Pseudo-Labels",
+    CVPR 2022, arXiv:2201.01490, and USB's `debiaspl` (lambda, their tau, 0.4; m 0.999). The
+    state (`class_prediction`) is saved in checkpoints and equal on every DDP process. Logs
+    `bias_max` and `bias_min`, the running mean prediction's largest and smallest class.
+    """
+
+    def __init__(
+        self,
+        threshold: float = 0.95,
+        strength: float = 0.4,
+        momentum: float = 0.999,
+        marginal_loss: bool = True,
+        num_classes: int | None = None,
+    ) -> None:
+        """Initializes the policy.
+
+        Args:
+            threshold: The confidence threshold on the debiased predictions.
+            strength: lambda, how much of the log bias is removed (the paper's tau; 0: FixMatch).
+            momentum: The EMA momentum m of the running mean prediction.
+            marginal_loss: Add `lambda log p` to the strong view's logits in the loss.
+            num_classes: The number of classes; None: the classifier's (from `build`).
+        """
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if strength < 0:
+            raise ValueError(f"strength must be at least 0, got {strength}")
+        self.threshold = _check_threshold(threshold)
+        self.strength = float(strength)
+        self.momentum = float(momentum)
+        self.marginal_loss = marginal_loss
+        self.num_classes = num_classes
+        self._allocate()
+
+    def _allocate(self) -> None:
+        if self.num_classes is None or "class_prediction" in self._buffers:
+            return
+        self.register_buffer(
+            "class_prediction", torch.full((self.num_classes,), 1.0 / self.num_classes)
+        )
+
+    def build(self, context: HeadContext, input_data: str) -> None:
+        """Takes the class count from the classifier and creates the state."""
+        self.num_classes = _class_count(self.num_classes, context, "DebiasPL")
+        self._allocate()
+
+    def debias(self, probs: Tensor) -> Tensor:
+        """`SumNorm(q / p^lambda)` `(B, C)`."""
+        return _sum_normalize(probs / self.class_prediction.clamp(min=1e-12) ** self.strength, 1)
+
+    def mask(self, probs: Tensor) -> Tensor:
+        """Returns `max_c probs >= threshold` as floats `(B,)` (of debiased `probs`)."""
+        return (probs.max(dim=1).values >= self.threshold).float()
+
+    def forward(self, probs: Tensor, indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Keeps the pre-batch bias for the margin, moves it by the batch, debiases, masks."""
+        self._margin = self.strength * self.class_prediction.clamp(min=1e-12).log()
+        if self.training:
+            self.update(probs, probs.argmax(dim=1), indices)
+        debiased = self.debias(probs)
+        self.logged = self.log_values()
+        return debiased, self.mask(debiased)
+
+    @torch.no_grad()
+    def update(self, probs: Tensor, pseudo_labels: Tensor, indices: Tensor | None) -> None:
+        """Moves the running mean prediction by the (global) batch's mean."""
+        total, count = _global_sums(probs.sum(dim=0), probs.new_tensor([len(probs)]))
+        mean = total / count.clamp(min=1.0)
+        self.class_prediction.mul_(self.momentum).add_((1 - self.momentum) * mean)
+
+    def adjust_logits(self, strong_logits: Tensor) -> Tensor:
+        """`z_strong + lambda log p` (p before the batch) with the marginal loss on."""
+        if not self.marginal_loss:
+            return strong_logits
+        return strong_logits + self._margin.to(strong_logits.dtype)
+
+    @torch.no_grad()
+    def log_values(self) -> dict[str, Tensor]:
+        """The running mean prediction's largest and smallest class."""
+        return {"bias_max": self.class_prediction.max(), "bias_min": self.class_prediction.min()}
