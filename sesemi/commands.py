@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from sesemi.errors import reporting_user_errors
 
 SUBCOMMANDS = ("predict", "export", "pseudo-label", "shards", "suggest")
+UNKNOWN = "unknown"  # predict --unknown-threshold's class for images unlike the known ones
 
 
 @contextlib.contextmanager
@@ -78,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("-o", "--output", default="predictions.csv", help="CSV file to write")
     predict.add_argument("-k", "--top-k", type=int, default=5, help="classes per image (5)")
     predict.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    predict.add_argument(
+        "--unknown-score",
+        default="msp",
+        help="the 'unknown' column: msp (1 - max probability, default) or entropy (normalized)",
+    )
+    predict.add_argument(
+        "--unknown-threshold",
+        type=float,
+        help="write 'unknown' in the 'prediction' column where the unknown score exceeds it",
+    )
 
     export = commands.add_parser(
         "export", help="export backbone + classifier to ONNX (dynamic batch size)"
@@ -226,31 +237,54 @@ def _predictions(args: argparse.Namespace, model):
 
 def run_predict(args: argparse.Namespace) -> str:
     """Writes `file, class_1, score_1, ..., class_k, score_k, error` rows; returns a summary."""
+    from sesemi.inference import UNKNOWN_SCORES, unknown_score
+
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.unknown_score not in UNKNOWN_SCORES:
+        raise ValueError(
+            f"--unknown-score must be one of {', '.join(UNKNOWN_SCORES)}, got "
+            f"'{args.unknown_score}'"
+        )
+    threshold = args.unknown_threshold
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"--unknown-threshold must be in [0, 1], got {threshold}")
     _refuse_overwrite(args.output, args.overwrite)
     model = _load(args)
+    if threshold is not None and UNKNOWN in model.class_names:
+        raise ValueError(
+            f"--unknown-threshold writes '{UNKNOWN}', but the model has a class of that name; "
+            "read the 'unknown' score column instead"
+        )
     k = min(args.top_k, len(model.class_names))
     files, predictions = _predictions(args, model)
-    failed = 0
+    failed = unknown = 0
+    decide = [] if threshold is None else ["prediction"]
     with _atomic_output(args.output) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         header = ["file"]
         for i in range(1, k + 1):
             header += [f"class_{i}", f"score_{i}"]
-        writer.writerow([*header, "error"])
+        writer.writerow([*header, "unknown", *decide, "error"])
         for p in predictions:
             if p.probabilities is None:
                 failed += 1
                 print(f"open_sesemi predict: skipped: {p.error}", file=sys.stderr)
-                writer.writerow([p.file, *[""] * (2 * k), p.error])
+                writer.writerow([p.file, *[""] * (2 * k + 1 + len(decide)), p.error])
                 continue
             scores, indices = p.probabilities.topk(k)
             row = [p.file]
             for s, i in zip(scores.tolist(), indices.tolist(), strict=True):
                 row += [model.class_names[i], f"{s:.6f}"]
+            score = float(unknown_score(p.probabilities, args.unknown_score))
+            row.append(f"{score:.6f}")
+            if threshold is not None:
+                unknown += score > threshold
+                row.append(UNKNOWN if score > threshold else row[1])
             writer.writerow([*row, ""])
     summary = f"predicted {len(files) - failed} image(s) into {args.output}"
+    if threshold is not None:
+        summary += f" ({unknown} unknown: {args.unknown_score} score above {threshold})"
     return summary + (f"; {failed} unreadable file(s) reported there" if failed else "")
 
 

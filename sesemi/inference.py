@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -250,6 +251,32 @@ def parse_tta(tta: str | Sequence[str] | None) -> tuple[str, ...]:
             "or a comma-separated combination"
         )
     return tuple(dict.fromkeys(names))
+
+
+UNKNOWN_SCORES = ("msp", "entropy")
+
+
+def unknown_score(probabilities: Tensor, kind: str = "msp") -> Tensor:
+    """How unlike the known classes each image looks, in [0, 1], from its class probabilities.
+
+    "msp": `1 - max_c p_c`, one minus the maximum softmax probability (Hendrycks & Gimpel,
+    arXiv:1610.02136); "entropy": `H(p) / log C`, the prediction's entropy over its maximum.
+    Both are 0 for a one-hot prediction and 1 - 1/C (msp) or 1 (entropy) for a uniform one.
+
+    Args:
+        probabilities: Class probabilities `(..., C)` (TTA-averaged where `predict` averages).
+        kind: "msp" or "entropy".
+    """
+    if kind == "msp":
+        return 1.0 - probabilities.max(dim=-1).values
+    if kind == "entropy":
+        classes = probabilities.shape[-1]
+        if classes < 2:
+            return torch.zeros(probabilities.shape[:-1])
+        p = probabilities.clamp(min=0.0)
+        entropy = -(p * p.clamp(min=1e-12).log()).sum(dim=-1)
+        return (entropy / math.log(classes)).clamp(0.0, 1.0)
+    raise ValueError(f"unknown score '{kind}'; use one of: {', '.join(UNKNOWN_SCORES)}")
 
 
 class _TTAInput:

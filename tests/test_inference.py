@@ -13,7 +13,14 @@ import pytest
 import torch
 from conftest import FAST, TINY_CONFIG, make_image_folder, open_sesemi
 
-from sesemi.inference import list_images, load_trained_model, parse_tta, predict, tta_views
+from sesemi.inference import (
+    list_images,
+    load_trained_model,
+    parse_tta,
+    predict,
+    tta_views,
+    unknown_score,
+)
 
 pytestmark = pytest.mark.cli
 
@@ -401,3 +408,70 @@ def test_a_checkpoint_whose_description_does_not_fit_its_weights_is_one_line(tra
     result = open_sesemi("predict", str(odd), str(trained["data"] / "val"), cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert "odd.ckpt" in result.stderr and "do not fit the network it describes" in result.stderr
+
+
+def test_unknown_scores_match_their_formulas():
+    probs = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]])
+    torch.testing.assert_close(unknown_score(probs, "msp"), torch.tensor([0.0, 0.75, 0.3]))
+    entropy = -(0.7 * np.log(0.7) + 3 * 0.1 * np.log(0.1)) / np.log(4)
+    expected = torch.tensor([0.0, 1.0, entropy], dtype=torch.float32)
+    torch.testing.assert_close(unknown_score(probs, "entropy"), expected)
+    with pytest.raises(ValueError, match="unknown score 'energy'"):
+        unknown_score(probs, "energy")
+
+
+def test_predict_writes_an_unknown_score_and_marks_images_above_the_threshold(trained, tmp_path):
+    images = trained["data"] / "val"
+    out = tmp_path / "plain.csv"
+    result = open_sesemi(
+        "predict", str(trained["checkpoint"]), str(images), "-o", str(out), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    rows = _rows(out)
+    assert "prediction" not in rows[0]  # only with --unknown-threshold
+    scores = sorted(float(r["unknown"]) for r in rows)
+    for row in rows:  # msp: one minus the top probability
+        assert float(row["unknown"]) == pytest.approx(1 - float(row["score_1"]), abs=2e-6)
+    middle = (scores[0] + scores[-1]) / 2
+    assert scores[0] < middle < scores[-1]  # the images differ, so a threshold splits them
+    marked = tmp_path / "marked.csv"
+    args = ("predict", str(trained["checkpoint"]), str(images), "-o", str(marked))
+    result = open_sesemi(*args, "--unknown-threshold", str(middle), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    above = sum(s > middle for s in scores)
+    assert f"({above} unknown: msp score above {middle})" in result.stdout
+    for row in _rows(marked):
+        expected = "unknown" if float(row["unknown"]) > middle else row["class_1"]
+        assert row["prediction"] == expected
+    entropy = tmp_path / "entropy.csv"
+    result = open_sesemi(
+        "predict", str(trained["checkpoint"]), str(images), "-o", str(entropy),
+        "--unknown-score", "entropy", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for row in _rows(entropy):
+        p = float(row["score_1"])
+        h = -(p * np.log(p) + (1 - p) * np.log(1 - p)) / np.log(2) if 0 < p < 1 else 0.0
+        assert float(row["unknown"]) == pytest.approx(h, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (("--unknown-threshold", "1.5"), "--unknown-threshold must be in [0, 1], got 1.5"),
+        (("--unknown-score", "energy"), "--unknown-score must be one of msp, entropy"),
+    ],
+)
+def test_bad_unknown_options_are_one_line_errors(trained, tmp_path, option, message):
+    out = tmp_path / "p.csv"
+    result = open_sesemi(
+        "predict",
+        str(trained["checkpoint"]),
+        str(trained["data"] / "val"),
+        "-o",
+        str(out),
+        *option,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1 and message in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
