@@ -81,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overwrite", action="store_true", help="replace an existing output")
     predict.add_argument(
         "--unknown-score",
-        default="msp",
-        help="the 'unknown' column: msp (1 - max probability, default) or entropy (normalized)",
+        default="auto",
+        help="the 'unknown' column: msp (1 - max probability), entropy (normalized), ova "
+        "(1 - the predicted class's one-vs-all inlier probability, method=openmatch models); "
+        "auto (default): ova where the model has one-vs-all heads, else msp",
     )
     predict.add_argument(
         "--unknown-threshold",
@@ -241,9 +243,9 @@ def run_predict(args: argparse.Namespace) -> str:
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.unknown_score not in UNKNOWN_SCORES:
+    if args.unknown_score not in ("auto", *UNKNOWN_SCORES):
         raise ValueError(
-            f"--unknown-score must be one of {', '.join(UNKNOWN_SCORES)}, got "
+            f"--unknown-score must be one of auto, {', '.join(UNKNOWN_SCORES)}, got "
             f"'{args.unknown_score}'"
         )
     threshold = args.unknown_threshold
@@ -255,6 +257,14 @@ def run_predict(args: argparse.Namespace) -> str:
         raise ValueError(
             f"--unknown-threshold writes '{UNKNOWN}', but the model has a class of that name; "
             "read the 'unknown' score column instead"
+        )
+    kind = args.unknown_score
+    if kind == "auto":
+        kind = "ova" if model.ova is not None else "msp"
+    if kind == "ova" and model.ova is None:
+        raise ValueError(
+            f"--unknown-score ova: '{args.checkpoint}' has no one-vs-all heads (train with "
+            "method=openmatch); use msp or entropy"
         )
     k = min(args.top_k, len(model.class_names))
     files, predictions = _predictions(args, model)
@@ -276,7 +286,7 @@ def run_predict(args: argparse.Namespace) -> str:
             row = [p.file]
             for s, i in zip(scores.tolist(), indices.tolist(), strict=True):
                 row += [model.class_names[i], f"{s:.6f}"]
-            score = float(unknown_score(p.probabilities, args.unknown_score))
+            score = float(unknown_score(p.probabilities, kind, p.inliers))
             row.append(f"{score:.6f}")
             if threshold is not None:
                 unknown += score > threshold
@@ -284,7 +294,7 @@ def run_predict(args: argparse.Namespace) -> str:
             writer.writerow([*row, ""])
     summary = f"predicted {len(files) - failed} image(s) into {args.output}"
     if threshold is not None:
-        summary += f" ({unknown} unknown: {args.unknown_score} score above {threshold})"
+        summary += f" ({unknown} unknown: {kind} score above {threshold})"
     return summary + (f"; {failed} unreadable file(s) reported there" if failed else "")
 
 

@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 from sesemi.checkpoints import METADATA_KEY, read_checkpoint, upgrade_state_dict
 from sesemi.datasets.image_folder import ImageReadError, _is_image, load_image
 from sesemi.models.backbones import PyTorchImageModels
+from sesemi.models.heads.openmatch import ova_probabilities
 from sesemi.models.net import ClassifierNet
 from sesemi.transforms import center_crop_transforms, interpolation_mode, to_normalized_tensor
 
@@ -76,12 +77,15 @@ class TrainedModel:
         class_names: The class names in output order.
         preprocessing: `center_crop_transforms` arguments preparing an image for `net`.
         checkpoint: The checkpoint path.
+        ova: The one-vs-all outlier detectors of a `method=openmatch` run (features -> 2K
+            logits), or None.
     """
 
     net: ClassifierNet
     class_names: list[str]
     preprocessing: dict[str, Any]
     checkpoint: str
+    ova: nn.Module | None = None
 
     def transform(self) -> v2.Compose:
         """The eval preprocessing: PIL image to a normalized `(3, H, W)` tensor."""
@@ -195,7 +199,22 @@ def load_trained_model(path: str, ema: bool = False) -> TrainedModel:
     if preprocessing is None:
         log.warning("'%s' records no preprocessing; using center_crop_transforms()", path)
         preprocessing = preprocessing_from_transform({"input_h": 224})
-    return TrainedModel(net, list(class_names), dict(preprocessing), path)
+    return TrainedModel(net, list(class_names), dict(preprocessing), path, _ova(state, path))
+
+
+def _ova(state: Mapping[str, Tensor], path: str) -> nn.Module | None:
+    """The one-vs-all layer of an OpenMatch head (`heads.<name>.ova`), if the run had one."""
+    names = sorted(
+        k[: -len(".weight")] for k in state if k.startswith("heads.") and k.endswith(".ova.weight")
+    )
+    if not names:
+        return None
+    weight, bias = state[f"{names[0]}.weight"], state.get(f"{names[0]}.bias")
+    if weight.ndim != 2 or bias is None or bias.shape != weight.shape[:1]:
+        raise ValueError(f"'{path}': its one-vs-all weights ({names[0]}) are malformed")
+    layer = nn.Linear(weight.shape[1], weight.shape[0])
+    layer.load_state_dict({"weight": weight, "bias": bias})
+    return layer.eval()
 
 
 def list_images(inputs: Sequence[str], file_list: str | None = None) -> list[str]:
@@ -253,20 +272,33 @@ def parse_tta(tta: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-UNKNOWN_SCORES = ("msp", "entropy")
+UNKNOWN_SCORES = ("msp", "entropy", "ova")
 
 
-def unknown_score(probabilities: Tensor, kind: str = "msp") -> Tensor:
+def unknown_score(
+    probabilities: Tensor, kind: str = "msp", inliers: Tensor | None = None
+) -> Tensor:
     """How unlike the known classes each image looks, in [0, 1], from its class probabilities.
 
     "msp": `1 - max_c p_c`, one minus the maximum softmax probability (Hendrycks & Gimpel,
     arXiv:1610.02136); "entropy": `H(p) / log C`, the prediction's entropy over its maximum.
     Both are 0 for a one-hot prediction and 1 - 1/C (msp) or 1 (entropy) for a uniform one.
+    "ova": `1 - p_inlier(argmax_c p_c)`, OpenMatch's outlier score from the one-vs-all
+    detector of the predicted class (`inliers`, from a `method=openmatch` model).
 
     Args:
         probabilities: Class probabilities `(..., C)` (TTA-averaged where `predict` averages).
-        kind: "msp" or "entropy".
+        kind: "msp", "entropy" or "ova".
+        inliers: Each class's OVA inlier probability `(..., C)` (for "ova").
     """
+    if kind == "ova":
+        if inliers is None:
+            raise ValueError(
+                "the 'ova' unknown score needs one-vs-all heads, which this model lacks (train "
+                "it with method=openmatch); use msp or entropy"
+            )
+        predicted = probabilities.argmax(dim=-1, keepdim=True)
+        return 1.0 - inliers.gather(-1, predicted).squeeze(-1)
     if kind == "msp":
         return 1.0 - probabilities.max(dim=-1).values
     if kind == "entropy":
@@ -345,12 +377,14 @@ def _collate(items: list[tuple[Tensor | None, int, str]]) -> tuple[Tensor | None
 @dataclass
 class Prediction:
     """One file's result: class probabilities (and, if asked for, the backbone's pooled
-    features `(D,)`, averaged over the TTA views), or the error that kept it from being read."""
+    features `(D,)`, averaged over the TTA views; for a model with one-vs-all heads, each class's
+    inlier probability `(C,)`, averaged too), or the error that kept it from being read."""
 
     file: str
     probabilities: Tensor | None
     error: str = ""
     features: Tensor | None = None
+    inliers: Tensor | None = None
 
 
 @torch.no_grad()
@@ -406,8 +440,18 @@ def predict(
                     "its weights are broken; use another checkpoint of the run"
                 )
             mean = torch.stack(pooled).mean(dim=0).float().cpu() if features else None
+            inliers = None
+            if model.ova is not None:
+                ova = model.ova.to(device)
+                inliers = [ova_probabilities(ova(f))[:, 1] for f in pooled]  # (B, K) each
+                inliers = torch.stack(inliers).mean(dim=0).cpu()
             for k, (i, p) in enumerate(zip(indices, probabilities.float().cpu(), strict=True)):
-                results[i] = Prediction(files[i], p, features=mean[k] if features else None)
+                results[i] = Prediction(
+                    files[i],
+                    p,
+                    features=mean[k] if features else None,
+                    inliers=inliers[k] if inliers is not None else None,
+                )
         for i in sorted(results):
             yield results[i]
         bar.update(len(results))

@@ -459,7 +459,8 @@ def test_predict_writes_an_unknown_score_and_marks_images_above_the_threshold(tr
     "option, message",
     [
         (("--unknown-threshold", "1.5"), "--unknown-threshold must be in [0, 1], got 1.5"),
-        (("--unknown-score", "energy"), "--unknown-score must be one of msp, entropy"),
+        (("--unknown-score", "energy"), "--unknown-score must be one of auto, msp, entropy, ova"),
+        (("--unknown-score", "ova"), "has no one-vs-all heads (train with method=openmatch)"),
     ],
 )
 def test_bad_unknown_options_are_one_line_errors(trained, tmp_path, option, message):

@@ -29,6 +29,7 @@ HEADS = {
     "softmatch": ["fixmatch"],
     "fixmatch_da": ["fixmatch"],
     "debiaspl": ["fixmatch"],
+    "openmatch": ["openmatch"],
     "rotation_entropy": ["rotation_prediction", "entropy_minimization"],
     "noisy_student_teacher": [],
     "noisy_student": ["pseudo_label"],

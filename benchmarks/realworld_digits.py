@@ -1,0 +1,331 @@
+"""Few labels in the real world, on scikit-learn's digits: long-tailed classes, and foreign
+images (of classes nobody labeled) in the unlabeled folder.
+
+Scenario `imbalance`: from each seed's digits split (`sesemi.datasets.digits.prepare_digits`,
+10 labels per class), class c keeps the share `10^(-c/9)` of the largest class in the labeled
+and in the unlabeled set (imbalance ratio 10: labeled 10, 8, 6, 5, 4, 3, 2, 2, 1, 1 images;
+unlabeled about 115 down to 12), the val split stays balanced. Reported per method: balanced
+accuracy (the mean per-class recall on val) and the worst class's recall.
+
+Scenario `foreign`: classes 0-5 are known (labeled: `--foreign-labels` per class; val: their
+val images); the unlabeled folder holds `--known-unlabeled` images of the known classes plus,
+for a foreign share r, `known * r / (1 - r)` images of classes 6-9 (r = 0.75 needs 3 x as many
+foreign as known images: 160 known, 480 foreign of the 504 there are), as loose files. The
+number of known unlabeled images is the same at every r, so only the foreign images change.
+Reported: val accuracy on the 6 classes, and at every r the AUROC of `open_sesemi predict`'s
+unknown score (1 - max probability) separating held-out images of the 4 foreign classes (their
+val split, never trained on) from the known classes' val images.
+
+Every job is one `python -m sesemi -cn demo` run (ResNet-18, 32 px, batch 32, `--steps` steps,
+validated once at the end), the method by name; its folder's `val_per_class_accuracy.csv` gives
+the recalls. Usage (from the repository root, in the project's virtual environment):
+
+    python benchmarks/realworld_digits.py imbalance --methods fixmatch flexmatch freematch \
+        softmatch fixmatch_da debiaspl --seeds 0 1 2 --steps 300 \
+        --out benchmarks/results/imbalance_digits.md
+    python benchmarks/realworld_digits.py foreign --methods fixmatch flexmatch \
+        --ratios 0 0.25 0.5 0.75 --seeds 0 1 2 --steps 300 \
+        --out benchmarks/results/foreign_digits.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib.metadata
+import os
+import pathlib
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from _report import emit  # benchmarks/_report.py (the script's own folder)
+from sklearn.metrics import roc_auc_score
+
+from sesemi.datasets.digits import prepare_digits
+
+NUM_CLASSES = 10
+KNOWN = [str(c) for c in range(6)]  # the foreign scenario's labeled classes
+FOREIGN = [str(c) for c in range(6, 10)]
+# 6 classes; the unlabeled loader keeps its last partial batch: at r = 0 the unlabeled set (the
+# labeled images + 160 known ones) is smaller than one batch of 7 x 32.
+FOREIGN_OVERRIDES = ["data.num_classes=6", "data.train.unlabeled.drop_last=false"]
+VERSIONS = ("torch", "pytorch-lightning", "hydra-core", "scikit-learn", "sesemi")
+TAIL_LINES = 30
+
+
+def long_tail_counts(largest: int, ratio: float = 10.0, classes: int = NUM_CLASSES) -> list[int]:
+    """Images kept per class: `round(largest * ratio^(-c / (classes - 1)))`, at least 1."""
+    return [max(1, round(largest * ratio ** (-c / (classes - 1)))) for c in range(classes)]
+
+
+def _images(folder: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(folder.glob("*.png"))
+
+
+def _copy(files: list[pathlib.Path], folder: pathlib.Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copyfile(f, folder / f.name)
+
+
+def build_imbalanced(base: pathlib.Path, root: pathlib.Path, seed: int) -> dict[str, list[int]]:
+    """Writes the long-tailed split of `base` to `root`; returns the labeled/unlabeled counts."""
+    rng = np.random.default_rng(seed)
+    labeled_counts = long_tail_counts(len(_images(base / "train" / "0")))
+    unlabeled_counts = long_tail_counts(min(len(_images(base / "unlabeled" / c)) for c in "0123"))
+    for c in range(NUM_CLASSES):
+        for split, counts in (("train", labeled_counts), ("unlabeled", unlabeled_counts)):
+            files = _images(base / split / str(c))
+            keep = sorted(rng.choice(len(files), counts[c], replace=False))
+            _copy([files[i] for i in keep], root / split / str(c))
+        _copy(_images(base / "val" / str(c)), root / "val" / str(c))
+    return {"labeled": labeled_counts, "unlabeled": unlabeled_counts}
+
+
+def build_foreign(
+    base: pathlib.Path, root: pathlib.Path, seed: int, ratio: float, labels: int, known: int
+) -> list[pathlib.Path]:
+    """Writes the foreign-images split of `base` to `root`; returns the held-out foreign files
+    (the foreign classes' val images) for the unknown-score AUROC."""
+    rng = np.random.default_rng(seed)
+    for c in KNOWN:
+        _copy(_images(base / "train" / c)[:labels], root / "train" / c)
+        _copy(_images(base / "val" / c), root / "val" / c)
+    pool = [f for c in KNOWN for f in _images(base / "unlabeled" / c)]
+    pool += [f for c in KNOWN for f in _images(base / "train" / c)[labels:]]
+    strangers = [f for c in FOREIGN for s in ("train", "unlabeled") for f in _images(base / s / c)]
+    n_foreign = round(known * ratio / (1.0 - ratio))
+    if known > len(pool) or n_foreign > len(strangers):
+        raise RuntimeError(
+            f"foreign share {ratio} needs {known} known and {n_foreign} foreign unlabeled images; "
+            f"the digits have {len(pool)} and {len(strangers)}: lower --known-unlabeled"
+        )
+    picked = [pool[i] for i in rng.choice(len(pool), known, replace=False)]
+    picked += [strangers[i] for i in rng.choice(len(strangers), n_foreign, replace=False)]
+    _copy(picked, root / "unlabeled")  # loose files: unlabeled, no class folders
+    return [f for c in FOREIGN for f in _images(base / "val" / c)]
+
+
+def run_job(
+    method: str, data_root: pathlib.Path, run_dir: pathlib.Path, args, extra: list[str]
+) -> pathlib.Path:
+    """Trains one method on one prepared folder; returns the run's folder."""
+    command = [
+        sys.executable,
+        *("-m", "sesemi", "-cn", "demo"),
+        f"method={method}",
+        f"run.seed={args.current_seed}",
+        f"run.data_root={data_root}",
+        "data.prepare=null",
+        f"run.num_iterations={args.steps}",
+        f"trainer.val_check_interval={args.steps}",
+        f"run.dir={run_dir}",
+        "run.id=job",
+        "++trainer.num_sanity_val_steps=0",
+        "++trainer.enable_progress_bar=false",
+        "++trainer.enable_model_summary=false",
+        *extra,
+        *args.set,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    log = run_dir.with_suffix(".log")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        out.write("$ " + shlex.join(command) + "\n")
+        out.flush()
+        code = subprocess.call(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    folders = sorted((run_dir / "job").glob("*/summary.json"))
+    if code != 0 or len(folders) != 1:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-TAIL_LINES:])
+        raise RuntimeError(f"{method} failed (exit status {code}); end of {log}:\n{tail}")
+    return folders[0].parent
+
+
+def recalls(run: pathlib.Path) -> dict[str, float]:
+    """Per-class val recall from the run's `val_per_class_accuracy.csv`."""
+    with open(run / "val_per_class_accuracy.csv", newline="") as f:
+        return {row["class"]: float(row["accuracy"]) for row in csv.DictReader(f)}
+
+
+def unknown_auroc(run: pathlib.Path, known: list[pathlib.Path], foreign: list[pathlib.Path]):
+    """AUROC of the unknown score (1 - max probability) for foreign (positive) vs known."""
+    from sesemi.inference import load_trained_model, predict, unknown_score
+
+    model = load_trained_model(str(run / "checkpoints" / "last.ckpt"))
+    files = [str(f) for f in [*known, *foreign]]
+    scores = [float(unknown_score(p.probabilities)) for p in predict(model, files, 256)]
+    return float(roc_auc_score([0] * len(known) + [1] * len(foreign), scores))
+
+
+def cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """`mean ± sample std` (0 for one value)."""
+    a = [scale * v for v in values]
+    std = statistics.stdev(a) if len(a) > 1 else 0.0
+    return f"{statistics.fmean(a):.{digits}f} ± {std:.{digits}f}"
+
+
+def run_imbalance(args, workdir: pathlib.Path) -> tuple[str, str]:
+    """Trains every method on every seed's long-tailed split; returns the table and notes."""
+    balanced = {m: [] for m in args.methods}
+    worst = {m: [] for m in args.methods}
+    for seed in args.seeds:
+        args.current_seed = seed
+        root = workdir / f"imbalance_s{seed}"
+        if root.exists():
+            shutil.rmtree(root)
+        counts = build_imbalanced(base_split(workdir, seed), root, seed)
+        for method in args.methods:
+            started = time.time()
+            run = run_job(method, root, workdir / "runs" / f"imbalance_{method}_s{seed}", args, [])
+            per_class = recalls(run)
+            shutil.rmtree(run / "checkpoints", ignore_errors=True)
+            balanced[method].append(statistics.fmean(per_class.values()))
+            worst[method].append(min(per_class.values()))
+            print(
+                f"[imbalance s{seed}] {method}: balanced {100 * balanced[method][-1]:.1f} %, "
+                f"worst class {100 * worst[method][-1]:.1f} % ({time.time() - started:.0f} s)",
+                flush=True,
+            )
+    lines = [
+        "| method | balanced accuracy (%) | worst class recall (%) |",
+        "|---|---:|---:|",
+        *(f"| {m} | {cell(balanced[m])} | {cell(worst[m])} |" for m in args.methods),
+    ]
+    notes = (
+        f"- imbalance ratio 10; per class (0..9) labeled {counts['labeled']}, unlabeled "
+        f"{counts['unlabeled']} (of seed {args.seeds[-1]}); val balanced (the 30 % split)"
+    )
+    return "\n".join(lines), notes
+
+
+def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
+    """Trains every method at every foreign share and seed; returns the table and notes."""
+    accuracy = {(m, r): [] for m in args.methods for r in args.ratios}
+    auroc = {(m, r): [] for m in args.methods for r in args.ratios}
+    for seed in args.seeds:
+        args.current_seed = seed
+        base = base_split(workdir, seed)
+        known_val = [f for c in KNOWN for f in _images(base / "val" / c)]
+        for ratio in args.ratios:
+            root = workdir / f"foreign_r{ratio:g}_s{seed}"
+            if root.exists():
+                shutil.rmtree(root)
+            foreign_val = build_foreign(
+                base, root, seed, ratio, args.foreign_labels, args.known_unlabeled
+            )
+            for method in args.methods:
+                started = time.time()
+                name = f"foreign_{method}_r{ratio:g}_s{seed}"
+                run = run_job(method, root, workdir / "runs" / name, args, FOREIGN_OVERRIDES)
+                per_class = recalls(run)
+                accuracy[method, ratio].append(
+                    sum(per_class[c] * len(_images(base / "val" / c)) for c in KNOWN)
+                    / len(known_val)
+                )
+                auroc[method, ratio].append(unknown_auroc(run, known_val, foreign_val))
+                shutil.rmtree(run / "checkpoints", ignore_errors=True)
+                print(
+                    f"[foreign {ratio:g} s{seed}] {method}: accuracy "
+                    f"{100 * accuracy[method, ratio][-1]:.1f} %, unknown-score AUROC "
+                    f"{auroc[method, ratio][-1]:.3f} ({time.time() - started:.0f} s)",
+                    flush=True,
+                )
+    head = ["method", *[f"{100 * r:g} % foreign" for r in args.ratios]]
+    rows = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(args.ratios)]
+    for m in args.methods:
+        rows.append("| " + " | ".join([m, *(cell(accuracy[m, r]) for r in args.ratios)]) + " |")
+    rows += ["", "Unknown-score AUROC (foreign vs known held-out images):", ""]
+    rows += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(args.ratios)]
+    for m in args.methods:
+        cells = (cell(auroc[m, r], 1.0, 3) for r in args.ratios)
+        rows.append("| " + " | ".join([m, *cells]) + " |")
+    notes = (
+        f"- known classes {', '.join(KNOWN)} ({args.foreign_labels} labels each), foreign "
+        f"{', '.join(FOREIGN)}; unlabeled: {args.known_unlabeled} known images + "
+        "known x r / (1 - r) foreign ones, loose files, with the labeled images (the demo's "
+        "unlabeled_subset) in batches of 7 x 32, the last partial batch kept; val: the known "
+        "classes' 30 % split"
+    )
+    return "\n".join(rows), notes
+
+
+def base_split(workdir: pathlib.Path, seed: int) -> pathlib.Path:
+    """Each seed's full digits split (10 labels per class), prepared once."""
+    return prepare_digits(workdir / f"digits_s{seed}", labels_per_class=10, seed=seed)
+
+
+def footer(argv: list[str], args, wall: float) -> str:
+    """Command, date, machine, versions, budget, statistics and wall time."""
+    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in VERSIONS)
+    lines = [
+        f"- command: `{shlex.join(['python', os.path.relpath(sys.argv[0]), *argv])}`",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"OMP_NUM_THREADS={args.threads}, OMP_WAIT_POLICY=PASSIVE",
+        f"- versions: {versions}, Python {platform.python_version()}",
+        f"- budget: {args.steps} steps per run (demo config otherwise: ResNet-18, 32 px, batch 32, "
+        "unlabeled batch 7 x 32, SGD lr 0.05, polynomial decay); validated once, after the last "
+        f"step; mean ± sample std over seeds {', '.join(map(str, args.seeds))}",
+        f"- total wall time: {wall / 60:.1f} min",
+    ]
+    if args.set:
+        lines.append(f"- extra overrides for every job: `{shlex.join(args.set)}`")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario", choices=["imbalance", "foreign"])
+    parser.add_argument("--methods", nargs="+", default=["fixmatch", "flexmatch"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=300, help="training steps of every run")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
+    parser.add_argument("--foreign-labels", type=int, default=2, help="labels per known class")
+    parser.add_argument("--known-unlabeled", type=int, default=160)
+    parser.add_argument("--workdir", default=None, help="data, runs, logs (default: a temp dir)")
+    parser.add_argument("--out", default=None, help="also write the markdown report here")
+    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the jobs")
+    parser.add_argument("--set", nargs="*", default=[], metavar="OVERRIDE")
+    args = parser.parse_args(argv)
+    if any(not 0.0 <= r < 1.0 for r in args.ratios):
+        parser.error("--ratios must be in [0, 1)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one scenario's grid and prints (and optionally writes) the markdown report."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    temp = tempfile.TemporaryDirectory(prefix="realworld_") if args.workdir is None else None
+    workdir = pathlib.Path(temp.name if temp else args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    try:
+        run = run_imbalance if args.scenario == "imbalance" else run_foreign
+        table, notes = run(args, workdir)
+    except RuntimeError as error:
+        print(f"realworld_digits: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if temp is not None:
+            temp.cleanup()
+    title = {
+        "imbalance": "## Long-tailed digits (imbalance ratio 10): balanced val accuracy",
+        "foreign": "## Foreign images among the unlabeled: val accuracy (%) on the 6 known classes",
+    }[args.scenario]
+    report = f"{title}\n\n{table}\n\n{notes}\n{footer(argv, args, time.time() - start)}\n"
+    emit(report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
