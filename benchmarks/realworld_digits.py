@@ -13,8 +13,9 @@ for a foreign share r, `known * r / (1 - r)` images of classes 6-9 (r = 0.75 nee
 foreign as known images: 160 known, 480 foreign of the 504 there are), as loose files. The
 number of known unlabeled images is the same at every r, so only the foreign images change.
 Reported: val accuracy on the 6 classes, and at every r the AUROC of `open_sesemi predict`'s
-unknown score (1 - max probability) separating held-out images of the 4 foreign classes (their
-val split, never trained on) from the known classes' val images.
+default unknown score (OpenMatch's one-vs-all score, else 1 - max probability) separating
+held-out images of the 4 foreign classes (their val split, never trained on) from the known
+classes' val images.
 
 Every job is one `python -m sesemi -cn demo` run (ResNet-18, 32 px, batch 32, `--steps` steps,
 validated once at the end), the method by name; its folder's `val_per_class_accuracy.csv` gives
@@ -156,12 +157,15 @@ def recalls(run: pathlib.Path) -> dict[str, float]:
 
 
 def unknown_auroc(run: pathlib.Path, known: list[pathlib.Path], foreign: list[pathlib.Path]):
-    """AUROC of the unknown score (1 - max probability) for foreign (positive) vs known."""
+    """AUROC of `predict`'s default unknown score (OpenMatch's one-vs-all score for models that
+    have the detectors, else 1 - max probability) for foreign (positive) vs known images."""
     from sesemi.inference import load_trained_model, predict, unknown_score
 
     model = load_trained_model(str(run / "checkpoints" / "last.ckpt"))
+    kind = "ova" if model.ova is not None else "msp"
     files = [str(f) for f in [*known, *foreign]]
-    scores = [float(unknown_score(p.probabilities)) for p in predict(model, files, 256)]
+    predictions = predict(model, files, 256)
+    scores = [float(unknown_score(p.probabilities, kind, p.inliers)) for p in predictions]
     return float(roc_auc_score([0] * len(known) + [1] * len(foreign), scores))
 
 
@@ -251,8 +255,9 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
         f"- known classes {', '.join(KNOWN)} ({args.foreign_labels} labels each), foreign "
         f"{', '.join(FOREIGN)}; unlabeled: {args.known_unlabeled} known images + "
         "known x r / (1 - r) foreign ones, loose files, with the labeled images (the demo's "
-        "unlabeled_subset) in batches of 7 x 32, the last partial batch kept; val: the known "
-        "classes' 30 % split"
+        "unlabeled_subset), in each method's unlabeled batches, the last partial batch kept; "
+        "val: the known classes' 30 % split; unknown score: `open_sesemi predict`'s default "
+        "(ova for openmatch, 1 - max probability otherwise)"
     )
     return "\n".join(rows), notes
 
