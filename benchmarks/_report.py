@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
+import os
 import pathlib
+import platform
+import shlex
+import sys
+
+# The packages whose versions every sesemi report names.
+VERSIONS = ("torch", "pytorch-lightning", "hydra-core", "scikit-learn", "sesemi")
+
+
+def provenance(argv: list[str], threads: int, packages: tuple[str, ...] = VERSIONS) -> list[str]:
+    """The report lines saying how it was made: command, date, machine and versions."""
+    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in packages)
+    return [
+        f"- command: `{shlex.join(['python', os.path.relpath(sys.argv[0]), *argv])}`",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}, "
+        "OMP_WAIT_POLICY=PASSIVE",
+        f"- versions: {versions}, Python {platform.python_version()}",
+    ]
 
 
 def emit(report: str, out: str | None) -> None:

@@ -35,13 +35,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import glob
-import importlib.metadata
 import json
 import os
 import pathlib
-import platform
 import shlex
 import shutil
 import statistics
@@ -50,12 +47,11 @@ import sys
 import tempfile
 import time
 
-from _report import emit  # benchmarks/_report.py (the script's own folder)
+from _report import emit, provenance  # benchmarks/_report.py (the script's own folder)
 
 from sesemi.datasets.digits import prepare_digits
 
 STRATEGIES = ("random", "entropy", "margin", "kcenter", "margin-kcenter")
-VERSIONS = ("torch", "pytorch-lightning", "hydra-core", "sesemi")
 TAIL_LINES = 30  # of a failed command's output
 
 
@@ -195,12 +191,8 @@ def table(results: dict, extra: int) -> str:
 
 def footer(argv: list[str], args: argparse.Namespace, wall: float) -> str:
     """Command, date, machine, versions, budget, statistics and wall time."""
-    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in VERSIONS)
     lines = [
-        f"- command: `{shlex.join(['python', os.path.relpath(sys.argv[0]), *argv])}`",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={args.threads}",
-        f"- versions: {versions}, Python {platform.python_version()}",
+        *provenance(argv, args.threads),
         f"- every training: `python -m sesemi -cn demo method={args.method}`, {args.steps} steps, "
         "from scratch; round 0 has 1 label per class",
         "- metric: top-1 (%) on the 30 % val split after the last step; mean ± sample std "

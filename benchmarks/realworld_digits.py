@@ -33,11 +33,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
-import importlib.metadata
 import os
 import pathlib
-import platform
 import shlex
 import shutil
 import statistics
@@ -47,7 +44,7 @@ import tempfile
 import time
 
 import numpy as np
-from _report import emit  # benchmarks/_report.py (the script's own folder)
+from _report import emit, provenance  # benchmarks/_report.py (the script's own folder)
 from sklearn.metrics import roc_auc_score
 
 from sesemi.datasets.digits import prepare_digits
@@ -58,7 +55,6 @@ FOREIGN = [str(c) for c in range(6, 10)]
 # 6 classes; the unlabeled loader keeps its last partial batch: at r = 0 the unlabeled set (the
 # labeled images + 160 known ones) is smaller than one batch of 7 x 32.
 FOREIGN_OVERRIDES = ["data.num_classes=6", "data.train.unlabeled.drop_last=false"]
-VERSIONS = ("torch", "pytorch-lightning", "hydra-core", "scikit-learn", "sesemi")
 TAIL_LINES = 30
 
 
@@ -269,16 +265,11 @@ def base_split(workdir: pathlib.Path, seed: int) -> pathlib.Path:
 
 def footer(argv: list[str], args, wall: float) -> str:
     """Command, date, machine, versions, budget, statistics and wall time."""
-    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in VERSIONS)
     lines = [
-        f"- command: `{shlex.join(['python', os.path.relpath(sys.argv[0]), *argv])}`",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"OMP_NUM_THREADS={args.threads}, OMP_WAIT_POLICY=PASSIVE",
-        f"- versions: {versions}, Python {platform.python_version()}",
+        *provenance(argv, args.threads),
         f"- budget: {args.steps} steps per run (demo config otherwise: ResNet-18, 32 px, batch 32, "
-        "unlabeled batch 7 x 32, SGD lr 0.05, polynomial decay); validated once, after the last "
-        f"step; mean ± sample std over seeds {', '.join(map(str, args.seeds))}",
+        "SGD lr 0.05, polynomial decay); validated once, after the last step; mean ± sample std "
+        f"over seeds {', '.join(map(str, args.seeds))}",
         f"- total wall time: {wall / 60:.1f} min",
     ]
     if args.set:

@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import importlib.metadata
 import importlib.resources
 import os
 import pathlib
-import platform
 import re
 import shlex
 import shutil
@@ -45,7 +43,7 @@ import time
 import warnings
 
 import numpy as np
-from _report import emit  # benchmarks/_report.py (the script's own folder)
+from _report import emit, provenance  # benchmarks/_report.py (the script's own folder)
 from sklearn.datasets import load_digits
 from sklearn.semi_supervised import LabelSpreading
 
@@ -76,7 +74,6 @@ _FILES = {
 METHODS = [m for m in METHOD_LABELS if m in _FILES] + sorted(_FILES - set(METHOD_LABELS))
 # The default grid: every method that needs nothing but the digits (not Noisy Student's stages).
 DEFAULT_METHODS = [m for m in METHODS if not m.startswith("noisy_student")]
-VERSIONS = ("torch", "pytorch-lightning", "hydra-core", "scikit-learn", "sesemi")
 TAIL_LINES = 40  # of the multirun's log, shown when it fails
 
 
@@ -211,15 +208,12 @@ def format_table(results: dict, seconds: dict, labels: list[int]) -> str:
 
 def footer(argv: list[str], args: argparse.Namespace, example: list[str], wall: float) -> str:
     """Command, date, machine, versions, budget, statistics and wall time."""
-    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in VERSIONS)
+    command, *made = provenance(argv, args.threads)
     lines = [
-        f"- command: `{shlex.join(['python', os.path.relpath(sys.argv[0]), *argv])}`",
+        command,
         f"- each N ran as one multirun, e.g. N={args.labels[0]}: "
         f"`{shlex.join(['python', *example[1:]])}`",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- machine: {platform.processor() or '?'} / {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"OMP_NUM_THREADS={args.threads}, OMP_WAIT_POLICY=PASSIVE",
-        f"- versions: {versions}, Python {platform.python_version()}",
+        *made,
         f"- budget: {args.steps} steps per run for every method (demo config otherwise: "
         "ResNet-18, 32 px, batch 32, SGD lr 0.05, polynomial decay)",
         "- metric: top-1 accuracy (%) on the 30% stratified val split, after the last step; "
