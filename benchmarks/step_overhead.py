@@ -1,7 +1,7 @@
 """Measures the framework overhead: sesemi vs a raw PyTorch loop, short epochs, parallel jobs.
 
 Usage: python benchmarks/step_overhead.py --steps 200 --batch 32 --size 32 --model resnet18 \
-    [--rows supervised fixmatch epochs parallel] [--out benchmarks/results/step_overhead.md]
+    [--rows supervised fixmatch joint layout epochs parallel] [--out FILE]
 
 Rows (each a ratio measured side by side in this one process, same machine, same minute):
 
@@ -11,6 +11,10 @@ Rows (each a ratio measured side by side in this one process, same machine, same
 - fixmatch: the same for FixMatch (`FixMatchLossHead`, threshold 0.95, mu = 7, weak view
   without gradient then the strong view, as sesemi's default): labeled, weak and strong batches
   are pre-built tensors (augmentation already applied), so only the loop and the head differ.
+- joint: sesemi's FixMatch with its default separate passes (labeled; weak without gradient;
+  strong) vs `joint_forward: all` (labeled, weak and strong in one pass: one set of BatchNorm
+  statistics, as USB's `use_cat`), same batches.
+- layout: sesemi's FixMatch with contiguous (NCHW) vs channels-last model and batches.
 - epochs: whole `open_sesemi -cn demo method=supervised` runs on the digits, with 3 labels per
   class (30 images: every epoch is one step) vs 108 (1,080 images: 34 steps per epoch); s/step
   of the training loop, after warm-up steps (a timing callback).
@@ -44,11 +48,22 @@ from sesemi.models.heads.fixmatch import FixMatchLossHead
 MU, THRESHOLD, CLASSES = 7, 0.95, 10
 
 
-def classifier(model: str, num_classes: int, fixmatch: bool = False) -> Classifier:
+def classifier(
+    model: str,
+    num_classes: int,
+    fixmatch: bool = False,
+    joint_forward: bool | str = False,
+    channels_last: bool = False,
+) -> Classifier:
     """A supervised-only (or FixMatch) Classifier, built from objects."""
     optimizer = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9)
-    heads = {"fixmatch": FixMatchLossHead("unlabeled", threshold=THRESHOLD)} if fixmatch else None
-    return Classifier(PyTorchImageModels(model), num_classes, optimizer, heads=heads)
+    heads = None
+    if fixmatch:
+        head = FixMatchLossHead("unlabeled", threshold=THRESHOLD, joint_forward=joint_forward)
+        heads = {"fixmatch": head}
+    return Classifier(
+        PyTorchImageModels(model), num_classes, optimizer, heads=heads, channels_last=channels_last
+    )
 
 
 class Views(torch.utils.data.Dataset):
@@ -221,8 +236,8 @@ def main() -> None:
     parser.add_argument(
         "--rows",
         nargs="+",
-        default=["supervised", "fixmatch", "epochs", "parallel"],
-        choices=["supervised", "fixmatch", "epochs", "parallel"],
+        default=["supervised", "fixmatch", "joint", "layout", "epochs", "parallel"],
+        choices=["supervised", "fixmatch", "joint", "layout", "epochs", "parallel"],
     )
     parser.add_argument("--workdir", default=None, help="digits and runs of the sesemi rows")
     parser.add_argument("--out", default=None, help="also write the table here (markdown)")
@@ -256,6 +271,27 @@ def main() -> None:
         lines += [
             f"| FixMatch (mu {MU}): raw PyTorch | {raw:.4f} | |",
             f"| FixMatch (mu {MU}): sesemi Classifier + Lightning | {lit:.4f} | {lit / raw:.3f} |",
+        ]
+    for row, option, values in (
+        ("joint", "joint_forward", (False, "all")),
+        ("layout", "channels_last", (False, True)),
+    ):
+        if row not in args.rows:
+            continue
+        weak, strong = torch.randn(n * MU, *shape), torch.randn(n * MU, *shape)
+        data = Batches(images, targets, args.batch, (weak, strong))
+        seconds = []
+        for value in values:
+            with tempfile.TemporaryDirectory() as log_dir:
+                learner = classifier(args.model, CLASSES, True, **{option: value})
+                lightning_loop(learner, data, 3, log_dir)  # warm-up
+            with tempfile.TemporaryDirectory() as log_dir:
+                learner = classifier(args.model, CLASSES, True, **{option: value})
+                seconds.append(lightning_loop(learner, data, args.steps, log_dir))
+        lines += [
+            f"| FixMatch (mu {MU}), sesemi, {option}={values[0]} | {seconds[0]:.4f} | |",
+            f"| FixMatch (mu {MU}), sesemi, {option}={values[1]} | {seconds[1]:.4f} | "
+            f"{seconds[1] / seconds[0]:.3f} |",
         ]
     if "epochs" in args.rows or "parallel" in args.rows:
         workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="step_overhead_"))
