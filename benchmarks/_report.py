@@ -33,3 +33,11 @@ def emit(report: str, out: str | None) -> None:
         path = pathlib.Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(report)
+
+
+def closing(wall: float, overrides: list[str], what: str = "job") -> list[str]:
+    """The report lines after the settings: wall time and the extra overrides, if any."""
+    lines = [f"- total wall time: {wall / 60:.1f} min"]
+    if overrides:
+        lines.append(f"- extra overrides for every {what}: `{shlex.join(overrides)}`")
+    return lines

@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 
-from _report import emit, provenance  # benchmarks/_report.py (the script's own folder)
+from _report import closing, emit, provenance  # benchmarks/_report.py (the script's own folder)
 
 from sesemi.datasets.digits import prepare_digits
 
@@ -197,10 +197,8 @@ def footer(argv: list[str], args: argparse.Namespace, wall: float) -> str:
         "from scratch; round 0 has 1 label per class",
         "- metric: top-1 (%) on the 30 % val split after the last step; mean ± sample std "
         f"over seeds {', '.join(map(str, args.seeds))} (each seed has its own split)",
-        f"- total wall time: {wall / 60:.1f} min",
+        *closing(wall, args.set, "training"),
     ]
-    if args.set:
-        lines.append(f"- extra overrides for every training: `{shlex.join(args.set)}`")
     return "\n".join(lines)
 
 

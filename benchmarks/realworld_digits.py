@@ -44,7 +44,7 @@ import tempfile
 import time
 
 import numpy as np
-from _report import emit, provenance  # benchmarks/_report.py (the script's own folder)
+from _report import closing, emit, provenance  # benchmarks/_report.py (the script's own folder)
 from sklearn.metrics import roc_auc_score
 
 from sesemi.datasets.digits import prepare_digits
@@ -270,10 +270,8 @@ def footer(argv: list[str], args, wall: float) -> str:
         f"- budget: {args.steps} steps per run (demo config otherwise: ResNet-18, 32 px, batch 32, "
         "SGD lr 0.05, polynomial decay); validated once, after the last step; mean ± sample std "
         f"over seeds {', '.join(map(str, args.seeds))}",
-        f"- total wall time: {wall / 60:.1f} min",
+        *closing(wall, args.set, "job"),
     ]
-    if args.set:
-        lines.append(f"- extra overrides for every job: `{shlex.join(args.set)}`")
     return "\n".join(lines)
 
 

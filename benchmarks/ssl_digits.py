@@ -43,7 +43,7 @@ import time
 import warnings
 
 import numpy as np
-from _report import emit, provenance  # benchmarks/_report.py (the script's own folder)
+from _report import closing, emit, provenance  # benchmarks/_report.py (the script's own folder)
 from sklearn.datasets import load_digits
 from sklearn.semi_supervised import LabelSpreading
 
@@ -218,10 +218,8 @@ def footer(argv: list[str], args: argparse.Namespace, example: list[str], wall: 
         "ResNet-18, 32 px, batch 32, SGD lr 0.05, polynomial decay)",
         "- metric: top-1 accuracy (%) on the 30% stratified val split, after the last step; "
         f"mean ± sample std (n-1) over seeds {', '.join(map(str, args.seeds))}",
-        f"- total wall time: {wall / 60:.1f} min",
+        *closing(wall, args.set, "job"),
     ]
-    if args.set:
-        lines.append(f"- extra overrides for every job: `{shlex.join(args.set)}`")
     return "\n".join(lines)
 
 
