@@ -666,34 +666,38 @@ class DistributionAlignment(ThresholdPolicy):
         self.labeled_counts.add_(counts.to(self.labeled_counts))
 
     def target_distribution(self) -> Tensor:
-        """`p_target` `(C,)`: the labeled class frequencies, or uniform."""
+        """`p_target` `(C,)`: the labeled class frequencies, or uniform (also before any)."""
+        uniform = torch.full_like(self.labeled_counts, 1.0 / self.num_classes)
+        if self.target == "uniform":
+            return uniform
         total = self.labeled_counts.sum()
-        if self.target == "uniform" or total <= 0:
-            return torch.full_like(self.labeled_counts, 1.0 / self.num_classes)
-        return self.labeled_counts / total
+        return torch.where(total > 0, self.labeled_counts / total.clamp(min=1.0), uniform)
 
-    def model_distribution(self) -> Tensor | None:
-        """`p_model` `(C,)`: the mean of the recent batch means (None before the first)."""
-        size = int(self.history_size)
-        if size == 0:
-            return None
-        return self.prediction_history[: min(size, self.window)].mean(dim=0)
+    def model_distribution(self) -> Tensor:
+        """`p_model` `(C,)`: the mean of the recent batch means (zeros before the first)."""
+        filled = torch.arange(self.window, device=self.history_size.device) < self.history_size
+        filled = filled.to(self.prediction_history).unsqueeze(1)
+        return (self.prediction_history * filled).sum(dim=0) / filled.sum().clamp(min=1.0)
+
+    def class_scale(self) -> Tensor:
+        """`p_target / p_model` `(C,)`, ones before the first batch. Tensors only: no host sync
+        in the training step."""
+        scale = self.target_distribution() / self.model_distribution().clamp(min=1e-6)
+        return torch.where(self.history_size > 0, scale, torch.ones_like(scale))
 
     @torch.no_grad()
     def update_history(self, probs: Tensor) -> None:
         """Adds the (global) batch's mean prediction to the window, replacing the oldest."""
         total, count = _global_sums(probs.sum(dim=0), probs.new_tensor([len(probs)]))
-        slot = int(self.history_size) % self.window
-        self.prediction_history[slot] = total / count.clamp(min=1.0)
+        slot = (self.history_size % self.window).view(1)
+        mean = (total / count.clamp(min=1.0)).to(self.prediction_history)
+        self.prediction_history.index_copy_(0, slot, mean.view(1, -1))
         self.history_size += 1
 
     def align(self, probs: Tensor) -> Tensor:
         """`SumNorm(q * p_target / p_model)` (q unchanged before the first batch)."""
-        p_model = self.model_distribution()
-        if p_model is None:
-            return probs
-        scale = self.target_distribution() / p_model.clamp(min=1e-6)
-        return _sum_normalize(probs * scale, dim=1)
+        aligned = _sum_normalize(probs * self.class_scale(), dim=1)
+        return torch.where(self.history_size > 0, aligned, probs)
 
     def forward(self, probs: Tensor, indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Adds the batch to the window (in training), aligns, and lets the policy weigh."""
@@ -715,10 +719,7 @@ class DistributionAlignment(ThresholdPolicy):
     @torch.no_grad()
     def log_values(self) -> dict[str, Tensor]:
         """The largest class scale `p_target / p_model` (1 before the first batch)."""
-        p_model = self.model_distribution()
-        if p_model is None:
-            return {"alignment_max": torch.ones(())}
-        return {"alignment_max": (self.target_distribution() / p_model.clamp(min=1e-6)).max()}
+        return {"alignment_max": self.class_scale().max()}
 
 
 class DebiasedThreshold(ThresholdPolicy):
