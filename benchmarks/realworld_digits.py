@@ -112,14 +112,14 @@ def build_foreign(
 
 
 def run_job(
-    method: str, data_root: pathlib.Path, run_dir: pathlib.Path, args, extra: list[str]
+    method: str, seed: int, data_root: pathlib.Path, run_dir: pathlib.Path, args, extra: list[str]
 ) -> pathlib.Path:
     """Trains one method on one prepared folder; returns the run's folder."""
     command = [
         sys.executable,
         *("-m", "sesemi", "-cn", "demo"),
         f"method={method}",
-        f"run.seed={args.current_seed}",
+        f"run.seed={seed}",
         f"run.data_root={data_root}",
         "data.prepare=null",
         f"run.num_iterations={args.steps}",
@@ -177,14 +177,14 @@ def run_imbalance(args, workdir: pathlib.Path) -> tuple[str, str]:
     balanced = {m: [] for m in args.methods}
     worst = {m: [] for m in args.methods}
     for seed in args.seeds:
-        args.current_seed = seed
         root = workdir / f"imbalance_s{seed}"
         if root.exists():
             shutil.rmtree(root)
         counts = build_imbalanced(base_split(workdir, seed), root, seed)
         for method in args.methods:
             started = time.time()
-            run = run_job(method, root, workdir / "runs" / f"imbalance_{method}_s{seed}", args, [])
+            run_dir = workdir / "runs" / f"imbalance_{method}_s{seed}"
+            run = run_job(method, seed, root, run_dir, args, [])
             per_class = recalls(run)
             shutil.rmtree(run / "checkpoints", ignore_errors=True)
             balanced[method].append(statistics.fmean(per_class.values()))
@@ -211,7 +211,6 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
     accuracy = {(m, r): [] for m in args.methods for r in args.ratios}
     auroc = {(m, r): [] for m in args.methods for r in args.ratios}
     for seed in args.seeds:
-        args.current_seed = seed
         base = base_split(workdir, seed)
         known_val = [f for c in KNOWN for f in _images(base / "val" / c)]
         for ratio in args.ratios:
@@ -224,7 +223,7 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
             for method in args.methods:
                 started = time.time()
                 name = f"foreign_{method}_r{ratio:g}_s{seed}"
-                run = run_job(method, root, workdir / "runs" / name, args, FOREIGN_OVERRIDES)
+                run = run_job(method, seed, root, workdir / "runs" / name, args, FOREIGN_OVERRIDES)
                 per_class = recalls(run)
                 accuracy[method, ratio].append(
                     sum(per_class[c] * len(_images(base / "val" / c)) for c in KNOWN)
