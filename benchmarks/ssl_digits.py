@@ -18,6 +18,16 @@ Usage (from the repository root, in the project's virtual environment):
     python benchmarks/ssl_digits.py --labels 2 5 10 --seeds 0 1 2 --steps 500 \
         --out benchmarks/results/ssl_digits.md
 
+On the 2 cores of a CPU machine, two shards side by side (`--threads 1`, each its own
+`--workdir`) finish a grid sooner; `--collect` then tabulates them without training:
+
+    python benchmarks/ssl_digits.py --labels 1 --seeds 0 1 2 --steps 300 --threads 1 \
+        --methods flexmatch --workdir /tmp/shard_a &
+    python benchmarks/ssl_digits.py --labels 1 --seeds 0 1 2 --steps 300 --threads 1 \
+        --methods supervised rotation --workdir /tmp/shard_b
+    python benchmarks/ssl_digits.py --labels 1 --seeds 0 1 2 --steps 300 --threads 1 \
+        --methods supervised rotation flexmatch --collect /tmp/shard_a /tmp/shard_b
+
 Any method of the `method` config group can be named in `--methods`; `--set` adds Hydra overrides
 to every job, e.g. a lighter rotation loss (formerly `--rotation-weight 0.5`):
 
@@ -190,6 +200,32 @@ def read_comparison(path: pathlib.Path, methods: list[str], seeds: list[int]) ->
     return found
 
 
+def collect(args: argparse.Namespace, n: int) -> tuple[dict, pathlib.Path]:
+    """`--collect`: each method's results for N labels per class from the `--workdir` folders
+    that ran it (each folder's newest `l<N>` multirun), and a folder holding the splits."""
+    found: dict[str, tuple[list, float]] = {}
+    for folder in map(pathlib.Path, args.collect):
+        sweeps = sorted((folder / "runs" / f"l{n}").glob("multirun_*/comparison.csv"))
+        if not sweeps:
+            continue
+        # The multirun's command, the log's first line, names its methods.
+        command = shlex.split((folder / f"multirun_l{n}.log").read_text().splitlines()[0][2:])
+        ran = next(o for o in command if o.startswith("method=")).split("=", 1)[1].split(",")
+        steps = int(next(o for o in command if o.startswith("run.num_iterations=")).split("=")[1])
+        if steps != args.steps:
+            raise RuntimeError(f"{folder} ran {steps} steps per job, not --steps {args.steps}")
+        for method, value in read_comparison(sweeps[-1], ran, args.seeds).items():
+            if method not in args.methods:
+                continue
+            if method in found:
+                raise RuntimeError(f"{method} at {n} labels/class ran in two --collect folders")
+            found[method] = value
+    missing = sorted(set(args.methods) - set(found))
+    if missing:
+        raise RuntimeError(f"no --collect folder ran {missing} at {n} labels/class")
+    return found, pathlib.Path(args.collect[0])
+
+
 def cell(values: list[float]) -> str:
     """`mean ± std` in percent; std is the sample std over seeds (n-1, as compare.py; 0 for 1)."""
     a = [100.0 * v for v in values]
@@ -209,16 +245,27 @@ def format_table(results: dict, seconds: dict, labels: list[int]) -> str:
 def footer(argv: list[str], args: argparse.Namespace, example: list[str], wall: float) -> str:
     """Command, date, machine, versions, budget, statistics and wall time."""
     command, *made = provenance(argv, args.threads)
+    if args.collect:  # the multiruns that made the numbers, from their logs
+        ran = [
+            f"- collected from `{log}`: `{log.read_text().splitlines()[0][2:]}`"
+            for folder in map(pathlib.Path, args.collect)
+            for log in sorted(folder.glob("multirun_l*.log"))
+        ]
+    else:
+        ran = [
+            f"- each N ran as one multirun, e.g. N={args.labels[0]}: "
+            f"`{shlex.join(['python', *example[1:]])}`"
+        ]
     lines = [
         command,
-        f"- each N ran as one multirun, e.g. N={args.labels[0]}: "
-        f"`{shlex.join(['python', *example[1:]])}`",
+        *ran,
         *made,
         f"- budget: {args.steps} steps per run for every method (demo config otherwise: "
         "ResNet-18, 32 px, batch 32, SGD lr 0.05, polynomial decay)",
         "- metric: top-1 accuracy (%) on the 30% stratified val split, after the last step; "
         f"mean ± sample std (n-1) over seeds {', '.join(map(str, args.seeds))}",
-        *closing(wall, args.set, "job"),
+        # Collected grids: their wall time is in their own reports (and the s/run column).
+        *closing(wall, args.set, "job")[1 if args.collect else 0 :],
     ]
     return "\n".join(lines)
 
@@ -233,6 +280,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workdir", default=None, help="data, runs, logs (default: a temp dir)")
     parser.add_argument("--out", default=None, help="also write the markdown report here")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the jobs")
+    parser.add_argument(
+        "--collect",
+        nargs="+",
+        default=None,
+        metavar="WORKDIR",
+        help="train nothing: tabulate the grids already run into these --workdir folders (e.g. "
+        "shards run side by side with --threads 1), each method from the folder that ran it; "
+        "--steps and --threads say how they ran",
+    )
     parser.add_argument(
         "--set",
         nargs="*",
@@ -250,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     temp = None
-    if args.workdir is None:
+    if args.collect:
+        workdir = pathlib.Path(args.collect[0])
+    elif args.workdir is None:
         temp = tempfile.TemporaryDirectory(prefix="ssl_digits_")
         workdir = pathlib.Path(temp.name)
     else:
@@ -262,11 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         for n in args.labels:
-            command = multirun_command(n, args, workdir)
-            log = workdir / f"multirun_l{n}.log"
-            print(f"[{n} labels/class] multirun (log: {log})", flush=True)
-            sweep = run_multirun(command, workdir / "runs" / f"l{n}", log, args.threads)
-            found = read_comparison(sweep / "comparison.csv", args.methods, args.seeds)
+            if args.collect:
+                found, workdir = collect(args, n)
+            else:
+                command = multirun_command(n, args, workdir)
+                log = workdir / f"multirun_l{n}.log"
+                print(f"[{n} labels/class] multirun (log: {log})", flush=True)
+                sweep = run_multirun(command, workdir / "runs" / f"l{n}", log, args.threads)
+                found = read_comparison(sweep / "comparison.csv", args.methods, args.seeds)
             for method, (values, secs) in found.items():
                 results[method][n] = values
                 seconds[method].append(secs)
@@ -277,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             for key in keys:
                 per_seed = ", ".join(f"{100 * v:.1f}" for v in results[key][n])
                 print(f"[{n} labels/class] {key}: {per_seed} %", flush=True)
-            print(f"  elapsed {(time.time() - start) / 60:.1f} min; results in {sweep}", flush=True)
+            if not args.collect:
+                print(f"  elapsed {(time.time() - start) / 60:.1f} min; results in {sweep}")
     except RuntimeError as error:
         print(f"ssl_digits: {error}", file=sys.stderr)
         return 1
