@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,13 @@ FAST = [
     "++trainer.enable_model_summary=false",
     "++trainer.log_every_n_steps=1",
 ]
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import open_sesemi, single_process_top1
+from conftest import free_port, open_sesemi, single_process_top1
 from PIL import Image
 
 from sesemi.schedulers.lr import polynomial_lr
@@ -54,12 +53,6 @@ class Probe(pl.Callback):
 BATCH, EPOCHS, LABELED = 4, 2, 16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def multinode(experiment: Path) -> Path:
     # Two more val cats, one with the dog cue (the bright left half): each process's half of
@@ -87,7 +80,7 @@ def multinode(experiment: Path) -> Path:
 
 def _torchrun_nodes(experiment: Path, *overrides: str) -> list[subprocess.CompletedProcess]:
     """Starts the command of the README on 2 "nodes" (one process each) and waits for both."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     nodes = [

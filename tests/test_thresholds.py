@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from sesemi.models.heads import HeadContext
 from sesemi.models.heads.thresholds import (
@@ -141,12 +141,6 @@ def test_the_state_is_in_the_state_dict_and_a_restored_policy_weighs_the_same(ma
     torch.testing.assert_close(restored(PROBS)[1], policy(PROBS)[1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, port: int, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
@@ -180,7 +174,7 @@ def test_every_process_keeps_the_state_of_the_whole_batch():
     # on the whole batches: the statistics are reduced over processes before the update.
     manager = mp.Manager()
     out = manager.dict()
-    mp.spawn(_ddp_worker, args=(_free_port(), out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(), out), nprocs=2, join=True)
     alone = {}
     for name, policy in _policies().items():
         policy = _built(policy).train()

@@ -9,11 +9,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sesemi.models.distributed import distributed, global_sums
 from sesemi.models.heads.base import HeadContext
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _check_threshold(threshold: float) -> float:
@@ -282,7 +279,7 @@ class FlexMatchThreshold(ThresholdPolicy):
             return
         counts = torch.bincount(pseudo_labels[confident], minlength=self.num_classes).float()
         counts = torch.cat([counts, counts.new_tensor([len(pseudo_labels)])])
-        if _distributed():
+        if distributed():
             dist.all_reduce(counts)
         per_class, batch = counts[:-1], counts[-1].clamp(min=1.0)
         rate = (batch / self.unlabeled_size).clamp(max=1.0)  # a tensor: no GPU sync
@@ -301,7 +298,7 @@ class FlexMatchThreshold(ThresholdPolicy):
         indices = indices.to(self.selected_label.device).long()
         labels = torch.where(confident, pseudo_labels, torch.full_like(pseudo_labels, -1))
         packed = torch.stack([indices, labels.to(indices.device)])  # (2, B)
-        if _distributed():
+        if distributed():
             size = torch.tensor([packed.shape[1]], device=packed.device)
             dist.all_reduce(size, op=dist.ReduceOp.MAX)
             padded = packed.new_full((2, int(size)), -1)
@@ -328,16 +325,6 @@ class FlexMatchThreshold(ThresholdPolicy):
             "threshold_max": thresholds.max(),
             "unused_rate": self.learning_effect()[1],
         }
-
-
-def _global_sums(*tensors: Tensor) -> list[Tensor]:
-    """Sums each tensor over every DDP process (as one all-reduce); unchanged alone."""
-    if not _distributed():
-        return list(tensors)
-    sizes = [t.numel() for t in tensors]
-    packed = torch.cat([t.reshape(-1).float() for t in tensors])
-    dist.all_reduce(packed)
-    return [p.reshape(t.shape) for p, t in zip(packed.split(sizes), tensors, strict=True)]
 
 
 class FreeMatchThreshold(ThresholdPolicy):
@@ -420,7 +407,7 @@ class FreeMatchThreshold(ThresholdPolicy):
         """Moves tau, p and h by the (global) batch's means."""
         histogram = torch.bincount(pseudo_labels, minlength=probs.shape[1]).float()
         count = probs.new_tensor([len(probs)])
-        confidence, mean_probs, histogram, count = _global_sums(
+        confidence, mean_probs, histogram, count = global_sums(
             probs.max(dim=1).values.sum(), probs.sum(dim=0), histogram, count
         )
         m, n = self.momentum, count.clamp(min=1.0)
@@ -531,7 +518,7 @@ class SoftMatchWeight(ThresholdPolicy):
     @torch.no_grad()
     def update_alignment(self, probs: Tensor) -> None:
         """Moves the running mean prediction by the (global) batch's mean."""
-        total, count = _global_sums(probs.sum(dim=0), probs.new_tensor([len(probs)]))
+        total, count = global_sums(probs.sum(dim=0), probs.new_tensor([len(probs)]))
         mean = total / count.clamp(min=1.0)
         if int(self.aligned_steps) == 0:
             self.class_prediction.copy_(mean)
@@ -543,7 +530,7 @@ class SoftMatchWeight(ThresholdPolicy):
     def update(self, probs: Tensor, pseudo_labels: Tensor, indices: Tensor | None) -> None:
         """Moves mu and var by the (global) batch's aligned confidences."""
         confidence = probs.max(dim=1).values
-        total, squares, count = _global_sums(
+        total, squares, count = global_sums(
             confidence.sum(), confidence.pow(2).sum(), probs.new_tensor([len(probs)])
         )
         n = count.clamp(min=2.0)
@@ -662,7 +649,7 @@ class DistributionAlignment(ThresholdPolicy):
         if self.target != "labeled":
             return
         known = targets[targets >= 0].long()
-        (counts,) = _global_sums(torch.bincount(known, minlength=self.num_classes).float())
+        (counts,) = global_sums(torch.bincount(known, minlength=self.num_classes).float())
         self.labeled_counts.add_(counts.to(self.labeled_counts))
 
     def target_distribution(self) -> Tensor:
@@ -688,7 +675,7 @@ class DistributionAlignment(ThresholdPolicy):
     @torch.no_grad()
     def update_history(self, probs: Tensor) -> None:
         """Adds the (global) batch's mean prediction to the window, replacing the oldest."""
-        total, count = _global_sums(probs.sum(dim=0), probs.new_tensor([len(probs)]))
+        total, count = global_sums(probs.sum(dim=0), probs.new_tensor([len(probs)]))
         slot = (self.history_size % self.window).view(1)
         mean = (total / count.clamp(min=1.0)).to(self.prediction_history)
         self.prediction_history.index_copy_(0, slot, mean.view(1, -1))
@@ -800,7 +787,7 @@ class DebiasedThreshold(ThresholdPolicy):
     @torch.no_grad()
     def update(self, probs: Tensor, pseudo_labels: Tensor, indices: Tensor | None) -> None:
         """Moves the running mean prediction by the (global) batch's mean."""
-        total, count = _global_sums(probs.sum(dim=0), probs.new_tensor([len(probs)]))
+        total, count = global_sums(probs.sum(dim=0), probs.new_tensor([len(probs)]))
         mean = total / count.clamp(min=1.0)
         self.class_prediction.mul_(self.momentum).add_((1 - self.momentum) * mean)
 

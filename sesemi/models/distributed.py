@@ -1,0 +1,22 @@
+"""Sums over DDP processes for the state that heads and losses keep equal on every rank."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def distributed() -> bool:
+    """True inside a process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_sums(*tensors: Tensor) -> list[Tensor]:
+    """Sums each tensor over every DDP process (as one all-reduce); unchanged alone."""
+    if not distributed():
+        return list(tensors)
+    sizes = [t.numel() for t in tensors]
+    packed = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(packed)
+    return [p.reshape(t.shape) for p, t in zip(packed.split(sizes), tensors, strict=True)]
