@@ -24,6 +24,8 @@ the recalls. Usage (from the repository root, in the project's virtual environme
     python benchmarks/realworld_digits.py imbalance --methods fixmatch flexmatch freematch \
         softmatch fixmatch_da debiaspl --seeds 0 1 2 --steps 300 \
         --out benchmarks/results/imbalance_digits.md
+    python benchmarks/realworld_digits.py imbalance --seeds 0 --methods \
+        flexmatch:supervised_loss=logit_adjusted   # a method with overrides of its own
     python benchmarks/realworld_digits.py foreign --methods fixmatch flexmatch \
         --ratios 0 0.25 0.5 0.75 --seeds 0 1 2 --steps 300 \
         --out benchmarks/results/foreign_digits.md
@@ -35,6 +37,7 @@ import argparse
 import csv
 import os
 import pathlib
+import re
 import shlex
 import shutil
 import statistics
@@ -111,14 +114,22 @@ def build_foreign(
     return [f for c in FOREIGN for f in _images(base / "val" / c)]
 
 
+def slug(method: str) -> str:
+    """A `--methods` entry as a folder name (`flexmatch:a.b=c` -> `flexmatch+a.b-c`)."""
+    return re.sub(r"[^\w.+-]", "-", method.replace(":", "+"))
+
+
 def run_job(
     method: str, seed: int, data_root: pathlib.Path, run_dir: pathlib.Path, args, extra: list[str]
 ) -> pathlib.Path:
-    """Trains one method on one prepared folder; returns the run's folder."""
+    """Trains one method (a `--methods` entry) on one prepared folder; returns the run's
+    folder."""
+    name, *overrides = method.split(":")
     command = [
         sys.executable,
         *("-m", "sesemi", "-cn", "demo"),
-        f"method={method}",
+        f"method={name}",
+        *overrides,
         f"run.seed={seed}",
         f"run.data_root={data_root}",
         "data.prepare=null",
@@ -183,7 +194,7 @@ def run_imbalance(args, workdir: pathlib.Path) -> tuple[str, str]:
         counts = build_imbalanced(base_split(workdir, seed), root, seed)
         for method in args.methods:
             started = time.time()
-            run_dir = workdir / "runs" / f"imbalance_{method}_s{seed}"
+            run_dir = workdir / "runs" / f"imbalance_{slug(method)}_s{seed}"
             run = run_job(method, seed, root, run_dir, args, [])
             per_class = recalls(run)
             shutil.rmtree(run / "checkpoints", ignore_errors=True)
@@ -222,7 +233,7 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
             )
             for method in args.methods:
                 started = time.time()
-                name = f"foreign_{method}_r{ratio:g}_s{seed}"
+                name = f"foreign_{slug(method)}_r{ratio:g}_s{seed}"
                 run = run_job(method, seed, root, workdir / "runs" / name, args, FOREIGN_OVERRIDES)
                 per_class = recalls(run)
                 accuracy[method, ratio].append(
@@ -278,7 +289,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scenario", choices=["imbalance", "foreign"])
-    parser.add_argument("--methods", nargs="+", default=["fixmatch", "flexmatch"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["fixmatch", "flexmatch"],
+        help="method names, each optionally with overrides of its own after colons, e.g. "
+        "flexmatch:supervised_loss=logit_adjusted",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300, help="training steps of every run")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
