@@ -145,6 +145,7 @@ def run_job(
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
     log = run_dir.with_suffix(".log")
+    shutil.rmtree(run_dir, ignore_errors=True)  # this script's own folder, from an earlier try
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         out.write("$ " + shlex.join(command) + "\n")
@@ -163,17 +164,24 @@ def recalls(run: pathlib.Path) -> dict[str, float]:
         return {row["class"]: float(row["accuracy"]) for row in csv.DictReader(f)}
 
 
-def unknown_auroc(run: pathlib.Path, known: list[pathlib.Path], foreign: list[pathlib.Path]):
-    """AUROC of `predict`'s default unknown score (OpenMatch's one-vs-all score for models that
-    have the detectors, else 1 - max probability) for foreign (positive) vs known images."""
-    from sesemi.inference import load_trained_model, predict, unknown_score
+def unknown_aurocs(
+    run: pathlib.Path, known: list[pathlib.Path], foreign: list[pathlib.Path]
+) -> dict[str, float]:
+    """AUROC of each unknown score `predict` offers this model (msp, entropy, and ova for
+    models with one-vs-all detectors) for foreign (positive) vs known images; "default" is
+    `predict`'s default (ova where there are detectors, else msp)."""
+    from sesemi.inference import UNKNOWN_SCORES, load_trained_model, predict, unknown_score
 
     model = load_trained_model(str(run / "checkpoints" / "last.ckpt"))
-    kind = "ova" if model.ova is not None else "msp"
-    files = [str(f) for f in [*known, *foreign]]
-    predictions = predict(model, files, 256)
-    scores = [float(unknown_score(p.probabilities, kind, p.inliers)) for p in predictions]
-    return float(roc_auc_score([0] * len(known) + [1] * len(foreign), scores))
+    kinds = [k for k in UNKNOWN_SCORES if k != "ova" or model.ova is not None]
+    predictions = list(predict(model, [str(f) for f in [*known, *foreign]], 256))
+    truth = [0] * len(known) + [1] * len(foreign)
+    found = {}
+    for kind in kinds:
+        scores = [float(unknown_score(p.probabilities, kind, p.inliers)) for p in predictions]
+        found[kind] = float(roc_auc_score(truth, scores))
+    found["default"] = found["ova" if model.ova is not None else "msp"]
+    return found
 
 
 def cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -221,6 +229,7 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
     """Trains every method at every foreign share and seed; returns the table and notes."""
     accuracy = {(m, r): [] for m in args.methods for r in args.ratios}
     auroc = {(m, r): [] for m in args.methods for r in args.ratios}
+    every = {(m, r): [] for m in args.methods for r in args.ratios}  # each score's AUROC
     for seed in args.seeds:
         base = base_split(workdir, seed)
         known_val = [f for c in KNOWN for f in _images(base / "val" / c)]
@@ -240,12 +249,15 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
                     sum(per_class[c] * len(_images(base / "val" / c)) for c in KNOWN)
                     / len(known_val)
                 )
-                auroc[method, ratio].append(unknown_auroc(run, known_val, foreign_val))
+                scores = unknown_aurocs(run, known_val, foreign_val)
+                auroc[method, ratio].append(scores.pop("default"))
+                every[method, ratio].append(scores)
                 shutil.rmtree(run / "checkpoints", ignore_errors=True)
                 print(
                     f"[foreign {ratio:g} s{seed}] {method}: accuracy "
                     f"{100 * accuracy[method, ratio][-1]:.1f} %, unknown-score AUROC "
-                    f"{auroc[method, ratio][-1]:.3f} ({time.time() - started:.0f} s)",
+                    + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+                    + f" ({time.time() - started:.0f} s)",
                     flush=True,
                 )
     head = ["method", *[f"{100 * r:g} % foreign" for r in args.ratios]]
@@ -257,6 +269,13 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
     for m in args.methods:
         cells = (cell(auroc[m, r], 1.0, 3) for r in args.ratios)
         rows.append("| " + " | ".join([m, *cells]) + " |")
+    rows += ["", "The AUROC of each unknown score `predict` offers (mean over seeds):", ""]
+    rows += ["| " + " | ".join(["method", "score", *head[1:]]) + " |"]
+    rows += ["|---|---|" + "---:|" * len(args.ratios)]
+    for m in args.methods:
+        for kind in every[m, args.ratios[0]][0]:
+            means = (statistics.fmean(s[kind] for s in every[m, r]) for r in args.ratios)
+            rows.append("| " + " | ".join([m, kind, *(f"{v:.3f}" for v in means)]) + " |")
     notes = (
         f"- known classes {', '.join(KNOWN)} ({args.foreign_labels} labels each), foreign "
         f"{', '.join(FOREIGN)}; unlabeled: {args.known_unlabeled} known images + "
