@@ -6,6 +6,7 @@ import csv
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -246,8 +247,11 @@ def test_same_seed_gives_identical_metrics(experiment):
     for _ in range(2):
         out = _custom(experiment)  # one epoch, validated at its end
         assert out.returncode == 0, out.stderr[-3000:]
-        runs.append([line for line in out.stdout.splitlines() if line.strip().startswith("val/")])
-    assert runs[0] and runs[0] == runs[1]
+        # The end-of-run summary's metric lines (not the progress bar's, whose padding follows
+        # the elapsed time's width).
+        summary = re.compile(r"  val/\S+ +\S+$")
+        runs.append([line for line in out.stdout.splitlines() if summary.match(line)])
+    assert len(runs[0]) >= 2 and runs[0] == runs[1]
 
 
 def test_sigkilled_run_resumes_to_the_same_final_step_and_weights(experiment):
