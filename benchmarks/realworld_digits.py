@@ -168,8 +168,7 @@ def unknown_aurocs(
     run: pathlib.Path, known: list[pathlib.Path], foreign: list[pathlib.Path]
 ) -> dict[str, float]:
     """AUROC of each unknown score `predict` offers this model (msp, entropy, and ova for
-    models with one-vs-all detectors) for foreign (positive) vs known images; "default" is
-    `predict`'s default (ova where there are detectors, else msp)."""
+    models with one-vs-all detectors) for foreign (positive) vs known images."""
     from sesemi.inference import UNKNOWN_SCORES, load_trained_model, predict, unknown_score
 
     model = load_trained_model(str(run / "checkpoints" / "last.ckpt"))
@@ -180,7 +179,6 @@ def unknown_aurocs(
     for kind in kinds:
         scores = [float(unknown_score(p.probabilities, kind, p.inliers)) for p in predictions]
         found[kind] = float(roc_auc_score(truth, scores))
-    found["default"] = found["ova" if model.ova is not None else "msp"]
     return found
 
 
@@ -250,7 +248,8 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
                     / len(known_val)
                 )
                 scores = unknown_aurocs(run, known_val, foreign_val)
-                auroc[method, ratio].append(scores.pop("default"))
+                # predict's default score: ova where the model has detectors, else msp
+                auroc[method, ratio].append(scores["ova" if "ova" in scores else "msp"])
                 every[method, ratio].append(scores)
                 shutil.rmtree(run / "checkpoints", ignore_errors=True)
                 print(

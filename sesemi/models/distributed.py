@@ -20,3 +20,11 @@ def global_sums(*tensors: Tensor) -> list[Tensor]:
     packed = torch.cat([t.reshape(-1).float() for t in tensors])
     dist.all_reduce(packed)
     return [p.reshape(t.shape) for p, t in zip(packed.split(sizes), tensors, strict=True)]
+
+
+def global_class_counts(targets: Tensor, num_classes: int) -> Tensor:
+    """How many of the (global) batch's class-index targets fall in each class `(C,)`, as
+    floats; targets < 0 (unknown) are skipped."""
+    known = targets[targets >= 0].long()
+    (counts,) = global_sums(torch.bincount(known, minlength=num_classes).float())
+    return counts

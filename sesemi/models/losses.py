@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sesemi.models.distributed import global_sums
+from sesemi.models.distributed import global_class_counts, global_sums
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -58,11 +58,9 @@ class LogitAdjustedCrossEntropy(nn.Module):
     def observe(self, targets: Tensor) -> None:
         """Counts the (global) batch's targets: class indices (< 0 skipped) or probabilities."""
         if targets.ndim == 2:
-            counts = targets.float().sum(dim=0)
+            (counts,) = global_sums(targets.float().sum(dim=0))
         else:
-            known = targets[targets >= 0].long()
-            counts = torch.bincount(known, minlength=self.num_classes).float()
-        (counts,) = global_sums(counts)
+            counts = global_class_counts(targets, self.num_classes)
         self.labeled_counts.add_(counts.to(self.labeled_counts))
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:

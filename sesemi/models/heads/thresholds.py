@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sesemi.models.distributed import distributed, global_sums
+from sesemi.models.distributed import distributed, global_class_counts, global_sums
 from sesemi.models.heads.base import HeadContext
 
 
@@ -648,8 +648,7 @@ class DistributionAlignment(ThresholdPolicy):
         """Counts the (global) labeled batch's classes; targets < 0 (unknown) are skipped."""
         if self.target != "labeled":
             return
-        known = targets[targets >= 0].long()
-        (counts,) = global_sums(torch.bincount(known, minlength=self.num_classes).float())
+        counts = global_class_counts(targets, self.num_classes)
         self.labeled_counts.add_(counts.to(self.labeled_counts))
 
     def target_distribution(self) -> Tensor:
