@@ -14,6 +14,13 @@ import sys
 VERSIONS = ("torch", "pytorch-lightning", "hydra-core", "scikit-learn", "sesemi")
 
 
+def accelerator() -> str:
+    """`; GPU: <name>` where CUDA sees one (the jobs may use it), else nothing."""
+    import torch
+
+    return f"; GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+
+
 def provenance(argv: list[str], threads: int, packages: tuple[str, ...] = VERSIONS) -> list[str]:
     """The report lines saying how it was made: command, date, machine and versions."""
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in packages)
@@ -21,7 +28,7 @@ def provenance(argv: list[str], threads: int, packages: tuple[str, ...] = VERSIO
         f"- command: `{shlex.join(['python', os.path.relpath(sys.argv[0]), *argv])}`",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}, "
-        "OMP_WAIT_POLICY=PASSIVE",
+        f"OMP_WAIT_POLICY=PASSIVE{accelerator()}",
         f"- versions: {versions}, Python {platform.python_version()}",
     ]
 

@@ -180,50 +180,68 @@ def run_multirun(command: list[str], runs: pathlib.Path, log: pathlib.Path, thre
 
 
 def read_comparison(path: pathlib.Path, methods: list[str], seeds: list[int]) -> dict:
-    """Each method's (val/top1 per seed in `seeds` order, seconds per run) from `comparison.csv`."""
+    """Each method's ({seed: val/top1}, seconds per run) from `comparison.csv`, for `seeds`."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    found: dict[str, tuple[list, float]] = {}
+    found: dict[str, tuple[dict, float]] = {}
     for row in rows:
         named = re.findall(r"(?:^| )method=(\S+)", row["configuration"])
         method = named[0] if named else methods[0] if len(methods) == 1 else None
         if method not in methods or method in found:
             raise RuntimeError(f"{path}: unexpected row {row['configuration']!r} (--set sweeps?)")
         values = [float(v) for v in row["per_seed"].split()]
-        if row["seed_values"].split() != [str(s) for s in seeds]:
+        if sorted(int(s) for s in row["seed_values"].split()) != sorted(seeds):
             raise RuntimeError(f"{path}: {method} ran seeds {row['seed_values']}, not {seeds}")
         if any(np.isnan(values)):
             raise RuntimeError(f"{path}: a {method} job has no val/top1 ({row['per_seed']})")
-        found[method] = (values, float(row["seconds_per_run"]))
+        per_seed = dict(zip(map(int, row["seed_values"].split()), values, strict=True))
+        found[method] = (per_seed, float(row["seconds_per_run"]))
     if set(found) != set(methods):
         raise RuntimeError(f"{path}: no row for {sorted(set(methods) - set(found))}")
     return found
 
 
-def collect(args: argparse.Namespace, n: int) -> tuple[dict, pathlib.Path]:
+def logged_option(log: pathlib.Path, name: str) -> str:
+    """The value of `name=` in the multirun command on the first line of its log."""
+    command = shlex.split(log.read_text().splitlines()[0][2:])
+    return next(o for o in command if o.startswith(name + "=")).split("=", 1)[1]
+
+
+def collect(args: argparse.Namespace, n: int) -> tuple[dict, dict]:
     """`--collect`: each method's results for N labels per class from the `--workdir` folders
-    that ran it (each folder's newest `l<N>` multirun), and a folder holding the splits."""
-    found: dict[str, tuple[list, float]] = {}
+    that ran it (each folder's newest `l<N>` multirun; one method's seeds may come from several
+    folders, each seed from one), and each seed's split folder (for LabelSpreading)."""
+    per_seed: dict[str, dict[int, float]] = {}
+    seconds: dict[str, list[float]] = {}
+    splits: dict[int, pathlib.Path] = {}
     for folder in map(pathlib.Path, args.collect):
         sweeps = sorted((folder / "runs" / f"l{n}").glob("multirun_*/comparison.csv"))
         if not sweeps:
             continue
-        # The multirun's command, the log's first line, names its methods.
-        command = shlex.split((folder / f"multirun_l{n}.log").read_text().splitlines()[0][2:])
-        ran = next(o for o in command if o.startswith("method=")).split("=", 1)[1].split(",")
-        steps = int(next(o for o in command if o.startswith("run.num_iterations=")).split("=")[1])
+        log = folder / f"multirun_l{n}.log"
+        steps = int(logged_option(log, "run.num_iterations"))
         if steps != args.steps:
             raise RuntimeError(f"{folder} ran {steps} steps per job, not --steps {args.steps}")
-        for method, value in read_comparison(sweeps[-1], ran, args.seeds).items():
+        ran = logged_option(log, "method").split(",")
+        seeds = [int(s) for s in logged_option(log, "run.seed").split(",")]
+        for seed in seeds:
+            splits.setdefault(seed, folder / f"digits_l{n}_s{seed}")
+        for method, (values, secs) in read_comparison(sweeps[-1], ran, seeds).items():
             if method not in args.methods:
                 continue
-            if method in found:
-                raise RuntimeError(f"{method} at {n} labels/class ran in two --collect folders")
-            found[method] = value
-    missing = sorted(set(args.methods) - set(found))
-    if missing:
-        raise RuntimeError(f"no --collect folder ran {missing} at {n} labels/class")
-    return found, pathlib.Path(args.collect[0])
+            twice = sorted(set(values) & set(per_seed.get(method, {})))
+            if twice:
+                raise RuntimeError(f"{method} at {n} labels/class, seed(s) {twice}, ran twice")
+            per_seed.setdefault(method, {}).update(values)
+            seconds.setdefault(method, []).extend([secs] * len(values))
+    found = {}
+    for method in args.methods:
+        missing = sorted(set(args.seeds) - set(per_seed.get(method, {})))
+        if missing:
+            raise RuntimeError(f"no --collect folder ran {method}, seed(s) {missing}, at {n}/class")
+        values = [per_seed[method][seed] for seed in args.seeds]
+        found[method] = (values, statistics.fmean(seconds[method]))
+    return found, splits
 
 
 def cell(values: list[float]) -> str:
@@ -321,18 +339,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n in args.labels:
             if args.collect:
-                found, workdir = collect(args, n)
+                found, splits = collect(args, n)
             else:
                 command = multirun_command(n, args, workdir)
                 log = workdir / f"multirun_l{n}.log"
                 print(f"[{n} labels/class] multirun (log: {log})", flush=True)
                 sweep = run_multirun(command, workdir / "runs" / f"l{n}", log, args.threads)
                 found = read_comparison(sweep / "comparison.csv", args.methods, args.seeds)
+                found = {m: ([v[s] for s in args.seeds], t) for m, (v, t) in found.items()}
+                splits = {seed: workdir / f"digits_l{n}_s{seed}" for seed in args.seeds}
             for method, (values, secs) in found.items():
                 results[method][n] = values
                 seconds[method].append(secs)
             for seed in args.seeds:
-                acc, secs = run_label_spreading(workdir / f"digits_l{n}_s{seed}")
+                acc, secs = run_label_spreading(splits[seed])
                 results[LABEL_SPREADING][n].append(acc)
                 seconds[LABEL_SPREADING].append(secs)
             for key in keys:
