@@ -172,8 +172,8 @@ class Classifier(pl.LightningModule):
         )
         features, logits = outputs.pop(0)
         cache: dict[str, Any] = {"supervised_backbone": features, "supervised_logits": logits}
-        for name, views in joined.items():  # each head's joined views' logits, in order
-            cache[f"joined/{name}"] = [outputs.pop(0)[1] for _ in views]
+        for name, views in joined.items():  # each head's joined views' outputs, in order
+            cache[f"joined/{name}"] = [outputs.pop(0) for _ in views]
         inputs = HeadInputs(batch, self.backbones, self.classifiers, cache, step)
         losses = {SUPERVISED: self.supervised_loss(logits, targets)}
         losses.update({name: head(inputs) for name, head in self.heads.items()})

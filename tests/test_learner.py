@@ -440,6 +440,58 @@ def test_the_joint_forward_changes_only_the_batchnorm_statistics():
     torch.testing.assert_close(bn.running_mean, expected)
 
 
+def _rotation_learner(joint_forward):
+    torch.manual_seed(0)
+    head = RotationPredictionLossHead("rotation", joint_forward=joint_forward)
+    return Classifier(
+        PyTorchImageModels("test_resnet"),
+        3,
+        functools.partial(torch.optim.SGD, lr=0.1),
+        heads={"rotation": head},
+    )
+
+
+def _rotation_batch():
+    torch.manual_seed(1)
+    labeled = (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
+    unlabeled = [(torch.randn(3, 32, 32), -1) for _ in range(3)]
+    return {"supervised": labeled, "rotation": RotationTransformer()(unlabeled)}
+
+
+@pytest.mark.parametrize(("joint_forward", "passes"), [(False, 2), (True, 1)])
+def test_a_joint_forward_puts_labeled_and_rotated_images_through_one_pass(joint_forward, passes):
+    learner = _rotation_learner(joint_forward).train()
+    sizes = []
+    learner.backbone.register_forward_hook(lambda module, args, out: sizes.append(len(args[0])))
+    total, logs = learner.compute_losses(_rotation_batch(), step=0)
+    assert len(sizes) == passes and sum(sizes) == 16  # 4 labeled + 3 images x 4 rotations
+    total.backward()
+    assert learner.heads["rotation"].fc.weight.grad.abs().sum() > 0  # the head learns from it
+
+
+def test_a_joint_rotation_pass_gives_the_same_losses_in_eval_mode():
+    # Running statistics: the joint pass changes nothing but which batch BatchNorm normalizes by.
+    batch = _rotation_batch()
+    losses = [
+        _rotation_learner(mode).eval().compute_losses(batch, step=0)[1]["rotation_loss"]
+        for mode in (False, True)
+    ]
+    torch.testing.assert_close(losses[0], losses[1])
+    train = [
+        _rotation_learner(mode).train().compute_losses(batch, step=0) for mode in (False, True)
+    ]
+    assert not torch.allclose(train[0][1]["rotation_loss"], train[1][1]["rotation_loss"])
+
+
+def test_a_joint_rotation_pass_needs_the_trained_backbone():
+    with pytest.raises(ValueError, match="joint_forward runs the trained backbone"):
+        RotationPredictionLossHead(
+            "rotation", input_backbone="teacher_backbone", joint_forward=True
+        )
+    with pytest.raises(ValueError, match="joint_forward must be true or false"):
+        RotationPredictionLossHead("rotation", joint_forward="all")
+
+
 def test_one_step_epochs_do_not_write_the_model_every_step(tmp_path):
     from sesemi.callbacks import LastCheckpoint
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -51,6 +52,27 @@ class ClassifierNet(nn.Module):
         logits = self.supervised_head(features)
         sizes = [len(c) for c in chunks]
         return list(zip(features.split(sizes), logits.split(sizes), strict=True))
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_statistics(module: nn.Module) -> Iterator[None]:
+    """Inside, `module`'s BatchNorm layers still normalize a training batch by its own statistics
+    but leave their running statistics (the ones evaluation uses) as they are: for a pass over
+    images unlike those the model is evaluated on, e.g. rotated ones."""
+    layers = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
+    saved = [(m, m.momentum, m.num_batches_tracked.clone()) for m in layers]
+    for layer in layers:
+        layer.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for layer, momentum, count in saved:
+            layer.momentum = momentum
+            layer.num_batches_tracked.copy_(count)
 
 
 class BatchPreparation(nn.Module):

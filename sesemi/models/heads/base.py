@@ -52,7 +52,8 @@ class HeadInputs:
             logits; with a teacher, "teacher_supervised_head" too.
         features: A per-step cache of computed tensors that heads may share (e.g. the supervised
             batch's features under "supervised_backbone", and under "joined/<head name>" the
-            student's logits of the views a head asked to join the supervised forward pass).
+            student's `(features, logits)` of each batch a head asked to join the supervised
+            forward pass).
         step: The global optimizer step.
     """
 
@@ -141,7 +142,8 @@ class LossHead(nn.Module):
     def joined_views(self, data: Mapping[str, Any]) -> list[Tensor]:
         """Image batches of the head's loader that the learner should put through the student in
         the same forward pass as the supervised batch (shared BatchNorm statistics); their
-        logits then reach the head as `inputs.features["joined/<name>"]`, in order. None here."""
+        `(features, logits)` then reach the head as `inputs.features["joined/<name>"]`, in
+        order. None here."""
         return []
 
     def features(self, inputs: HeadInputs, images: Tensor, teacher: bool = False) -> Tensor:

@@ -133,7 +133,7 @@ class FixMatchLossHead(LossHead):
         if self.uses_teacher:
             return self.logits(inputs, weak, teacher=True), self.logits(inputs, strong)
         if self.joint_forward == "all":  # the learner ran them with the labeled batch
-            weak_logits, strong_logits = inputs.features[f"joined/{self.name}"]
+            (_, weak_logits), (_, strong_logits) = inputs.features[f"joined/{self.name}"]
             return weak_logits.detach(), strong_logits
         if self.joint_forward:
             logits = self.logits(inputs, torch.cat([weak, strong]))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sesemi.models.heads.base import HeadContext, HeadInputs, LossHead
+from sesemi.models.net import frozen_batchnorm_statistics
 
 
 class TransformationPredictionLossHead(LossHead):
@@ -18,7 +20,12 @@ class TransformationPredictionLossHead(LossHead):
     collate function (`sesemi.collation.RotationTransformer`, `JigsawTransformer`); returns each
     image's cross-entropy `(N,)` and logs `top1`, the share of transformations recognized. The
     first batch's labels are checked against `num_transformations` (later ones are not: `.max()`
-    waits for the GPU).
+    waits for the GPU). With `joint_forward`, the transformed images go through the backbone in
+    the supervised batch's forward pass (one set of BatchNorm statistics for both, as USB's
+    `use_cat` does for FixMatch) instead of a pass of their own. Without `update_bn_stats`, that
+    pass of their own normalizes by the batch's statistics but leaves BatchNorm's running
+    statistics, which evaluation uses, to the labeled images: transformed images (rotated digits)
+    make the deeper layers' statistics unlike those of the upright images evaluated.
     """
 
     reads_classifier = False
@@ -27,7 +34,12 @@ class TransformationPredictionLossHead(LossHead):
     collation: ClassVar[str] = "collate function"
 
     def __init__(
-        self, input_data: str, input_backbone: str = "backbone", num_transformations: int = 4
+        self,
+        input_data: str,
+        input_backbone: str = "backbone",
+        num_transformations: int = 4,
+        joint_forward: bool = False,
+        update_bn_stats: bool = True,
     ) -> None:
         """Initializes the head.
 
@@ -35,11 +47,30 @@ class TransformationPredictionLossHead(LossHead):
             input_data: The loader name of the transformed batches.
             input_backbone: The backbone to extract features with.
             num_transformations: The number of transformation classes (the collation's).
+            joint_forward: Put the transformed images through the backbone together with the
+                supervised batch (needs `input_backbone: backbone`, the model trained).
+            update_bn_stats: Whether the transformed images' own pass moves BatchNorm's running
+                statistics (false: only the supervised pass does; not with `joint_forward`).
         """
         super().__init__(input_data, input_backbone)
         if num_transformations < 1:
             raise ValueError(f"{self.argument} must be at least 1, got {num_transformations}")
+        for name, value in (("joint_forward", joint_forward), ("update_bn_stats", update_bn_stats)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        if joint_forward and not update_bn_stats:
+            raise ValueError(
+                "joint_forward puts the transformed images in the supervised pass, whose "
+                "statistics BatchNorm keeps; use update_bn_stats: true with it"
+            )
+        if joint_forward and input_backbone != "backbone":
+            raise ValueError(
+                f"joint_forward runs the trained backbone, not '{input_backbone}'; "
+                "use input_backbone: backbone or joint_forward: false"
+            )
         self.num_transformations = num_transformations
+        self.joint_forward = joint_forward
+        self.update_bn_stats = update_bn_stats
         self.fc: nn.Module = nn.Identity()
         self._checked = False
 
@@ -48,6 +79,12 @@ class TransformationPredictionLossHead(LossHead):
         super().build(context)
         in_features = context.backbones[self.input_backbone].out_features
         self.fc = nn.Linear(in_features, self.num_transformations)
+
+    def joined_views(self, data: Mapping[str, Any]) -> list[Tensor]:
+        """With `joint_forward`, the transformed images join the supervised forward pass."""
+        if not self.joint_forward or self.input_data not in data:  # forward() says what's wrong
+            return []
+        return [data[self.input_data][0]]
 
     def forward(self, inputs: HeadInputs) -> Tensor:
         """Returns the cross-entropy of each transformed image `(N,)`."""
@@ -61,7 +98,14 @@ class TransformationPredictionLossHead(LossHead):
                 f"{self.collation} the same {self.argument}"
             )
         self._checked = True
-        logits = self.fc(self.features(inputs, images)).float()
+        if self.joint_forward:
+            [(features, _)] = inputs.features[f"joined/{self.name}"]  # the learner's joint pass
+        elif self.update_bn_stats:
+            features = self.features(inputs, images)
+        else:
+            with frozen_batchnorm_statistics(inputs.backbones[self.input_backbone]):
+                features = self.features(inputs, images)
+        logits = self.fc(features).float()
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         self.log_values = {"top1": accuracy.detach()}
         return F.cross_entropy(logits, labels, reduction="none")
@@ -79,7 +123,12 @@ class RotationPredictionLossHead(TransformationPredictionLossHead):
     collation = "RotationTransformer"
 
     def __init__(
-        self, input_data: str, input_backbone: str = "backbone", num_rotations: int = 4
+        self,
+        input_data: str,
+        input_backbone: str = "backbone",
+        num_rotations: int = 4,
+        joint_forward: bool = False,
+        update_bn_stats: bool = True,
     ) -> None:
         """Initializes the head.
 
@@ -88,5 +137,8 @@ class RotationPredictionLossHead(TransformationPredictionLossHead):
             input_backbone: The backbone to extract features with.
             num_rotations: The number of classes: the collation's `num_labels` (4 rotations, or
                 6 with its flips).
+            joint_forward: Rotated and labeled images in one forward pass (see the base class).
+            update_bn_stats: Whether the rotated images' pass moves BatchNorm's running
+                statistics (see the base class).
         """
-        super().__init__(input_data, input_backbone, num_rotations)
+        super().__init__(input_data, input_backbone, num_rotations, joint_forward, update_bn_stats)
