@@ -483,6 +483,40 @@ def test_a_joint_rotation_pass_gives_the_same_losses_in_eval_mode():
     assert not torch.allclose(train[0][1]["rotation_loss"], train[1][1]["rotation_loss"])
 
 
+def test_a_rotation_pass_without_update_bn_stats_leaves_the_running_statistics_to_the_labeled():
+    batch = _rotation_batch()
+    moved = {}
+    for update in (True, False):
+        torch.manual_seed(0)
+        head = RotationPredictionLossHead("rotation", update_bn_stats=update)
+        learner = Classifier(
+            PyTorchImageModels("test_resnet"),
+            3,
+            functools.partial(torch.optim.SGD, lr=0.1),
+            heads={"rotation": head},
+        ).train()
+        bns = [m for m in learner.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        seen = []  # each pass's input to the first BatchNorm layer
+        bns[0].register_forward_pre_hook(
+            lambda module, args, seen=seen: seen.append(args[0].detach())
+        )
+        before = bns[0].running_mean.clone()
+        _, logs = learner.compute_losses(batch, step=0)
+        labeled, rotated = seen
+        momentum = bns[0].momentum
+        after_labeled = (1 - momentum) * before + momentum * labeled.mean(dim=(0, 2, 3))
+        if update:  # the rotated pass moved the statistics on from there
+            expected = (1 - momentum) * after_labeled + momentum * rotated.mean(dim=(0, 2, 3))
+        else:
+            expected = after_labeled
+        torch.testing.assert_close(bns[0].running_mean, expected)
+        assert all(bn.momentum == 0.1 for bn in bns)  # restored
+        assert all(int(bn.num_batches_tracked) == (2 if update else 1) for bn in bns)
+        moved[update] = logs["rotation_loss"]
+    # The rotated batch is still normalized by its own statistics: the loss is the same.
+    torch.testing.assert_close(moved[True], moved[False])
+
+
 def test_a_joint_rotation_pass_needs_the_trained_backbone():
     with pytest.raises(ValueError, match="joint_forward runs the trained backbone"):
         RotationPredictionLossHead(
@@ -490,6 +524,8 @@ def test_a_joint_rotation_pass_needs_the_trained_backbone():
         )
     with pytest.raises(ValueError, match="joint_forward must be true or false"):
         RotationPredictionLossHead("rotation", joint_forward="all")
+    with pytest.raises(ValueError, match="use update_bn_stats: true with it"):
+        RotationPredictionLossHead("rotation", joint_forward=True, update_bn_stats=False)
 
 
 def test_one_step_epochs_do_not_write_the_model_every_step(tmp_path):
