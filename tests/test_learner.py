@@ -524,6 +524,8 @@ def test_a_joint_rotation_pass_needs_the_trained_backbone():
         )
     with pytest.raises(ValueError, match="joint_forward must be true or false"):
         RotationPredictionLossHead("rotation", joint_forward="all")
+    assert RotationPredictionLossHead("rotation").update_bn_stats is False  # the default
+    assert RotationPredictionLossHead("rotation", joint_forward=True).update_bn_stats is True
     with pytest.raises(ValueError, match="use update_bn_stats: true with it"):
         RotationPredictionLossHead("rotation", joint_forward=True, update_bn_stats=False)
 
