@@ -144,7 +144,8 @@ class RotationPredictionLossHead(TransformationPredictionLossHead):
             update_bn_stats: Whether the rotated images' pass moves BatchNorm's running
                 statistics (see the base class). By default it does not: in 300 steps on the
                 digits that pass cost rotation prediction 3 points even at loss weight 0, and
-                without it rotation beats supervised-only (README, Results). True is the
-                reference behaviour (SESEMI's code, one set of statistics for every pass).
+                without it rotation beats supervised-only at 1 and 2 labels per class (README,
+                Results). True is the reference behaviour (SESEMI's code, one set of statistics
+                for every pass).
         """
         super().__init__(input_data, input_backbone, num_rotations, joint_forward, update_bn_stats)
