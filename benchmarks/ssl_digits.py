@@ -224,8 +224,10 @@ def collect(args: argparse.Namespace, n: int) -> tuple[dict, dict]:
             raise RuntimeError(f"{folder} ran {steps} steps per job, not --steps {args.steps}")
         ran = logged_option(log, "method").split(",")
         seeds = [int(s) for s in logged_option(log, "run.seed").split(",")]
-        for seed in seeds:
-            splits.setdefault(seed, folder / f"digits_l{n}_s{seed}")
+        for seed in seeds:  # the first folder that still holds the seed's split
+            split = folder / f"digits_l{n}_s{seed}"
+            if (split / "sesemi_digits.json").is_file():
+                splits.setdefault(seed, split)
         for method, (values, secs) in read_comparison(sweeps[-1], ran, seeds).items():
             if method not in args.methods:
                 continue
@@ -234,6 +236,9 @@ def collect(args: argparse.Namespace, n: int) -> tuple[dict, dict]:
                 raise RuntimeError(f"{method} at {n} labels/class, seed(s) {twice}, ran twice")
             per_seed.setdefault(method, {}).update(values)
             seconds.setdefault(method, []).extend([secs] * len(values))
+    lost = sorted(set(args.seeds) - set(splits))
+    if lost:
+        raise RuntimeError(f"no --collect folder holds the split of seed(s) {lost} at {n}/class")
     found = {}
     for method in args.methods:
         missing = sorted(set(args.seeds) - set(per_seed.get(method, {})))
