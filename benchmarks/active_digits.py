@@ -19,11 +19,20 @@ ssl_digits.py): the final weights are scored, nothing is selected on it. Each ro
 many of the 10 classes the picks cover and how many of round 0's pre-labels (the CSV's `guess`)
 were right.
 
-Usage (from the repository root, in the project's virtual environment), the full run (about an
-hour on 2 CPU cores: 8 trainings of ~2.5 min per seed):
+Usage (from the repository root, in the project's virtual environment), the full run (24
+trainings; each FlexMatch training of 300 steps takes about 13 minutes alone on a 2-core CPU,
+about 5 hours in all there; about 2 minutes on one core of the GPU machine):
 
-    python benchmarks/active_digits.py --seeds 0 1 2 --steps 300 \
+    python benchmarks/active_digits.py --seeds 0 1 2 --steps 300 --workdir /tmp/active \
         --out benchmarks/results/active_digits.md
+
+A training that already finished in `--workdir` (its run folder has a summary.json) is reused,
+as are the suggestion CSVs and labeled copies, so the grid can run as shards side by side and
+then be tabled by the same command: first each seed's round 0 alone (`--seeds S --strategies
+--random-n`), then one process per seed and strategy (`--seeds S --strategies margin
+--random-n`, `--seeds S --strategies random --random-n 20`, ...), all with the same
+`--workdir`, and last the full command, which trains nothing new. Several one-thread processes
+use 2 CPU cores better than one two-thread process.
 
 A smoke run of the whole pipeline (a minute or two; the numbers mean nothing):
 
@@ -73,7 +82,11 @@ def sesemi(arguments: list[str], threads: int, log: pathlib.Path) -> None:
 
 
 def train(data: pathlib.Path, run_id: str, seed: int, args, workdir: pathlib.Path) -> dict:
-    """Trains FlexMatch on the demo's budget from scratch on `data`; returns its summary.json."""
+    """Trains FlexMatch on the demo's budget from scratch on `data`; returns its summary.json.
+    A run of that id that already finished in `workdir` (it has a summary.json) is reused."""
+    found = finished(workdir, run_id)
+    if found is not None:
+        return found
     sesemi(
         [
             *("-cn", "demo", f"method={args.method}", "data.prepare=null"),
@@ -91,8 +104,16 @@ def train(data: pathlib.Path, run_id: str, seed: int, args, workdir: pathlib.Pat
         args.threads,
         workdir / "log.txt",
     )
-    (summary,) = glob.glob(str(workdir / "runs" / glob.escape(run_id) / "*" / "summary.json"))
-    return json.loads(pathlib.Path(summary).read_text())
+    found = finished(workdir, run_id)
+    if found is None:
+        raise RuntimeError(f"run {run_id} in {workdir} exited 0 but wrote no summary.json")
+    return found
+
+
+def finished(workdir: pathlib.Path, run_id: str) -> dict | None:
+    """The summary.json of run `run_id` in `workdir` (the newest one), None if none finished."""
+    found = sorted(glob.glob(str(workdir / "runs" / glob.escape(run_id) / "*" / "summary.json")))
+    return json.loads(pathlib.Path(found[-1]).read_text()) if found else None
 
 
 def suggest(checkpoint: str, split: pathlib.Path, strategy: str, n: int, seed: int, args, workdir):
@@ -113,17 +134,24 @@ def suggest(checkpoint: str, split: pathlib.Path, strategy: str, n: int, seed: i
 
 def label(split: pathlib.Path, rows: list[dict], target: pathlib.Path) -> dict:
     """Copies the split to `target` and gives the suggested images their true labels there: each
-    moves from unlabeled/<class>/ to train/<class>/. Returns what the picks were like."""
-    shutil.copytree(split, target)
-    classes, right = set(), 0
+    moves from unlabeled/<class>/ to train/<class>/. Returns what the picks were like. A target
+    made by an earlier run is kept (it is made under another name and renamed when complete)."""
+    classes, right, moves = set(), 0, []
     for row in rows:
         rel = pathlib.Path(os.path.relpath(row["file"], split))
         subset, true_class, name = rel.parts
         if subset != "unlabeled":
             raise RuntimeError(f"suggest picked {row['file']}, which is not an unlabeled image")
-        (target / "unlabeled" / true_class / name).rename(target / "train" / true_class / name)
+        moves.append(pathlib.Path(true_class, name))
         classes.add(true_class)
         right += row["guess"] == true_class
+    if not target.exists():
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(split, partial)
+        for move in moves:
+            (partial / "unlabeled" / move).rename(partial / "train" / move)
+        partial.rename(target)
     return {"classes": len(classes), "right": right, "count": len(rows)}
 
 
@@ -150,7 +178,6 @@ def run_seed(seed: int, args, root: pathlib.Path, results: dict) -> None:
             f"{picks['right']}/{n} pre-labels right; {(time.time() - start) / 60:.1f} min)",
             flush=True,
         )
-    shutil.rmtree(pathlib.Path(first["run_dir"]) / "checkpoints", ignore_errors=True)
 
 
 def cell(values: list[float]) -> str:
@@ -167,6 +194,8 @@ def table(results: dict, extra: int) -> str:
         "|---:|---|---:|---|---:|---:|",
     ]
     for (strategy, n), found in results.items():
+        if not found:
+            continue
         top1 = [t for t, _ in found]
         picks = [p for _, p in found if p is not None]
         seeds = ", ".join(f"{100 * t:.1f}" for t in top1)
@@ -208,7 +237,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300, help="training steps (the demo's 300)")
     parser.add_argument("--method", default="flexmatch", help="the method config (flexmatch)")
-    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    parser.add_argument("--strategies", nargs="*", choices=STRATEGIES, default=list(STRATEGIES))
     parser.add_argument("--extra", type=int, default=10, help="labels each strategy adds (10)")
     parser.add_argument(
         "--random-n",
