@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import numpy as np
 import pytest
@@ -88,9 +87,7 @@ def test_same_arguments_give_identical_trees(tmp_path, built):
 
 def test_second_call_is_a_no_op(built):
     before = {path: path.stat().st_mtime_ns for path in built.rglob("*") if path.is_file()}
-    start = time.perf_counter()
     assert prepare_digits(built) == built
-    assert time.perf_counter() - start < 1.0
     after = {path: path.stat().st_mtime_ns for path in built.rglob("*") if path.is_file()}
     assert before == after
     assert not list(built.parent.glob("*.tmp-*"))
