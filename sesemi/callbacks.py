@@ -323,5 +323,15 @@ class DataEpoch(Callback):
         """
         self.data = data
 
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # A run resumed mid-epoch continues that epoch without on_train_epoch_start, and its
+        # loaders' workers may start fetching before on_train_start.
+        self.data.set_epoch(int(checkpoint.get("epoch", 0)))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.data.set_epoch(trainer.current_epoch)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.data.set_epoch(trainer.current_epoch)

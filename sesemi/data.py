@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import multiprocessing
@@ -18,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from sesemi.datasets import dataset as build_dataset_by_name
 
@@ -84,9 +85,84 @@ def seeded(seed: int) -> Iterator[None]:
             np.random.set_state(numpy)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """One sample's augmentation seed: a fixed function of the run's seed, the epoch, the index."""
-    return (((seed * 1_000_003) ^ epoch) * 1_000_000_007 + index) % 2**63
+def sample_seed(seed: int, epoch: int, index: int, draw: int = 0) -> int:
+    """One sample's augmentation seed: a fixed function of the run's seed, the epoch, the index
+    and `draw`, the pass's token from `PassSampler` (0 for a loader without one)."""
+    return (((seed * 1_000_003) ^ epoch ^ draw) * 1_000_000_007 + index) % 2**63
+
+
+def _own_generator() -> torch.Generator:
+    """A generator of its own, seeded from torch's global one (so by the run's seed)."""
+    generator = torch.Generator()
+    generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+    return generator
+
+
+class PassSampler(Sampler):
+    """Shuffles a map-style dataset anew every pass, as `RandomSampler` does, and tags each index
+    with its pass: it yields `(index, token)`, the token a hash of the generator's state when the
+    pass began, which `IndexedDataset` mixes into the sample's augmentation seed.
+
+    Why: Lightning restarts a shorter training loader (the few labeled images) as often as the
+    longest one needs within one epoch, and a seed of (seed, epoch, index) alone would give each
+    image the same crop on every restart of that epoch (with 40 labeled images beside 1,300
+    unlabeled ones in batches of 32, 8 crops per image in 300 steps instead of 150). The token
+    is a function of the saved generator state, so a resumed run tags its passes as the run that
+    never stopped did. The iterator's `state_dict` (the pass's generator state and position) is
+    what torchdata's `StatefulDataLoader` saves in checkpoints. `set_epoch` (Lightning calls it
+    at every epoch start, also when a run resumes mid-epoch) tells the dataset its epoch.
+    """
+
+    def __init__(self, data_source: Dataset, generator: torch.Generator | None = None) -> None:
+        self.data_source = data_source
+        # As RandomSampler's: by default seeded from torch's global generator.
+        self.generator = generator if generator is not None else _own_generator()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tells the dataset (an `IndexedDataset`) the epoch."""
+        set_epoch = getattr(self.data_source, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.data_source)
+
+    def __iter__(self) -> _PassIterator:
+        return _PassIterator(self)
+
+
+class _PassIterator:
+    """One pass of a `PassSampler`: a permutation and its token; saves and restores its state."""
+
+    def __init__(self, sampler: PassSampler) -> None:
+        self.sampler = sampler
+        self._begin(sampler.generator.get_state())
+
+    def _begin(self, state: torch.Tensor) -> None:
+        self.state = state
+        self.sampler.generator.set_state(state)
+        digest = hashlib.blake2b(state.numpy().tobytes(), digest_size=8).digest()
+        self.token = int.from_bytes(digest, "little") % 2**62 + 1
+        self.order = torch.randperm(len(self.sampler), generator=self.sampler.generator).tolist()
+        self.position = 0
+
+    def __iter__(self) -> _PassIterator:
+        return self
+
+    def __next__(self) -> tuple[int, int]:
+        if self.position >= len(self.order):
+            raise StopIteration
+        self.position += 1
+        return self.order[self.position - 1], self.token
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator's state when the pass began and how many indices it gave."""
+        return {"generator": self.state, "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continues the saved pass: same permutation, same token, from the saved position."""
+        self._begin(state["generator"])
+        self.position = int(state["position"])
 
 
 class IndexedDataset(Dataset):
@@ -113,11 +189,13 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple:
+        # An index, or `(index, pass token)` from a `PassSampler`.
+        index, draw = key if isinstance(key, tuple) else (key, 0)
         if self.seed is None:
             sample = self.dataset[index]
         else:
-            with seeded(sample_seed(self.seed, self._epoch.value, index)):
+            with seeded(sample_seed(self.seed, self._epoch.value, index, draw)):
                 sample = self.dataset[index]
         return (*sample, index) if isinstance(sample, tuple) else (sample, index)
 
@@ -185,12 +263,22 @@ class LoaderSpec:
             dataset = self._stream(kwargs, indexed, processes or world_size, seed)
         else:
             dataset = self._sampled(kwargs, indexed, seed)
+            if indexed and seed is not None and (world_size or 1) == 1 and kwargs.get("shuffle"):
+                # Each pass its own augmentations (see PassSampler). Under DDP, Lightning's
+                # DistributedSampler shuffles instead, and a restarted loader repeats them.
+                kwargs.pop("shuffle")
+                kwargs["sampler"] = PassSampler(dataset)
         if node.get("collate_fn") is not None:
             kwargs["collate_fn"] = instantiate(node["collate_fn"])
         if node.get("worker_init_fn") is not None:
             kwargs["worker_init_fn"] = instantiate(node["worker_init_fn"])
         self.indexed = dataset if indexed else None
         if resumable:
+            # Each new iterator draws its workers' base seed from the loader's generator, by
+            # default torch's global one: a shorter loader restarted within an epoch would then
+            # shift the dropout masks of a run resumed from a checkpoint taken before that
+            # restart (its RNG states are restored after the batch is fetched).
+            kwargs["generator"] = _own_generator()
             from torchdata.stateful_dataloader import StatefulDataLoader
 
             return StatefulDataLoader(dataset, **kwargs)

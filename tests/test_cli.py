@@ -316,14 +316,17 @@ class PauseAfter(pl.Callback):
 
 def test_a_run_killed_after_a_mid_epoch_checkpoint_resumes_to_the_same_weights(experiment):
     # Random crops and flips, dropout 0.5: each sample's augmentation is seeded by (run seed,
-    # epoch, index), so the resumed run augments the batches it has left exactly as the run
-    # that never stopped, although the killed run had already fetched the next batch.
+    # epoch, index, the loader's pass), so the resumed run augments the batches it has left
+    # exactly as the run that never stopped, although the killed run had already fetched the
+    # next batch. The labeled loader (3 batches of 5 images) restarts within each epoch of 4
+    # steps, and the kill comes in the second epoch, in the middle of its pass.
     (experiment / "src").mkdir()
     (experiment / "src" / "__init__.py").write_text("")
     (experiment / "src" / "pause.py").write_text(PAUSE)
     flag = experiment / "paused"
     setup = ["run.num_epochs=3", "+trainer.val_check_interval=2"]  # epochs of 4 steps
-    pause = f"+trainer.callbacks=[{{_target_:src.pause.PauseAfter,step:2,flag:'{flag}'}}]"
+    setup.append("data.train.supervised.batch_size=5")
+    pause = f"+trainer.callbacks=[{{_target_:src.pause.PauseAfter,step:6,flag:'{flag}'}}]"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "sesemi", "-cd", "configs", "-cn", "custom", *setup]
     proc = subprocess.Popen(
@@ -339,7 +342,7 @@ def test_a_run_killed_after_a_mid_epoch_checkpoint_resumes_to_the_same_weights(e
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     (killed,) = glob.glob(str(experiment / "runs/resumed/*/checkpoints/last.ckpt"))
-    assert torch.load(killed, map_location="cpu", weights_only=True)["global_step"] == 2
+    assert torch.load(killed, map_location="cpu", weights_only=True)["global_step"] == 6
     resumed = _custom(experiment, *setup, "run.id=resumed", "run.resume_from_checkpoint=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight = _custom(experiment, *setup, "run.id=straight")
