@@ -819,7 +819,8 @@ def unmatched_settings(args: argparse.Namespace, usb_record: dict | None) -> lis
         "Random streams: same architecture, initialization scheme, data and augmentation "
         "recipes, but each library draws its own initial weights, data order and augmentation "
         "parameters from the seed (sesemi seeds each sample's augmentation by (seed, epoch, "
-        "index); the USB worker uses the global generators and one torch.Generator per loader).",
+        "index, pass); the USB worker uses the global generators and one torch.Generator per "
+        "loader).",
         "Forward passes per step: both run the labeled batch, the weak view (no gradient) and "
         "the strong view as separate passes (sesemi joint_forward=false, USB use_cat=False), but "
         "USB runs labeled, strong, weak and sesemi labeled, weak, strong: the BatchNorm running "

@@ -171,10 +171,10 @@ class IndexedDataset(Dataset):
     FlexMatch's per-image learning status). Under DDP the indices are those of the whole dataset.
 
     With a `seed`, each sample's random augmentation is drawn from generators seeded by
-    `sample_seed(seed, epoch, index)` (`set_epoch` tells it the epoch, also in DataLoader worker
-    processes), so it depends on nothing else: not on the worker, nor on how many batches were
-    fetched before. A run resumed from any checkpoint then augments every sample as the run that
-    never stopped did.
+    `sample_seed(seed, epoch, index, pass token)` (`set_epoch` tells it the epoch, also in
+    DataLoader worker processes; a `PassSampler` gives the token with each index), so it depends
+    on nothing else: not on the worker, nor on how many batches were fetched before. A run resumed
+    from any checkpoint then augments every sample as the run that never stopped did.
     """
 
     def __init__(self, dataset: Dataset, seed: int | None = None) -> None:
@@ -377,8 +377,8 @@ class SESEMIDataModule(pl.LightningDataModule):
             loader_defaults: DataLoader arguments (num_workers, pin_memory, persistent_workers)
                 for loaders that leave them null (see `DevicePlan.loader_defaults`).
             world_size: The number of training processes (for the per-process batch count).
-            seed: Seed each training sample's augmentation by (seed, epoch, index), so any
-                checkpoint resumes to the same batches (see `IndexedDataset`); None: don't.
+            seed: Seed each training sample's augmentation by (seed, epoch, index, pass), so
+                any checkpoint resumes to the same batches (see `IndexedDataset`); None: don't.
         """
         super().__init__()
         if isinstance(data, DictConfig):  # only the loaders: the data's facts may not resolve yet
