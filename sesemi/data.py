@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import random
 import warnings
+import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from sesemi.datasets import dataset as build_dataset_by_name
 
@@ -98,34 +99,47 @@ def _own_generator() -> torch.Generator:
     return generator
 
 
-class PassSampler(Sampler):
-    """Shuffles a map-style dataset anew every pass, as `RandomSampler` does, and tags each index
-    with its pass: it yields `(index, token)`, the token a hash of the generator's state when the
-    pass began, which `IndexedDataset` mixes into the sample's augmentation seed.
+class PassSampler(DistributedSampler):
+    """Shuffles a map-style dataset anew every pass, as `RandomSampler` (or, over several
+    processes, `DistributedSampler`) does, and tags each index with its pass: it yields
+    `(index, token)`, the token a hash of the generator's state when the pass began, which
+    `IndexedDataset` mixes into the sample's augmentation seed.
 
     Why: Lightning restarts a shorter training loader (the few labeled images) as often as the
     longest one needs within one epoch, and a seed of (seed, epoch, index) alone would give each
     image the same crop on every restart of that epoch (with 40 labeled images beside 1,300
-    unlabeled ones in batches of 32, 8 crops per image in 300 steps instead of 150). The token
-    is a function of the saved generator state, so a resumed run tags its passes as the run that
-    never stopped did. The iterator's `state_dict` (the pass's generator state and position) is
-    what torchdata's `StatefulDataLoader` saves in checkpoints. `set_epoch` (Lightning calls it
-    at every epoch start, also when a run resumes mid-epoch) tells the dataset its epoch.
+    unlabeled ones in batches of 32, 8 crops per image in 300 steps instead of 150);
+    `DistributedSampler`, whose order is a function of the epoch, would also repeat the order.
+    The token is a function of the saved generator state, so a resumed run tags its passes as
+    the run that never stopped did. The iterator's `state_dict` (the pass's generator state and
+    position) is what torchdata's `StatefulDataLoader` saves in checkpoints. `set_epoch`
+    (Lightning calls it at every epoch start, also when a run resumes mid-epoch) tells the
+    dataset its epoch.
+
+    Over `num_replicas` processes, every process draws the same permutation (give each the same
+    `generator` seed), pads it by repeating its start to a multiple of `num_replicas`, and takes
+    every `num_replicas`-th index from `rank` on, as `DistributedSampler` does. Being one,
+    Lightning keeps it instead of adding its own.
     """
 
-    def __init__(self, data_source: Dataset, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        data_source: Dataset,
+        generator: torch.Generator | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True)
         self.data_source = data_source
         # As RandomSampler's: by default seeded from torch's global generator.
         self.generator = generator if generator is not None else _own_generator()
 
     def set_epoch(self, epoch: int) -> None:
         """Tells the dataset (an `IndexedDataset`) the epoch."""
+        super().set_epoch(epoch)
         set_epoch = getattr(self.data_source, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.data_source)
 
     def __iter__(self) -> _PassIterator:
         return _PassIterator(self)
@@ -143,7 +157,11 @@ class _PassIterator:
         self.sampler.generator.set_state(state)
         digest = hashlib.blake2b(state.numpy().tobytes(), digest_size=8).digest()
         self.token = int.from_bytes(digest, "little") % 2**62 + 1
-        self.order = torch.randperm(len(self.sampler), generator=self.sampler.generator).tolist()
+        sampler = self.sampler
+        order = torch.randperm(len(sampler.data_source), generator=sampler.generator).tolist()
+        while len(order) < sampler.total_size:  # this process's share of a padded permutation
+            order += order[: sampler.total_size - len(order)]
+        self.order = order[sampler.rank : sampler.total_size : sampler.num_replicas]
         self.position = 0
 
     def __iter__(self) -> _PassIterator:
@@ -263,11 +281,16 @@ class LoaderSpec:
             dataset = self._stream(kwargs, indexed, processes or world_size, seed)
         else:
             dataset = self._sampled(kwargs, indexed, seed)
-            if indexed and seed is not None and (world_size or 1) == 1 and kwargs.get("shuffle"):
-                # Each pass its own augmentations (see PassSampler). Under DDP, Lightning's
-                # DistributedSampler shuffles instead, and a restarted loader repeats them.
+            if indexed and seed is not None and kwargs.get("shuffle"):
+                # Each pass its own order and augmentations (see PassSampler); every process
+                # the same generator, seeded by the run's seed and the loader's name.
                 kwargs.pop("shuffle")
-                kwargs["sampler"] = PassSampler(dataset)
+                generator = torch.Generator()
+                generator.manual_seed(sample_seed(seed, 0, zlib.crc32(self.where.encode())))
+                replicas, rank = world_size or 1, 0
+                if replicas > 1 and torch.distributed.is_initialized():
+                    rank = torch.distributed.get_rank()
+                kwargs["sampler"] = PassSampler(dataset, generator, replicas, rank)
         if node.get("collate_fn") is not None:
             kwargs["collate_fn"] = instantiate(node["collate_fn"])
         if node.get("worker_init_fn") is not None:

@@ -61,3 +61,18 @@ def test_each_pass_of_the_sampler_has_its_own_token_and_order():
     assert len(tokens) == 3
     assert all(sorted(index for index, _ in keys) == list(range(10)) for keys in passes)
     assert len({tuple(index for index, _ in keys) for keys in passes}) == 3
+
+
+def test_over_two_processes_each_pass_is_split_into_two_disjoint_shares():
+    # 9 images: the permutation is padded to 10 by repeating its first index, as
+    # DistributedSampler pads; both processes draw the same permutation and token.
+    shares = [
+        PassSampler(list(range(9)), torch.Generator().manual_seed(5), num_replicas=2, rank=rank)
+        for rank in (0, 1)
+    ]
+    assert [len(s) for s in shares] == [5, 5]
+    for _ in range(2):  # two passes: a new permutation each, split the same way
+        keys = [list(s) for s in shares]
+        assert {token for k in keys for _, token in k} == {keys[0][0][1]}
+        indices = [index for k in keys for index, _ in k]
+        assert sorted(set(indices)) == list(range(9)) and len(indices) == 10
