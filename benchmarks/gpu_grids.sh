@@ -3,8 +3,8 @@
 # run 16 at a time by pool.py, each shard on one core of its own (one loader worker) and all on
 # the one GPU (run.gpus=1). GRIDS picks the grids (default "ssl imbalance"):
 #
-#   ssl        ssl_digits.py: fixmatch flexmatch freematch softmatch rotation supervised,
-#              2 and 4 labels per class
+#   ssl        ssl_digits.py: fixmatch flexmatch freematch softmatch rotation supervised
+#              (SSL_METHODS), 2 and 4 labels per class (LABELS="1 2 4" adds 1)
 #   rotation   ssl_digits.py: rotation (4-way), rotation_flip (6-way) and supervised,
 #              1, 2 and 4 labels per class (issue 11's rotation >= supervised target)
 #   imbalance  realworld_digits.py imbalance: the long-tailed methods
@@ -30,6 +30,8 @@ set -u
 W=${1:?usage: gpu_grids.sh WORKDIR [MINUTES]}
 TOTAL=${2:-8.5}
 GRIDS=${GRIDS:-ssl imbalance}
+LABELS=${LABELS:-2 4}  # labels per class of the ssl grid (rotation's: these and 1)
+SSL_METHODS=${SSL_METHODS:-fixmatch flexmatch freematch softmatch rotation supervised}
 DEVICE=${DEVICE:-run.gpus=1}  # DEVICE=run.gpus=0 tries the script on a CPU
 SET="$DEVICE ${SET:-}"
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -57,8 +59,9 @@ jobs() {  # $1 = steps, $2 = folder prefix, $3 = seeds, $4 = label counts (ssl)
         for seed in $3; do
           echo "$ACTIVE $p/active --seeds $seed --steps $s --strategies --random-n --set $SET"
         done ;;
-      ssl) ssl "$s" "$p" "$3" "$4" "fixmatch flexmatch freematch softmatch rotation supervised" ;;
-      rotation) ssl "$s" "$p" "$3" "1 $4" "rotation rotation_flip supervised" ;;
+      ssl) ssl "$s" "$p" "$3" "$4" "$SSL_METHODS" ;;
+      rotation) ssl "$s" "$p" "$3" "$(printf '%s\n' 1 $4 | sort -un | xargs)" \
+        "rotation rotation_flip supervised" ;;
       imbalance)
         for seed in $3; do
           for m in flexmatch:supervised_loss=logit_adjusted fixmatch flexmatch fixmatch_da \
@@ -122,7 +125,7 @@ if [ $smoke -ne 0 ]; then
   exit 1
 fi
 
-jobs 300 "$W" "0 1 2" "2 4" >"$W/jobs.txt"
+jobs 300 "$W" "0 1 2" "$LABELS" >"$W/jobs.txt"
 pool "$W/jobs.txt" "$W/logs" --start-by "$(left 1.5)" --stop-at "$(left 0)" 2>&1 | tail -n 70
 active_strategies 300 "$W" "0 1 2" >"$W/jobs2.txt"
 if [ -s "$W/jobs2.txt" ]; then
