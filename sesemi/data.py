@@ -120,6 +120,12 @@ class PassSampler(DistributedSampler):
     `generator` seed), pads it by repeating its start to a multiple of `num_replicas`, and takes
     every `num_replicas`-th index from `rank` on, as `DistributedSampler` does. Being one,
     Lightning keeps it instead of adding its own.
+
+    With `batch_size`, every batch is full: a pass is as many whole batches (on every process)
+    as the dataset needs, the last completed from further permutations, each with its own token
+    (so an image twice in a pass gets two crops). This is how FixMatch's and USB's code draw
+    labeled batches (an endless random stream, e.g. 40 labeled images in batches of 64); a
+    dataset smaller than a batch fills it with repeats.
     """
 
     def __init__(
@@ -128,9 +134,14 @@ class PassSampler(DistributedSampler):
         generator: torch.Generator | None = None,
         num_replicas: int = 1,
         rank: int = 0,
+        batch_size: int | None = None,
     ) -> None:
         super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True)
         self.data_source = data_source
+        self.refill = batch_size is not None
+        if self.refill:  # whole batches on every process
+            self.num_samples = -(-len(data_source) // (batch_size * num_replicas)) * batch_size
+            self.total_size = self.num_samples * num_replicas
         # As RandomSampler's: by default seeded from torch's global generator.
         self.generator = generator if generator is not None else _own_generator()
 
@@ -154,11 +165,15 @@ class _PassIterator:
 
     def _begin(self, state: torch.Tensor) -> None:
         self.state = state
-        self.sampler.generator.set_state(state)
-        digest = hashlib.blake2b(state.numpy().tobytes(), digest_size=8).digest()
-        self.token = int.from_bytes(digest, "little") % 2**62 + 1
         sampler = self.sampler
-        order = torch.randperm(len(sampler.data_source), generator=sampler.generator).tolist()
+        generator = sampler.generator
+        generator.set_state(state)
+        order: list[tuple[int, int]] = []
+        while not order or (sampler.refill and len(order) < sampler.total_size):
+            digest = hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8)
+            token = int.from_bytes(digest.digest(), "little") % 2**62 + 1
+            permutation = torch.randperm(len(sampler.data_source), generator=generator)
+            order += [(index, token) for index in permutation.tolist()]
         while len(order) < sampler.total_size:  # this process's share of a padded permutation
             order += order[: sampler.total_size - len(order)]
         self.order = order[sampler.rank : sampler.total_size : sampler.num_replicas]
@@ -171,7 +186,7 @@ class _PassIterator:
         if self.position >= len(self.order):
             raise StopIteration
         self.position += 1
-        return self.order[self.position - 1], self.token
+        return self.order[self.position - 1]
 
     def state_dict(self) -> dict[str, Any]:
         """The generator's state when the pass began and how many indices it gave."""
@@ -277,20 +292,33 @@ class LoaderSpec:
             kwargs.pop("persistent_workers", None)
         elif node.get("prefetch_factor") is not None:
             kwargs["prefetch_factor"] = node["prefetch_factor"]
+        full = node.get("full_batches")
+        if full and not (
+            indexed and kwargs.get("shuffle") and not isinstance(self.dataset, IterableDataset)
+        ):
+            raise ValueError(
+                f"{self.where}: full_batches needs a shuffled training loader over an image "
+                "folder (shuffle: true; not a stream, not val or test); drop full_batches"
+            )
         if isinstance(self.dataset, IterableDataset):
             dataset = self._stream(kwargs, indexed, processes or world_size, seed)
         else:
             dataset = self._sampled(kwargs, indexed, seed)
-            if indexed and seed is not None and kwargs.get("shuffle"):
+            if indexed and (seed is not None or full) and kwargs.get("shuffle"):
                 # Each pass its own order and augmentations (see PassSampler); every process
                 # the same generator, seeded by the run's seed and the loader's name.
                 kwargs.pop("shuffle")
-                generator = torch.Generator()
-                generator.manual_seed(sample_seed(seed, 0, zlib.crc32(self.where.encode())))
+                if seed is None:
+                    generator = _own_generator()
+                else:
+                    generator = torch.Generator()
+                    generator.manual_seed(sample_seed(seed, 0, zlib.crc32(self.where.encode())))
                 replicas, rank = world_size or 1, 0
                 if replicas > 1 and torch.distributed.is_initialized():
                     rank = torch.distributed.get_rank()
-                kwargs["sampler"] = PassSampler(dataset, generator, replicas, rank)
+                kwargs["sampler"] = PassSampler(
+                    dataset, generator, replicas, rank, self.batch_size if full else None
+                )
         if node.get("collate_fn") is not None:
             kwargs["collate_fn"] = instantiate(node["collate_fn"])
         if node.get("worker_init_fn") is not None:
@@ -358,6 +386,8 @@ class LoaderSpec:
         training, when it would hold one image (BatchNorm cannot normalize a batch of one)."""
         if self.node.get("drop_last"):
             return True
+        if training and self.node.get("full_batches"):  # every batch is full
+            return False
         per_process = math.ceil(len(self.dataset) / world_size)
         return (
             training
@@ -368,6 +398,8 @@ class LoaderSpec:
     def batches_per_epoch(self, world_size: int) -> int:
         """Batches each of `world_size` processes draws per epoch (DistributedSampler pads)."""
         per_process = math.ceil(len(self.dataset) / world_size)
+        if self.node.get("full_batches"):  # the last batch completed from the next permutation
+            return math.ceil(per_process / self.batch_size)
         if self.drops_last(world_size):
             return per_process // self.batch_size
         return math.ceil(per_process / self.batch_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from pytorch_lightning.utilities.combined_loader import CombinedLoader
 
@@ -76,3 +77,57 @@ def test_over_two_processes_each_pass_is_split_into_two_disjoint_shares():
         assert {token for k in keys for _, token in k} == {keys[0][0][1]}
         indices = [index for k in keys for index, _ in k]
         assert sorted(set(indices)) == list(range(9)) and len(indices) == 10
+
+
+def test_full_batches_fill_each_pass_from_new_permutations_with_their_own_tokens():
+    # 10 images in batches of 4: a pass is 3 full batches (12 indices), the last 2 from a second
+    # permutation with its own token, so an image seen twice in a pass gets two crops.
+    sampler = PassSampler(list(range(10)), torch.Generator().manual_seed(0), batch_size=4)
+    assert len(sampler) == 12
+    keys = list(sampler)
+    assert len(keys) == 12 and sorted(index for index, _ in keys[:10]) == list(range(10))
+    assert keys[0][1] != keys[10][1] and len({token for _, token in keys[10:]}) == 1
+    assert len(set(keys)) == 12  # no (index, token) pair twice: every sample a new crop
+    # Smaller than a batch (3 images, batches of 8): 8 indices from 3 permutations; over two
+    # processes each gets a whole batch of 8.
+    small = PassSampler(list(range(3)), torch.Generator().manual_seed(1), batch_size=8)
+    keys = list(small)
+    assert len(keys) == 8 and len({token for _, token in keys}) == 3
+    shares = [
+        PassSampler(list(range(9)), torch.Generator().manual_seed(5), 2, rank, batch_size=4)
+        for rank in (0, 1)
+    ]
+    assert [len(list(s)) for s in shares] == [8, 8]
+
+
+def test_full_batches_give_the_labeled_loader_only_full_batches_and_resume_mid_pass(image_root):
+    # 16 labeled images in batches of 6: without full_batches 6, 6, 4; with it 6, 6, 6.
+    data = _data(
+        image_root, "data.train.supervised.batch_size=6", "data.train.supervised.drop_last=false"
+    )
+    sizes = [len(b[2]) for b in data.train_dataloader()["supervised"]]
+    assert sizes == [6, 6, 4]
+    data = _data(
+        image_root, "data.train.supervised.batch_size=6", "data.train.supervised.full_batches=true"
+    )
+    loader = data.train_dataloader()["supervised"]
+    assert data.iterations_per_epoch() == 4  # the rotation loader's 4 batches of 4 still lead
+    batches = iter(loader)
+    assert len(next(batches)[2]) == 6
+    state = loader.state_dict()
+    rest = list(batches)
+    assert [len(b[2]) for b in rest] == [6, 6]
+    restored = _data(
+        image_root, "data.train.supervised.batch_size=6", "data.train.supervised.full_batches=true"
+    ).train_dataloader()["supervised"]
+    restored.load_state_dict(state)
+    for (images, _, indices), (images_2, _, indices_2) in zip(rest, restored, strict=True):
+        assert torch.equal(indices, indices_2) and torch.equal(images, images_2)
+
+
+def test_full_batches_on_a_loader_that_does_not_shuffle_is_refused(image_root):
+    data = _data(
+        image_root, "data.train.supervised.shuffle=false", "data.train.supervised.full_batches=true"
+    )
+    with pytest.raises(ValueError, match="data.train.supervised: full_batches needs a shuffled"):
+        data.train_dataloader()

@@ -99,6 +99,9 @@ class DataLoaderConfig:
         collate_fn: An optional collation node, e.g. `sesemi.collation.RotationTransformer`.
         pin_memory: Whether to copy batches into pinned memory; null (the default): on GPUs.
         drop_last: Whether to drop the last incomplete batch.
+        full_batches: For a shuffled training loader: every batch full, the last of each pass
+            completed from a new shuffle (fresh augmentations; repeats when the dataset is
+            smaller than a batch), as FixMatch's and USB's code draw labeled batches.
         timeout: Seconds to wait for a batch from a worker (0 waits forever).
         worker_init_fn: An optional worker initialization node.
         prefetch_factor: Batches loaded in advance by each worker.
@@ -115,6 +118,7 @@ class DataLoaderConfig:
     collate_fn: Any = None
     pin_memory: bool | None = None
     drop_last: bool | None = False
+    full_batches: bool = False
     timeout: float = 0
     worker_init_fn: Any = None
     prefetch_factor: int | None = None
