@@ -293,13 +293,7 @@ class LoaderSpec:
         elif node.get("prefetch_factor") is not None:
             kwargs["prefetch_factor"] = node["prefetch_factor"]
         full = node.get("full_batches")
-        if full and not (
-            indexed and kwargs.get("shuffle") and not isinstance(self.dataset, IterableDataset)
-        ):
-            raise ValueError(
-                f"{self.where}: full_batches needs a shuffled training loader over an image "
-                "folder (shuffle: true; not a stream, not val or test); drop full_batches"
-            )
+        self.check_full_batches(training=indexed)
         if isinstance(self.dataset, IterableDataset):
             dataset = self._stream(kwargs, indexed, processes or world_size, seed)
         else:
@@ -381,6 +375,16 @@ class LoaderSpec:
             seed=seed,
         )
 
+    def check_full_batches(self, training: bool) -> None:
+        """`full_batches` needs a shuffled training loader over a map-style dataset."""
+        if self.node.get("full_batches") and not (
+            training and self.node.get("shuffle") and not isinstance(self.dataset, IterableDataset)
+        ):
+            raise ValueError(
+                f"{self.where}: full_batches needs a shuffled training loader over an image "
+                "folder (shuffle: true; not a stream, not val or test); drop full_batches"
+            )
+
     def drops_last(self, world_size: int, training: bool = True) -> bool:
         """Whether the last incomplete batch is dropped: when the node says so, and, in
         training, when it would hold one image (BatchNorm cannot normalize a batch of one)."""
@@ -453,6 +457,8 @@ class SESEMIDataModule(pl.LightningDataModule):
         }
         self.val = self._spec("val", data, data_root, bs, stages, auto)
         self.test = self._spec("test", data, data_root, bs, stages, auto)
+        for spec in self.specs():  # before training starts
+            spec.check_full_batches(training=spec.where.startswith("data.train."))
         self.data_root = data_root
         self.world_size = world_size
         self.seed = seed

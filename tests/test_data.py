@@ -126,8 +126,12 @@ def test_full_batches_give_the_labeled_loader_only_full_batches_and_resume_mid_p
 
 
 def test_full_batches_on_a_loader_that_does_not_shuffle_is_refused(image_root):
-    data = _data(
-        image_root, "data.train.supervised.shuffle=false", "data.train.supervised.full_batches=true"
-    )
     with pytest.raises(ValueError, match="data.train.supervised: full_batches needs a shuffled"):
-        data.train_dataloader()
+        _data(
+            image_root,
+            "data.train.supervised.shuffle=false",
+            "data.train.supervised.full_batches=true",
+        )
+    cfg = sesemi.compose("base", [f"run.data_root={image_root}", "data.val.full_batches=true"])
+    with pytest.raises(ValueError, match="data.val: full_batches needs a shuffled"):
+        SESEMIDataModule(cfg.data, cfg.run.data_root, 4)
