@@ -292,8 +292,7 @@ class LoaderSpec:
             kwargs.pop("persistent_workers", None)
         elif node.get("prefetch_factor") is not None:
             kwargs["prefetch_factor"] = node["prefetch_factor"]
-        full = node.get("full_batches")
-        self.check_full_batches(training=indexed)
+        full = node.get("full_batches")  # checked by SESEMIDataModule when it was built
         if isinstance(self.dataset, IterableDataset):
             dataset = self._stream(kwargs, indexed, processes or world_size, seed)
         else:
@@ -387,11 +386,12 @@ class LoaderSpec:
 
     def drops_last(self, world_size: int, training: bool = True) -> bool:
         """Whether the last incomplete batch is dropped: when the node says so, and, in
-        training, when it would hold one image (BatchNorm cannot normalize a batch of one)."""
+        training, when it would hold one image (BatchNorm cannot normalize a batch of one).
+        A training loader with `full_batches` has no incomplete batch to drop."""
+        if training and self.node.get("full_batches"):
+            return False
         if self.node.get("drop_last"):
             return True
-        if training and self.node.get("full_batches"):  # every batch is full
-            return False
         per_process = math.ceil(len(self.dataset) / world_size)
         return (
             training
@@ -402,8 +402,6 @@ class LoaderSpec:
     def batches_per_epoch(self, world_size: int) -> int:
         """Batches each of `world_size` processes draws per epoch (DistributedSampler pads)."""
         per_process = math.ceil(len(self.dataset) / world_size)
-        if self.node.get("full_batches"):  # the last batch completed from the next permutation
-            return math.ceil(per_process / self.batch_size)
         if self.drops_last(world_size):
             return per_process // self.batch_size
         return math.ceil(per_process / self.batch_size)
