@@ -19,9 +19,9 @@ ssl_digits.py): the final weights are scored, nothing is selected on it. Each ro
 many of the 10 classes the picks cover and how many of round 0's pre-labels (the CSV's `guess`)
 were right.
 
-Usage (from the repository root, in the project's virtual environment), the full run (24
+Usage (from the repository root, in the project's virtual environment), the full run (27
 trainings; each FlexMatch training of 300 steps takes about 13 minutes alone on a 2-core CPU,
-about 5 hours in all there; about 2 minutes on one core of the GPU machine):
+about 6 hours in all there; about 2 minutes on one core of the GPU machine):
 
     python benchmarks/active_digits.py --seeds 0 1 2 --steps 300 --workdir /tmp/active \
         --out benchmarks/results/active_digits.md
@@ -59,8 +59,8 @@ import time
 from _report import closing, emit, provenance  # benchmarks/_report.py (the script's own folder)
 
 from sesemi.datasets.digits import prepare_digits
+from sesemi.suggest import STRATEGIES
 
-STRATEGIES = ("random", "entropy", "margin", "kcenter", "margin-kcenter")
 TAIL_LINES = 30  # of a failed command's output
 
 

@@ -175,6 +175,10 @@ SUGGEST_STRATEGIES = {
     "labeled images: the distance from the pick to its nearest labeled or earlier pick, largest "
     "first (inf: the first pick when there are no labeled images, the smallest-margin image)",
     "margin-kcenter": "kcenter's, among the --pool-factor x n smallest-margin images",
+    "typiclust": "TypiClust: k-means of the labeled and unlabeled features into (labeled + n) "
+    "clusters, one pick per least-labeled cluster (largest first), its most typical image; the "
+    "score is that image's typicality, 1 / mean distance to its 20 nearest neighbours in the "
+    "cluster (the pick for a first labeling round, when uncertain images are the odd ones)",
 }
 
 
@@ -205,10 +209,13 @@ def _add_suggest_parser(commands: argparse._SubParsersAction) -> None:
     )
     suggest.add_argument(
         "--labeled",
-        help="folder of the labeled images (k-center starts from them; they are left out of "
-        "the inputs); default: the checkpoint's training folder, from its run's .hydra/config.yaml",
+        help="folder of the labeled images (k-center starts from them, typiclust counts them; "
+        "they are left out of the inputs); default: the checkpoint's training folder, from its "
+        "run's .hydra/config.yaml",
     )
-    suggest.add_argument("--seed", type=int, default=0, help="seeds --strategy random (0)")
+    suggest.add_argument(
+        "--seed", type=int, default=0, help="seeds --strategy random and typiclust's k-means (0)"
+    )
     suggest.add_argument(
         "--pool-factor",
         type=int,

@@ -14,6 +14,12 @@ to label, first first, and each pick's score:
   images the first pick is the smallest-margin image (score inf).
 - margin-kcenter: kcenter within the `pool_factor * n` smallest-margin images (uncertain, and
   not near-duplicates of each other or of labeled images); the score is kcenter's.
+- typiclust: TypiClust (Hacohen, Dekel & Weinshall, arXiv:2202.02794), for the few-label start
+  where uncertain picks are the atypical images: k-means on the unit-length features of the
+  labeled and pool images into (labeled + n) clusters; each pick comes from the cluster with the
+  fewest labeled or picked images (the largest on ties) and is its most typical pool image, the
+  one with the highest typicality = 1 / mean distance to its 20 nearest neighbours in the
+  cluster. The score is that typicality.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ if TYPE_CHECKING:
     from sesemi.inference import TrainedModel
 
 # The strategies, as `open_sesemi suggest --strategy` names them (its help says what each score is).
-STRATEGIES = ("random", "entropy", "margin", "kcenter", "margin-kcenter")
+STRATEGIES = ("random", "entropy", "margin", "kcenter", "margin-kcenter", "typiclust")
+# The strategies that need the backbone's features of the pool and of the labeled images.
+FEATURE_STRATEGIES = ("kcenter", "margin-kcenter", "typiclust")
 CSV_COLUMNS = ("rank", "file", "score", "guess", "probability")
 
 
@@ -141,6 +149,78 @@ def margin_k_center(
     return Ranking(pool[within.order], within.scores)
 
 
+def typicality(features: Tensor, neighbours: int = 20) -> Tensor:
+    """Each row's typicality among `features` `(N, D)`: 1 / the mean Euclidean distance to its
+    `neighbours` nearest other rows (fewer when N is smaller), `(N,)`; 0 for a lone row."""
+    k = min(neighbours, len(features) - 1)
+    if k < 1:
+        return torch.zeros(len(features), dtype=torch.float64)
+    distances = torch.cdist(features.double(), features.double())
+    nearest = distances.topk(k + 1, dim=1, largest=False).values[:, 1:]  # without itself
+    return 1.0 / nearest.mean(dim=1).clamp_min(1e-12)
+
+
+def typiclust(
+    features: Tensor,
+    labeled_features: Tensor,
+    n: int,
+    seed: int = 0,
+    neighbours: int = 20,
+    min_cluster: int = 5,
+) -> Ranking:
+    """TypiClust (Hacohen, Dekel & Weinshall, arXiv:2202.02794): typical images of uncovered
+    clusters, the low-budget counterpart of uncertainty sampling.
+
+    The labeled and pool images are clustered together by k-means into `M + n` clusters (M
+    labeled). Each pick comes from the cluster holding the fewest labeled or already picked
+    images, the largest such cluster on ties, skipping clusters smaller than `min_cluster` while
+    bigger ones have pool images left (the paper's guard against outlier clusters); within it,
+    the pool image of highest `typicality` (density among the cluster's images) is taken.
+
+    Args:
+        features: `(N, D)` the pool's features.
+        labeled_features: `(M, D)` the labeled images' features; `M` may be 0.
+        n: How many to pick (at most N).
+        seed: Seeds k-means.
+        neighbours: Nearest neighbours that typicality averages over (the paper's 20).
+        min_cluster: Clusters with fewer images are used only when no bigger one has images left.
+
+    Returns:
+        The picks; each score is the pick's typicality within its cluster.
+    """
+    from sklearn.cluster import KMeans
+
+    n = min(n, len(features))
+    everything = torch.cat([features, labeled_features]).double()
+    clusters = min(len(labeled_features) + n, len(everything))
+    kmeans = KMeans(n_clusters=clusters, n_init=3, random_state=seed).fit(everything.numpy())
+    assignment = torch.as_tensor(kmeans.labels_, dtype=torch.long)
+    in_pool = torch.arange(len(everything)) < len(features)
+    typical = torch.zeros(len(everything), dtype=torch.float64)
+    for c in range(clusters):
+        members = (assignment == c).nonzero().squeeze(1)
+        typical[members] = typicality(everything[members], neighbours)
+    sizes = torch.bincount(assignment, minlength=clusters)
+    covered = torch.bincount(assignment[~in_pool], minlength=clusters)
+    free = in_pool.clone()
+    order, scores = [], []
+    for _ in range(n):
+        left = torch.bincount(assignment[free], minlength=clusters)
+        usable = left > 0
+        if (usable & (sizes >= min_cluster)).any():
+            usable &= sizes >= min_cluster
+        # Fewest covered first, then the largest: a key that orders both at once.
+        key = covered.double() * (len(everything) + 1) - sizes.double()
+        chosen = int(torch.where(usable, key, torch.inf).argmin())
+        candidates = free & (assignment == chosen)
+        pick = int(torch.where(candidates, typical, -1.0).argmax())
+        order.append(pick)
+        scores.append(float(typical[pick]))
+        free[pick] = False
+        covered[chosen] += 1
+    return Ranking(torch.tensor(order, dtype=torch.long), torch.tensor(scores, dtype=torch.float64))
+
+
 def rank(
     strategy: str,
     probs: Tensor,
@@ -155,10 +235,10 @@ def rank(
     Args:
         strategy: The strategy's name.
         probs: `(N, C)` the pool's class probabilities.
-        features: `(N, D)` the pool's features (k-center strategies only; made unit length here).
-        labeled_features: `(M, D)` the labeled images' features (k-center strategies only).
+        features: `(N, D)` the pool's features (`FEATURE_STRATEGIES` only; made unit length here).
+        labeled_features: `(M, D)` the labeled images' features (`FEATURE_STRATEGIES` only).
         n: How many images (at most N).
-        seed: Seeds `random`.
+        seed: Seeds `random` and typiclust's k-means.
         pool_factor: `margin-kcenter`'s uncertain pool, in multiples of n.
     """
     if strategy not in STRATEGIES:
@@ -178,6 +258,8 @@ def rank(
         if strategy == "kcenter":
             first = int(rank_margin(probs).order[0])
             return k_center(unit, labeled, n, first)
+        if strategy == "typiclust":
+            return typiclust(unit, labeled, n, seed)
         return margin_k_center(probs, unit, labeled, n, pool_factor)
     return Ranking(ranking.order[:n], ranking.scores[:n])
 
@@ -316,7 +398,7 @@ def run(args: argparse.Namespace) -> str:
         _report(f"left out {len(files) - len(pool)} input image(s) that are labeled already")
     if not pool:
         raise ValueError("every input image is labeled already; give unlabeled images")
-    diverse = args.strategy in ("kcenter", "margin-kcenter")
+    diverse = args.strategy in FEATURE_STRATEGIES
     readable = len(pool)
     probs, feats, pool = _outputs(model, pool, args, diverse, "")
     unreadable = readable - len(pool)
@@ -329,7 +411,7 @@ def run(args: argparse.Namespace) -> str:
         _report(
             "no labeled images (the checkpoint's run names no image_folder training folder that "
             "is still there; give one with --labeled DIR): k-center starts from the "
-            "smallest-margin image"
+            "smallest-margin image, typiclust counts every cluster as unlabeled"
         )
     n = args.n
     if n > len(pool):

@@ -22,6 +22,8 @@ from sesemi.suggest import (
     rank_entropy,
     rank_margin,
     rank_random,
+    typicality,
+    typiclust,
 )
 
 # Rows chosen so that margin and entropy disagree: row 1 is the closest call between two classes
@@ -119,6 +121,50 @@ def test_rank_uses_unit_length_features_and_starts_from_the_smallest_margin():
     assert alone.order.tolist()[0] == 2  # the smallest margin, 0.10
     with pytest.raises(ValueError, match="unknown strategy"):
         rank("least-confidence", probs, features, None, n=1)
+
+
+def test_typicality_is_one_over_the_mean_distance_to_the_nearest_neighbours():
+    points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
+    # Nearest other point: 1, 1 and 2 away; the two nearest: 1 and 3, 1 and 2, 2 and 3.
+    torch.testing.assert_close(typicality(points, 1), torch.tensor([1.0, 1.0, 0.5]).double())
+    expected = torch.tensor([1 / 2, 1 / 1.5, 1 / 2.5]).double()
+    torch.testing.assert_close(typicality(points, 2), expected)
+    torch.testing.assert_close(typicality(points, 20), expected)  # capped at the others
+    assert typicality(points[:1]).tolist() == [0.0]  # a lone point has no neighbours
+
+
+def _blob(x: float, y: float, extra: int = 0) -> torch.Tensor:
+    """A centre and 8 points 0.3 around it (the centre is the most typical), plus `extra`
+    points 0.6 out to the right."""
+    angles = torch.arange(8) * math.pi / 4
+    ring = 0.3 * torch.stack([angles.cos(), angles.sin()], dim=1)
+    out = 0.6 * torch.ones(extra, 1) * torch.tensor([[1.0, 0.0]])
+    return torch.cat([torch.zeros(1, 2), ring, out]) + torch.tensor([x, y])
+
+
+def test_typiclust_takes_the_typical_image_of_each_uncovered_cluster_largest_first():
+    covered = _blob(0, 0, extra=3)[1:]  # the labeled image is this blob's centre
+    covered = torch.cat([covered, torch.tensor([[0.0, 0.05]])])  # its most typical pool image
+    big, small = _blob(10, 0, extra=1), _blob(0, 10)
+    pool = torch.cat([covered, big, small])
+    first_big, first_small = len(covered), len(covered) + len(big)
+    ranking = typiclust(pool, torch.zeros(1, 2), n=2)
+    # Three clusters (1 labeled + 2): the uncovered blobs, the bigger (10 > 9) first, by its centre.
+    assert ranking.order.tolist() == [first_big, first_small]
+    torch.testing.assert_close(ranking.scores[1], typicality(small)[0])
+    # An outlier and 3 picks: 4 clusters, the outlier alone in one. It is left while bigger
+    # clusters have images; the three big ones are covered once each now, so the third pick goes
+    # to the largest, the labeled blob (13 images), by its most typical pool image.
+    pool = torch.cat([pool, torch.tensor([[50.0, 50.0]])])
+    ranking = typiclust(pool, torch.zeros(1, 2), n=3)
+    assert ranking.order.tolist() == [first_big, first_small, len(covered) - 1]
+    without_guard = typiclust(pool, torch.zeros(1, 2), n=3, min_cluster=1)
+    assert without_guard.order.tolist()[2] == len(pool) - 1  # the outlier is a cluster of its own
+    # Margin or k-center would go for the outlier first: it is the farthest from everything.
+    assert k_center(pool, torch.zeros(1, 2), n=1).order.item() == len(pool) - 1
+    # Without labeled images every cluster is uncovered: n picks from n clusters.
+    alone = typiclust(pool, pool[:0], n=3, min_cluster=1)
+    assert len(set(alone.order.tolist())) == 3
 
 
 def test_the_training_folder_is_read_from_the_runs_saved_config(tmp_path):
@@ -268,3 +314,19 @@ def test_kcenter_starts_from_the_checkpoints_training_images(trained, tmp_path):
     assert missing.returncode == 1 and "--labeled folder" in missing.stderr
     ema = open_sesemi(*args, "--overwrite", "--ema", cwd=tmp_path)
     assert ema.returncode == 1 and "no EMA weights" in ema.stderr
+
+
+def test_typiclust_from_the_cli_counts_the_checkpoints_training_images(trained, tmp_path):
+    out = tmp_path / "to_label.csv"
+    args = ("suggest", str(trained["checkpoint"]), str(trained["data"] / "val"), "-o", str(out))
+    result = open_sesemi(*args, "-n", "3", "--strategy", "typiclust", "--seed", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _rows(out)
+    val = list_images([str(trained["data"] / "val")])
+    _, features = _outputs(trained["checkpoint"], val)
+    _, labeled = _outputs(trained["checkpoint"], list_images([str(trained["data"] / "train")]))
+    unit = torch.nn.functional.normalize
+    expected = typiclust(unit(features, dim=1), unit(labeled, dim=1), 3, seed=1)
+    assert [r["file"] for r in rows] == [val[i] for i in expected.order.tolist()]
+    scores = [float(r["score"]) for r in rows]
+    assert scores == pytest.approx(expected.scores.tolist(), rel=1e-3)
