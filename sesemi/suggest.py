@@ -43,6 +43,8 @@ STRATEGIES = ("random", "entropy", "margin", "kcenter", "margin-kcenter", "typic
 # The strategies that need the backbone's features of the pool and of the labeled images.
 FEATURE_STRATEGIES = ("kcenter", "margin-kcenter", "typiclust")
 CSV_COLUMNS = ("rank", "file", "score", "guess", "probability")
+# Pairwise distances computed at once (float64): ~256 MB, whatever the pool's size.
+DISTANCES_AT_ONCE = 2**25
 
 
 class Ranking(NamedTuple):
@@ -97,7 +99,7 @@ def nearest_distances(features: Tensor, reference: Tensor) -> Tensor:
     features, reference = features.double(), reference.double()
     nearest = torch.full((len(features),), float("inf"), dtype=torch.float64)
     squared = (features**2).sum(dim=1, keepdim=True)  # (N, 1)
-    chunk = max(1, 2**25 // max(len(features), 1))
+    chunk = max(1, DISTANCES_AT_ONCE // max(len(features), 1))
     for start in range(0, len(reference), chunk):
         part = reference[start : start + chunk]  # (m, D)
         d2 = squared + (part**2).sum(dim=1) - 2 * features @ part.T  # (N, m)
@@ -151,13 +153,21 @@ def margin_k_center(
 
 def typicality(features: Tensor, neighbours: int = 20) -> Tensor:
     """Each row's typicality among `features` `(N, D)`: 1 / the mean Euclidean distance to its
-    `neighbours` nearest other rows (fewer when N is smaller), `(N,)`; 0 for a lone row."""
+    `neighbours` nearest other rows (fewer when N is smaller), `(N,)`; 0 for a lone row.
+
+    Rows are taken in chunks so that no more than ~32M distances are held at once.
+    """
     k = min(neighbours, len(features) - 1)
     if k < 1:
         return torch.zeros(len(features), dtype=torch.float64)
-    distances = torch.cdist(features.double(), features.double())
-    nearest = distances.topk(k + 1, dim=1, largest=False).values[:, 1:]  # without itself
-    return 1.0 / nearest.mean(dim=1).clamp_min(1e-12)
+    features = features.double()
+    mean = torch.empty(len(features), dtype=torch.float64)
+    chunk = max(1, DISTANCES_AT_ONCE // len(features))
+    for start in range(0, len(features), chunk):
+        distances = torch.cdist(features[start : start + chunk], features)
+        nearest = distances.topk(k + 1, dim=1, largest=False).values[:, 1:]  # without itself
+        mean[start : start + chunk] = nearest.mean(dim=1)
+    return 1.0 / mean.clamp_min(1e-12)
 
 
 def typiclust(

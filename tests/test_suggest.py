@@ -133,6 +133,16 @@ def test_typicality_is_one_over_the_mean_distance_to_the_nearest_neighbours():
     assert typicality(points[:1]).tolist() == [0.0]  # a lone point has no neighbours
 
 
+def test_distances_are_the_same_when_taken_in_chunks(monkeypatch):
+    import sesemi.suggest
+
+    features, reference = torch.randn(40, 8), torch.randn(30, 8)
+    whole = typicality(features, 5), nearest_distances(features, reference)
+    monkeypatch.setattr(sesemi.suggest, "DISTANCES_AT_ONCE", 100)  # 2 or 3 rows a chunk
+    chunked = typicality(features, 5), nearest_distances(features, reference)
+    torch.testing.assert_close(chunked, whole)
+
+
 def _blob(x: float, y: float, extra: int = 0) -> torch.Tensor:
     """A centre and 8 points 0.3 around it (the centre is the most typical), plus `extra`
     points 0.6 out to the right."""
