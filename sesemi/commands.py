@@ -175,10 +175,11 @@ SUGGEST_STRATEGIES = {
     "labeled images: the distance from the pick to its nearest labeled or earlier pick, largest "
     "first (inf: the first pick when there are no labeled images, the smallest-margin image)",
     "margin-kcenter": "kcenter's, among the --pool-factor x n smallest-margin images",
-    "typiclust": "TypiClust: k-means of the labeled and unlabeled features into (labeled + n) "
-    "clusters, one pick per least-labeled cluster (largest first), its most typical image; the "
-    "score is that image's typicality, 1 / mean distance to its 20 nearest neighbours in the "
-    "cluster (the pick for a first labeling round, when uncertain images are the odd ones)",
+    "typiclust": "TypiClust: k-means of the labeled and unlabeled features into (labeled + n, "
+    "at most 500) clusters, one pick per least-labeled cluster (largest first), its most "
+    "typical image; the score is that image's typicality, 1 / mean distance to its 20 nearest "
+    "neighbours in the cluster (the pick for the first rounds, when uncertain images are the "
+    "odd ones)",
 }
 
 
@@ -198,8 +199,8 @@ def _add_suggest_parser(commands: argparse._SubParsersAction) -> None:
     suggest.add_argument(
         "--strategy",
         choices=tuple(SUGGEST_STRATEGIES),
-        default="margin",
-        help="how to rank (margin); each one's score is described above",
+        default="typiclust",
+        help="how to rank (typiclust); each one's score is described above",
     )
     suggest.add_argument(
         "-o", "--output", default="to_label.csv", help="CSV file to write (to_label.csv)"

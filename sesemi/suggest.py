@@ -16,10 +16,10 @@ to label, first first, and each pick's score:
   not near-duplicates of each other or of labeled images); the score is kcenter's.
 - typiclust: TypiClust (Hacohen, Dekel & Weinshall, arXiv:2202.02794), for the few-label start
   where uncertain picks are the atypical images: k-means on the unit-length features of the
-  labeled and pool images into (labeled + n) clusters; each pick comes from the cluster with the
-  fewest labeled or picked images (the largest on ties) and is its most typical pool image, the
-  one with the highest typicality = 1 / mean distance to its 20 nearest neighbours in the
-  cluster. The score is that typicality.
+  labeled and pool images into (labeled + n) clusters, at most 500; each pick comes from the
+  cluster with the fewest labeled or picked images (the largest on ties) and is its most
+  typical pool image, the one with the highest typicality = 1 / mean distance to its 20
+  nearest neighbours in the cluster. The score is that typicality.
 """
 
 from __future__ import annotations
@@ -177,15 +177,18 @@ def typiclust(
     seed: int = 0,
     neighbours: int = 20,
     min_cluster: int = 5,
+    max_clusters: int = 500,
 ) -> Ranking:
     """TypiClust (Hacohen, Dekel & Weinshall, arXiv:2202.02794): typical images of uncovered
     clusters, the low-budget counterpart of uncertainty sampling.
 
     The labeled and pool images are clustered together by k-means into `M + n` clusters (M
-    labeled). Each pick comes from the cluster holding the fewest labeled or already picked
-    images, the largest such cluster on ties, skipping clusters smaller than `min_cluster` while
-    bigger ones have pool images left (the paper's guard against outlier clusters); within it,
-    the pool image of highest `typicality` (density among the cluster's images) is taken.
+    labeled; at most `max_clusters`, which bounds k-means' time when many images are labeled:
+    a cluster may then get several picks). Each pick comes from the cluster holding the fewest
+    labeled or already picked images, the largest such cluster on ties, skipping clusters
+    smaller than `min_cluster` while bigger ones have pool images left (a guard against
+    clusters of outliers); within it, the pool image of highest `typicality` (density among
+    the cluster's images) is taken.
 
     Args:
         features: `(N, D)` the pool's features.
@@ -194,6 +197,7 @@ def typiclust(
         seed: Seeds k-means.
         neighbours: Nearest neighbours that typicality averages over (the paper's 20).
         min_cluster: Clusters with fewer images are used only when no bigger one has images left.
+        max_clusters: The most clusters k-means makes.
 
     Returns:
         The picks; each score is the pick's typicality within its cluster.
@@ -202,7 +206,7 @@ def typiclust(
 
     n = min(n, len(features))
     everything = torch.cat([features, labeled_features]).double()
-    clusters = min(len(labeled_features) + n, len(everything))
+    clusters = min(len(labeled_features) + n, len(everything), max_clusters)
     kmeans = KMeans(n_clusters=clusters, n_init=3, random_state=seed).fit(everything.numpy())
     assignment = torch.as_tensor(kmeans.labels_, dtype=torch.long)
     in_pool = torch.arange(len(everything)) < len(features)

@@ -170,6 +170,10 @@ def test_typiclust_takes_the_typical_image_of_each_uncovered_cluster_largest_fir
     assert ranking.order.tolist() == [first_big, first_small, len(covered) - 1]
     without_guard = typiclust(pool, torch.zeros(1, 2), n=3, min_cluster=1)
     assert without_guard.order.tolist()[2] == len(pool) - 1  # the outlier is a cluster of its own
+    # One cluster (the cap): the pool's most typical images, most typical first.
+    one = typiclust(pool, torch.zeros(1, 2), n=3, max_clusters=1)
+    typical = typicality(torch.cat([pool, torch.zeros(1, 2)]))[: len(pool)]
+    assert one.order.tolist() == typical.argsort(descending=True)[:3].tolist()
     # Margin or k-center would go for the outlier first: it is the farthest from everything.
     assert k_center(pool, torch.zeros(1, 2), n=1).order.item() == len(pool) - 1
     # Without labeled images every cluster is uncovered: n picks from n clusters.
@@ -326,10 +330,10 @@ def test_kcenter_starts_from_the_checkpoints_training_images(trained, tmp_path):
     assert ema.returncode == 1 and "no EMA weights" in ema.stderr
 
 
-def test_typiclust_from_the_cli_counts_the_checkpoints_training_images(trained, tmp_path):
+def test_typiclust_is_the_default_and_counts_the_checkpoints_training_images(trained, tmp_path):
     out = tmp_path / "to_label.csv"
     args = ("suggest", str(trained["checkpoint"]), str(trained["data"] / "val"), "-o", str(out))
-    result = open_sesemi(*args, "-n", "3", "--strategy", "typiclust", "--seed", "1", cwd=tmp_path)
+    result = open_sesemi(*args, "-n", "3", "--seed", "1", cwd=tmp_path)  # the default strategy
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _rows(out)
     val = list_images([str(trained["data"] / "val")])
