@@ -211,26 +211,29 @@ def typiclust(
     assignment = torch.as_tensor(kmeans.labels_, dtype=torch.long)
     in_pool = torch.arange(len(everything)) < len(features)
     typical = torch.zeros(len(everything), dtype=torch.float64)
+    queues = []  # each cluster's pool images, most typical first
     for c in range(clusters):
         members = (assignment == c).nonzero().squeeze(1)
         typical[members] = typicality(everything[members], neighbours)
+        members = members[in_pool[members]]
+        queues.append(members[typical[members].argsort(descending=True, stable=True)])
     sizes = torch.bincount(assignment, minlength=clusters)
     covered = torch.bincount(assignment[~in_pool], minlength=clusters)
-    free = in_pool.clone()
+    left = torch.tensor([len(q) for q in queues])
+    big = sizes >= min_cluster
+    # Fewest covered first, then the largest: a key that orders both at once.
+    tie_break = len(everything) + 1
     order, scores = [], []
     for _ in range(n):
-        left = torch.bincount(assignment[free], minlength=clusters)
         usable = left > 0
-        if (usable & (sizes >= min_cluster)).any():
-            usable &= sizes >= min_cluster
-        # Fewest covered first, then the largest: a key that orders both at once.
-        key = covered.double() * (len(everything) + 1) - sizes.double()
+        if (usable & big).any():
+            usable &= big
+        key = covered.double() * tie_break - sizes.double()
         chosen = int(torch.where(usable, key, torch.inf).argmin())
-        candidates = free & (assignment == chosen)
-        pick = int(torch.where(candidates, typical, -1.0).argmax())
+        pick = int(queues[chosen][len(queues[chosen]) - left[chosen]])
         order.append(pick)
         scores.append(float(typical[pick]))
-        free[pick] = False
+        left[chosen] -= 1
         covered[chosen] += 1
     return Ranking(torch.tensor(order, dtype=torch.long), torch.tensor(scores, dtype=torch.float64))
 
