@@ -145,10 +145,15 @@ def run_job(
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
     log = run_dir.with_suffix(".log")
+    header = "$ " + shlex.join(command) + "\n"
+    finished = sorted((run_dir / "job").glob("*/checkpoints/last.ckpt"))
+    if log.exists() and len(finished) == 1 and log.read_text().startswith(header):
+        print(f"[reused] {run_dir} (the same command finished there)", flush=True)
+        return finished[0].parent.parent
     shutil.rmtree(run_dir, ignore_errors=True)  # this script's own folder, from an earlier try
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        out.write("$ " + shlex.join(command) + "\n")
+        out.write(header)
         out.flush()
         code = subprocess.call(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     folders = sorted((run_dir / "job").glob("*/summary.json"))
@@ -167,17 +172,26 @@ def recalls(run: pathlib.Path) -> dict[str, float]:
 def unknown_aurocs(
     run: pathlib.Path, known: list[pathlib.Path], foreign: list[pathlib.Path]
 ) -> dict[str, float]:
-    """AUROC of each unknown score `predict` offers this model (msp, entropy, and ova for
-    models with one-vs-all detectors) for foreign (positive) vs known images."""
+    """AUROC of each unknown score `predict` offers this model (msp, entropy, propagation over
+    the run's training images, and ova for models with one-vs-all detectors) for foreign
+    (positive) vs known images."""
     from sesemi.inference import UNKNOWN_SCORES, load_trained_model, predict, unknown_score
+    from sesemi.propagation import fit_scorer, training_images
 
-    model = load_trained_model(str(run / "checkpoints" / "last.ckpt"))
+    checkpoint = str(run / "checkpoints" / "last.ckpt")
+    model = load_trained_model(checkpoint)
     kinds = [k for k in UNKNOWN_SCORES if k != "ova" or model.ova is not None]
-    predictions = list(predict(model, [str(f) for f in [*known, *foreign]], 256))
+    files = [str(f) for f in [*known, *foreign]]
+    predictions = list(predict(model, files, 256, features=True))
+    labeled = training_images(checkpoint, "labeled")
+    scorer = fit_scorer(model, labeled, training_images(checkpoint, "unlabeled"), 256)
     truth = [0] * len(known) + [1] * len(foreign)
     found = {}
     for kind in kinds:
-        scores = [float(unknown_score(p.probabilities, kind, p.inliers)) for p in predictions]
+        scores = [
+            float(unknown_score(p.probabilities, kind, p.inliers, p.features, scorer))
+            for p in predictions
+        ]
         found[kind] = float(roc_auc_score(truth, scores))
     return found
 
@@ -251,7 +265,8 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
                 # predict's default score: ova where the model has detectors, else msp
                 auroc[method, ratio].append(scores["ova" if "ova" in scores else "msp"])
                 every[method, ratio].append(scores)
-                shutil.rmtree(run / "checkpoints", ignore_errors=True)
+                if not args.keep_checkpoints:
+                    shutil.rmtree(run / "checkpoints", ignore_errors=True)
                 print(
                     f"[foreign {ratio:g} s{seed}] {method}: accuracy "
                     f"{100 * accuracy[method, ratio][-1]:.1f} %, unknown-score AUROC "
@@ -281,7 +296,8 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
         "known x r / (1 - r) foreign ones, loose files, with the labeled images (the demo's "
         "unlabeled_subset), in each method's unlabeled batches, the last partial batch kept; "
         "val: the known classes' 30 % split; unknown score: `open_sesemi predict`'s default "
-        "(ova for openmatch, 1 - max probability otherwise)"
+        "(ova for openmatch, 1 - max probability otherwise); every score's table: propagation "
+        "over the run's own labeled and unlabeled training folders"
     )
     return "\n".join(rows), notes
 
@@ -323,6 +339,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="also write the markdown report here")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the jobs")
     parser.add_argument("--set", nargs="*", default=[], metavar="OVERRIDE")
+    parser.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="foreign: keep each run's checkpoints; a later call with the same --workdir then "
+        "reuses the runs whose command is unchanged (scores them again, no training)",
+    )
     args = parser.parse_args(argv)
     if any(not 0.0 <= r < 1.0 for r in args.ratios):
         parser.error("--ratios must be in [0, 1)")

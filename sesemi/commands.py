@@ -83,8 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--unknown-score",
         default="auto",
         help="the 'unknown' column: msp (1 - max probability), entropy (normalized), ova "
-        "(1 - the predicted class's one-vs-all inlier probability, method=openmatch models); "
-        "auto (default): ova where the model has one-vs-all heads, else msp",
+        "(1 - the predicted class's one-vs-all inlier probability, method=openmatch models), "
+        "propagation (the share of the unlabeled training images better connected to the "
+        "labeled ones through the features' neighbour graph: sees foreign images that the "
+        "model has pseudo-labeled into known classes; needs the training images); auto "
+        "(default): ova where the model has one-vs-all heads, else msp",
+    )
+    predict.add_argument(
+        "--labeled",
+        help="--unknown-score propagation: folder of the labeled training images (default: the "
+        "checkpoint's, from its run's .hydra/config.yaml)",
+    )
+    predict.add_argument(
+        "--unlabeled",
+        help="--unknown-score propagation: folder of the unlabeled training images (default: "
+        "the checkpoint's, from its run's .hydra/config.yaml)",
     )
     predict.add_argument(
         "--unknown-threshold",
@@ -232,7 +245,7 @@ def _load(args: argparse.Namespace):
     return load_trained_model(args.checkpoint, ema=args.ema)
 
 
-def _predictions(args: argparse.Namespace, model):
+def _predictions(args: argparse.Namespace, model, features: bool = False):
     from sesemi.inference import list_images, parse_tta, predict, resolve_device
 
     if args.batch_size < 1:
@@ -240,9 +253,27 @@ def _predictions(args: argparse.Namespace, model):
     tta = parse_tta(args.tta)
     files = list_images(args.inputs, args.file_list)
     device = resolve_device(args.device)
+    progress = sys.stderr.isatty()
     return files, predict(
-        model, files, args.batch_size, args.workers, device, tta, progress=sys.stderr.isatty()
+        model, files, args.batch_size, args.workers, device, tta, progress, features
     )
+
+
+def _propagation_scorer(args: argparse.Namespace, model):
+    """Fits `--unknown-score propagation` on the model's features of its training images."""
+    from sesemi.inference import parse_tta, resolve_device
+    from sesemi.propagation import fit_scorer, training_images
+
+    labeled = training_images(args.checkpoint, "labeled", args.labeled)
+    unlabeled = training_images(args.checkpoint, "unlabeled", args.unlabeled)
+    tta, device = parse_tta(args.tta), resolve_device(args.device)
+    scorer = fit_scorer(model, labeled, unlabeled, args.batch_size, args.workers, device, tta)
+    print(
+        f"open_sesemi predict: propagation score over {scorer.labeled} labeled and "
+        f"{len(scorer.reference)} unlabeled training images",
+        file=sys.stderr,
+    )
+    return scorer
 
 
 def run_predict(args: argparse.Namespace) -> str:
@@ -274,8 +305,11 @@ def run_predict(args: argparse.Namespace) -> str:
             f"--unknown-score ova: '{args.checkpoint}' has no one-vs-all heads (train with "
             "method=openmatch); use msp or entropy"
         )
+    if kind != "propagation" and (args.labeled or args.unlabeled):
+        raise ValueError("--labeled and --unlabeled are for --unknown-score propagation")
+    scorer = _propagation_scorer(args, model) if kind == "propagation" else None
     k = min(args.top_k, len(model.class_names))
-    files, predictions = _predictions(args, model)
+    files, predictions = _predictions(args, model, features=scorer is not None)
     failed = unknown = 0
     decide = [] if threshold is None else ["prediction"]
     with _atomic_output(args.output) as tmp, open(tmp, "w", newline="") as f:
@@ -294,7 +328,7 @@ def run_predict(args: argparse.Namespace) -> str:
             row = [p.file]
             for s, i in zip(scores.tolist(), indices.tolist(), strict=True):
                 row += [model.class_names[i], f"{s:.6f}"]
-            score = float(unknown_score(p.probabilities, kind, p.inliers))
+            score = float(unknown_score(p.probabilities, kind, p.inliers, p.features, scorer))
             row.append(f"{score:.6f}")
             if threshold is not None:
                 unknown += score > threshold

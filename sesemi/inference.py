@@ -22,6 +22,7 @@ from sesemi.datasets.image_folder import ImageReadError, _is_image, load_image
 from sesemi.models.backbones import PyTorchImageModels
 from sesemi.models.heads.openmatch import ova_probabilities
 from sesemi.models.net import ClassifierNet
+from sesemi.propagation import PropagationScorer
 from sesemi.transforms import center_crop_transforms, interpolation_mode, to_normalized_tensor
 
 log = logging.getLogger(__name__)
@@ -272,11 +273,15 @@ def parse_tta(tta: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-UNKNOWN_SCORES = ("msp", "entropy", "ova")
+UNKNOWN_SCORES = ("msp", "entropy", "ova", "propagation")
 
 
 def unknown_score(
-    probabilities: Tensor, kind: str = "msp", inliers: Tensor | None = None
+    probabilities: Tensor,
+    kind: str = "msp",
+    inliers: Tensor | None = None,
+    features: Tensor | None = None,
+    scorer: PropagationScorer | None = None,
 ) -> Tensor:
     """How unlike the known classes each image looks, in [0, 1], from its class probabilities.
 
@@ -285,12 +290,24 @@ def unknown_score(
     Both are 0 for a one-hot prediction and 1 - 1/C (msp) or 1 (entropy) for a uniform one.
     "ova": `1 - p_inlier(argmax_c p_c)`, OpenMatch's outlier score from the one-vs-all
     detector of the predicted class (`inliers`, from a `method=openmatch` model).
+    "propagation": the share of the unlabeled training images better connected to the labeled
+    ones than the image, through the features' neighbour graph (`sesemi.propagation`; `scorer`
+    is fitted on the training images' features, `features` are the image's).
 
     Args:
         probabilities: Class probabilities `(..., C)` (TTA-averaged where `predict` averages).
-        kind: "msp", "entropy" or "ova".
+        kind: "msp", "entropy", "ova" or "propagation".
         inliers: Each class's OVA inlier probability `(..., C)` (for "ova").
+        features: The images' backbone features `(..., D)` (for "propagation").
+        scorer: The `PropagationScorer` of the model's training images (for "propagation").
     """
+    if kind == "propagation":
+        if scorer is None or features is None:
+            raise ValueError(
+                "the 'propagation' unknown score needs the image's features and a "
+                "PropagationScorer fitted on the training images' features"
+            )
+        return scorer.score(features.reshape(-1, features.shape[-1])).reshape(features.shape[:-1])
     if kind == "ova":
         if inliers is None:
             raise ValueError(

@@ -30,7 +30,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -281,34 +281,53 @@ def rank(
     return Ranking(ranking.order[:n], ranking.scores[:n])
 
 
-def training_folders(checkpoint: str) -> list[str] | None:
-    """The labeled image folders a checkpoint's run trained on, from the run's saved config
-    (`<run>/.hydra/config.yaml` beside `<run>/checkpoints/`), or None when they cannot be told:
-    no saved config, a supervised dataset other than `image_folder`, or folders that are gone."""
+def training_folders(checkpoint: str, which: str = "labeled") -> list[str] | None:
+    """The image folders a checkpoint's run trained on, from the run's saved config
+    (`<run>/.hydra/config.yaml` beside `<run>/checkpoints/`): the labeled ones (the `supervised`
+    loader's) or the unlabeled ones (every other training loader's, e.g. the demo's `train` and
+    `unlabeled` subsets), or None when they cannot be told: no saved config, no `image_folder`
+    dataset there, or folders that are gone."""
     from omegaconf import OmegaConf
 
+    if which not in ("labeled", "unlabeled"):
+        raise ValueError(f"which must be 'labeled' or 'unlabeled', got '{which}'")
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
     try:
-        cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, ".hydra", "config.yaml")))
-        node = cfg["data"]["train"]["supervised"]["dataset"]
-        data_root, root, subset = cfg["run"].get("data_root"), node.get("root"), node.get("subset")
+        cfg = OmegaConf.load(os.path.join(run_dir, ".hydra", "config.yaml"))
+        loaders = list(cfg.data.train)
     except Exception:  # noqa: BLE001 - no config, or an unreadable one: the folder is unknown
         return None
-    subsets = [subset] if isinstance(subset, str) or subset is None else subset
-    values = [data_root, root, *subsets]
-    if node.get("name") != "image_folder" or any("${" in str(v) for v in values):
-        return None
+
+    def value(key: str) -> Any:  # interpolations resolved (`${data.unlabeled_subset}`)
+        try:
+            found = OmegaConf.select(cfg, key, default=None)
+            return (
+                OmegaConf.to_container(found, resolve=True) if OmegaConf.is_config(found) else found
+            )
+        except Exception:  # noqa: BLE001 - unresolvable here: the folder is unknown, skipped
+            return "${unresolved}"
+
+    data_root = value("run.data_root")
+    names = [n for n in loaders if (n == "supervised") == (which == "labeled")]
     try:  # a relative data_root is relative to the folder the run was launched from
         hydra = OmegaConf.load(os.path.join(run_dir, ".hydra", "hydra.yaml"))
         launched = str(OmegaConf.select(hydra, "hydra.runtime.cwd", default=None) or os.getcwd())
     except Exception:  # noqa: BLE001 - runs saved by sesemi.fit have no hydra.yaml
         launched = os.getcwd()
-    base = os.path.join(launched, str(data_root)) if data_root else launched
-    base = os.path.join(base, str(root)) if root else base
-    folders = [
-        os.path.normpath(os.path.join(base, str(s).rstrip("?") if s else "")) for s in subsets
-    ]
-    folders = [f for f in folders if os.path.isdir(f)]
+    folders: list[str] = []
+    for name in names:
+        node = f"data.train.{name}.dataset"
+        root, subset = value(f"{node}.root"), value(f"{node}.subset")
+        subsets = [subset] if isinstance(subset, str) or subset is None else subset
+        values = [data_root, root, *subsets]
+        if value(f"{node}.name") != "image_folder" or any("${" in str(v) for v in values):
+            continue
+        base = os.path.join(launched, str(data_root)) if data_root else launched
+        base = os.path.join(base, str(root)) if root else base
+        for s in subsets:
+            folder = os.path.normpath(os.path.join(base, str(s).rstrip("?") if s else ""))
+            if os.path.isdir(folder) and folder not in folders:
+                folders.append(folder)
     return folders or None
 
 
