@@ -283,13 +283,13 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
     for m in args.methods:
         cells = (cell(auroc[m, r], 1.0, 3) for r in args.ratios)
         rows.append("| " + " | ".join([m, *cells]) + " |")
-    rows += ["", "The AUROC of each unknown score `predict` offers (mean over seeds):", ""]
-    rows += ["| " + " | ".join(["method", "score", *head[1:]]) + " |"]
-    rows += ["|---|---|" + "---:|" * len(args.ratios)]
+    rows += ["", "The AUROC of each unknown score `predict` offers:", ""]
+    rows += ["| " + " | ".join(["method: score", *head[1:]]) + " |"]
+    rows += ["|---|" + "---:|" * len(args.ratios)]
     for m in args.methods:
         for kind in every[m, args.ratios[0]][0]:
-            means = (statistics.fmean(s[kind] for s in every[m, r]) for r in args.ratios)
-            rows.append("| " + " | ".join([m, kind, *(f"{v:.3f}" for v in means)]) + " |")
+            cells = (cell([s[kind] for s in every[m, r]], 1.0, 3) for r in args.ratios)
+            rows.append("| " + " | ".join([f"{m}: {kind}", *cells]) + " |")
     notes = (
         f"- known classes {', '.join(KNOWN)} ({args.foreign_labels} labels each), foreign "
         f"{', '.join(FOREIGN)}; unlabeled: {args.known_unlabeled} known images + "

@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the 'unknown' column: msp (1 - max probability), entropy (normalized), ova "
         "(1 - the predicted class's one-vs-all inlier probability, method=openmatch models), "
         "propagation (the share of the unlabeled training images better connected to the "
-        "labeled ones through the features' neighbour graph: sees foreign images that the "
-        "model has pseudo-labeled into known classes; needs the training images); auto "
+        "labeled ones through the features' neighbour graph: flags images unlike the training "
+        "images and images of unlabeled-folder clusters nobody labeled, which the model may "
+        "have pseudo-labeled into known classes; needs the training images); auto "
         "(default): ova where the model has one-vs-all heads, else msp",
     )
     predict.add_argument(

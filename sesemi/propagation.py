@@ -16,11 +16,13 @@ images. This score reads that structure:
    NeurIPS 2004), solved by the iteration `f <- alpha S f + y`; each image's mass is
    `m_i = f_i / sqrt(d_i)`. Clusters that hold labeled images keep much of it; clusters reached
    from them only through a few weak edges (images of classes nobody labeled) get little.
-3. An image to score takes the similarity-weighted mean mass of its k nearest training images
-   (the same weights), and its score is the share of unlabeled training images (each scored
-   the same way, without itself) with more mass: 0 = as connected as the best-connected
-   unlabeled images, 0.9 = less connected than 90 % of them. `--unknown-threshold 0.5` marks
-   the images less connected than half of the unlabeled folder.
+3. The mass reaching an image to score is the mean of `w_j m_j` over its k nearest training
+   images j (the same weights `max(s, 0)^gamma`, not normalized: an image unlike every training
+   image gets little too, as one of a cluster nobody labeled does), and its score is the share
+   of unlabeled training images (each scored the same way, without itself) with more mass:
+   0 = as connected as the best-connected unlabeled images, 0.9 = less connected than 90 % of
+   them. `--unknown-threshold 0.5` marks the images less connected than half of the unlabeled
+   folder.
 
 The score needs the images the model trained on; `open_sesemi predict` reads their folders from
 the checkpoint's run (or `--labeled` / `--unlabeled`) and scores them with the model once (at
@@ -108,10 +110,10 @@ def labeled_mass(
 
 
 def query_mass(weights: Tensor, indices: Tensor, mass: Tensor) -> Tensor:
-    """The similarity-weighted mean mass of each query's neighbours `(Q,)`."""
-    total = weights.sum(dim=1)
-    mean = (weights * mass[indices]).sum(dim=1) / total.clamp(min=1e-12)
-    return torch.where(total > 0, mean, torch.zeros_like(mean))
+    """The mass reaching each query through its k nearest training images `(Q,)`: the mean of
+    `weight_j * m_j` over them (not normalized by the weights, so that an image far from every
+    training image gets little, too)."""
+    return (weights * mass[indices]).mean(dim=1)
 
 
 @dataclass

@@ -60,6 +60,10 @@ def test_images_of_a_cluster_nobody_labeled_score_as_unknown():
     # unlabeled ones (counted half) and have less mass than A's and B's 24.
     torch.testing.assert_close(foreign_scores, torch.full((5,), (24 + 6) / 36))
     assert known_scores.max() <= 24 / 36  # within the labeled clusters' images
+    # An image unlike every training image (nearest: A, at cosine 0.38) gets little mass too:
+    # less than every image of A and B (though more than C's none).
+    novel = scorer.score(torch.tensor([[1.0, 0.2, 0.2, 2.5]]))
+    torch.testing.assert_close(novel, torch.tensor([24 / 36]))
     # The score is the share of unlabeled images with more mass (ties count half).
     mass = scorer.masses(foreign[:1])
     more = (scorer.reference > mass).sum() + 0.5 * (scorer.reference == mass).sum()
