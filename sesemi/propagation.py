@@ -51,13 +51,18 @@ MAX_POOL = 20_000  # unlabeled images in the graph at most (predict takes a seed
 SIMILARITIES_AT_ONCE = 2**24  # query x bank similarities computed per chunk (64 MiB)
 
 
+IDENTICAL = 1.0 - 1e-5  # a query this similar to a training image is that image
+
+
 def nearest(
     queries: Tensor, bank: Tensor, k: int, skip_self: bool = False
 ) -> tuple[Tensor, Tensor]:
     """The k most similar bank rows of each query `(Q, k)`: weights `max(s, 0)^GAMMA` and
-    indices, computed in chunks. `skip_self` drops each query's best match (the query is a bank
-    row itself, in the same order)."""
-    k = min(k, len(bank) - int(skip_self))
+    indices, computed in chunks. `skip_self` leaves out each query's own row (the queries are
+    the bank, in its order); otherwise a query's best match is left out where the query is
+    that training image (cosine similarity >= `IDENTICAL`), so that scoring a training image
+    gives what the graph's reference gives it."""
+    k = min(k, len(bank) - 1)
     if k < 1:
         raise ValueError("the propagation score needs at least two training images")
     rows = max(1, SIMILARITIES_AT_ONCE // max(1, len(bank)))
@@ -67,9 +72,18 @@ def nearest(
         if skip_self:
             own = torch.arange(start, start + len(sims), device=sims.device)
             sims[torch.arange(len(sims)), own] = float("-inf")
-        top = sims.topk(k, dim=1)
-        weights.append(top.values.clamp(min=0).pow(GAMMA))
-        indices.append(top.indices)
+            top = sims.topk(k, dim=1)
+        else:  # k + 1 candidates: without the first where it is the query itself
+            top = sims.topk(k + 1, dim=1)
+            itself = (top.values[:, :1] >= IDENTICAL).expand(-1, k)
+            keep = torch.arange(k, device=sims.device)
+            top = (
+                torch.where(itself, top.values[:, 1:], top.values[:, keep]),
+                torch.where(itself, top.indices[:, 1:], top.indices[:, keep]),
+            )
+        values, found = top
+        weights.append(values.clamp(min=0).pow(GAMMA))
+        indices.append(found)
     return torch.cat(weights), torch.cat(indices)
 
 
@@ -147,7 +161,8 @@ class PropagationScorer:
         return cls(bank, mass, reference.sort().values, len(labeled))
 
     def masses(self, features: Tensor) -> Tensor:
-        """The query mass of images `(Q, D)` (features as the model gives them)."""
+        """The query mass of images `(Q, D)` (features as the model gives them; a training
+        image's own entry is left out)."""
         queries = F.normalize(features.float(), dim=1)
         return query_mass(*nearest(queries, self.bank, NEIGHBOURS), self.mass)
 

@@ -170,3 +170,13 @@ def test_predict_names_the_missing_training_images(trained, tmp_path):
     assert lost.returncode != 0
     assert "needs the labeled training images" in lost.stderr and "--labeled DIR" in lost.stderr
     assert not Path(out).exists()
+
+
+def test_a_training_image_scores_as_the_graphs_reference_without_itself():
+    a, c = [1.0, 0.2, 0.2, 0.0], [0.2, 0.2, 1.0, 0.0]
+    labeled, unlabeled = _cluster(a, 2, 0), torch.cat([_cluster(a, 12, 2), _cluster(c, 12, 4)])
+    scorer = PropagationScorer.fit(labeled, unlabeled)
+    # Scored as images to predict, the unlabeled training images get the reference's masses
+    # (each without its own entry), so a threshold of 0.5 flags half of them.
+    torch.testing.assert_close(scorer.masses(unlabeled).sort().values, scorer.reference)
+    assert (scorer.score(unlabeled) > 0.5).sum() == 12
