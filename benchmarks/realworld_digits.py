@@ -34,6 +34,7 @@ the recalls. Usage (from the repository root, in the project's virtual environme
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import os
 import pathlib
@@ -47,6 +48,7 @@ import tempfile
 import time
 
 import numpy as np
+import torch
 from _report import closing, emit, provenance  # benchmarks/_report.py (the script's own folder)
 from sklearn.metrics import roc_auc_score
 
@@ -237,11 +239,69 @@ def run_imbalance(args, workdir: pathlib.Path) -> tuple[str, str]:
     return "\n".join(lines), notes
 
 
+def known_accuracy(run: pathlib.Path, base: pathlib.Path) -> float:
+    """Val accuracy on the known classes, from the run's per-class recalls."""
+    per_class = recalls(run)
+    counts = {c: len(_images(base / "val" / c)) for c in KNOWN}
+    return sum(per_class[c] * counts[c] for c in KNOWN) / sum(counts.values())
+
+
+def record(tables, key: tuple[str, float], seed: int, run: pathlib.Path, held_out, started) -> None:
+    """Appends a run's known-class accuracy, default-score AUROC and every score's AUROC to
+    `tables` under `key` (row, foreign share), and prints them."""
+    accuracy, auroc, every = tables
+    base, known_val, foreign_val = held_out
+    accuracy[key].append(known_accuracy(run, base))
+    scores = unknown_aurocs(run, known_val, foreign_val)
+    # predict's default score: ova where the model has detectors, else msp
+    auroc[key].append(scores["ova" if "ova" in scores else "msp"])
+    every[key].append(scores)
+    print(
+        f"[foreign {key[1]:g} s{seed}] {key[0]}: accuracy {100 * accuracy[key][-1]:.1f} %, "
+        "unknown-score AUROC "
+        + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+        + f" ({time.time() - started:.0f} s)",
+        flush=True,
+    )
+
+
+def filter_unlabeled(
+    run: pathlib.Path, root: pathlib.Path, dest: pathlib.Path, threshold: float, base: pathlib.Path
+) -> str:
+    """Writes `root` to `dest` without the unlabeled images whose propagation score (`predict
+    --unknown-score propagation` with the run's checkpoint) exceeds `threshold`, as a user
+    cleaning the folder would; returns how many known and foreign images it dropped."""
+    from sesemi.inference import load_trained_model, predict
+    from sesemi.propagation import fit_scorer, training_images
+
+    checkpoint = str(run / "checkpoints" / "last.ckpt")
+    model = load_trained_model(checkpoint)
+    pool = _images(root / "unlabeled")
+    scorer = fit_scorer(model, training_images(checkpoint, "labeled"), [str(f) for f in pool])
+    features = [p.features for p in predict(model, [str(f) for f in pool], 256, features=True)]
+    dropped = scorer.score(torch.stack(features)) > threshold
+    if dest.exists():
+        shutil.rmtree(dest)
+    for split in ("train", "val"):
+        shutil.copytree(root / split, dest / split)
+    _copy([f for f, d in zip(pool, dropped.tolist(), strict=True) if not d], dest / "unlabeled")
+    truth = {f.name: f.parent.name in FOREIGN for f in base.glob("*/*/*.png")}
+    foreign = torch.tensor([truth[f.name] for f in pool])
+    return (
+        f"dropped {int((dropped & foreign).sum())} of {int(foreign.sum())} foreign and "
+        f"{int((dropped & ~foreign).sum())} of {int((~foreign).sum())} known unlabeled images"
+    )
+
+
 def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
-    """Trains every method at every foreign share and seed; returns the table and notes."""
-    accuracy = {(m, r): [] for m in args.methods for r in args.ratios}
-    auroc = {(m, r): [] for m in args.methods for r in args.ratios}
-    every = {(m, r): [] for m in args.methods for r in args.ratios}  # each score's AUROC
+    """Trains every method at every foreign share and seed (and with --filter-threshold each
+    again on the filtered folder); returns the table and notes."""
+    tables = accuracy, auroc, every = [collections.defaultdict(list) for _ in range(3)]
+    filtered = f" + propagation filter {args.filter_threshold:g}"
+    rows_of = [*args.methods]
+    if args.filter_threshold is not None:
+        rows_of += [m + filtered for m in args.methods]
+    filter_notes = []
     for seed in args.seeds:
         base = base_split(workdir, seed)
         known_val = [f for c in KNOWN for f in _images(base / "val" / c)]
@@ -252,41 +312,39 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
             foreign_val = build_foreign(
                 base, root, seed, ratio, args.foreign_labels, args.known_unlabeled
             )
+
+            held_out = (base, known_val, foreign_val)
             for method in args.methods:
                 started = time.time()
                 name = f"foreign_{slug(method)}_r{ratio:g}_s{seed}"
                 run = run_job(method, seed, root, workdir / "runs" / name, args, FOREIGN_OVERRIDES)
-                per_class = recalls(run)
-                accuracy[method, ratio].append(
-                    sum(per_class[c] * len(_images(base / "val" / c)) for c in KNOWN)
-                    / len(known_val)
-                )
-                scores = unknown_aurocs(run, known_val, foreign_val)
-                # predict's default score: ova where the model has detectors, else msp
-                auroc[method, ratio].append(scores["ova" if "ova" in scores else "msp"])
-                every[method, ratio].append(scores)
+                record(tables, (method, ratio), seed, run, held_out, started)
+                if args.filter_threshold is not None:
+                    started = time.time()
+                    clean = workdir / f"{root.name}_{slug(method)}_filtered"
+                    what = filter_unlabeled(run, root, clean, args.filter_threshold, base)
+                    filter_notes.append(f"{method}, {100 * ratio:g} %, seed {seed}: {what}")
+                    print(f"[foreign {ratio:g} s{seed}] {method}: filter {what}", flush=True)
+                    again = workdir / "runs" / f"{name}_filtered"
+                    second = run_job(method, seed, clean, again, args, FOREIGN_OVERRIDES)
+                    record(tables, (method + filtered, ratio), seed, second, held_out, started)
+                    if not args.keep_checkpoints:
+                        shutil.rmtree(second / "checkpoints", ignore_errors=True)
                 if not args.keep_checkpoints:
                     shutil.rmtree(run / "checkpoints", ignore_errors=True)
-                print(
-                    f"[foreign {ratio:g} s{seed}] {method}: accuracy "
-                    f"{100 * accuracy[method, ratio][-1]:.1f} %, unknown-score AUROC "
-                    + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-                    + f" ({time.time() - started:.0f} s)",
-                    flush=True,
-                )
     head = ["method", *[f"{100 * r:g} % foreign" for r in args.ratios]]
     rows = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(args.ratios)]
-    for m in args.methods:
+    for m in rows_of:
         rows.append("| " + " | ".join([m, *(cell(accuracy[m, r]) for r in args.ratios)]) + " |")
     rows += ["", "Unknown-score AUROC (foreign vs known held-out images):", ""]
     rows += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(args.ratios)]
-    for m in args.methods:
+    for m in rows_of:
         cells = (cell(auroc[m, r], 1.0, 3) for r in args.ratios)
         rows.append("| " + " | ".join([m, *cells]) + " |")
     rows += ["", "The AUROC of each unknown score `predict` offers:", ""]
     rows += ["| " + " | ".join(["method: score", *head[1:]]) + " |"]
     rows += ["|---|" + "---:|" * len(args.ratios)]
-    for m in args.methods:
+    for m in rows_of:
         for kind in every[m, args.ratios[0]][0]:
             cells = (cell([s[kind] for s in every[m, r]], 1.0, 3) for r in args.ratios)
             rows.append("| " + " | ".join([f"{m}: {kind}", *cells]) + " |")
@@ -298,6 +356,12 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
         "val: the known classes' 30 % split; unknown score: `open_sesemi predict`'s default "
         "(ova for openmatch, 1 - max probability otherwise); every score's table: propagation "
         "over the run's own labeled and unlabeled training folders"
+        + "".join(
+            f"\n- propagation filter (the run's checkpoint scores its unlabeled folder, images "
+            f"above {args.filter_threshold:g} are left out, the method trains again from "
+            f"scratch on the rest): {line}"
+            for line in filter_notes
+        )
     )
     return "\n".join(rows), notes
 
@@ -340,12 +404,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the jobs")
     parser.add_argument("--set", nargs="*", default=[], metavar="OVERRIDE")
     parser.add_argument(
+        "--filter-threshold",
+        type=float,
+        default=None,
+        help="foreign: also clean each run's unlabeled folder with `predict --unknown-score "
+        "propagation` (drop the images scoring above this) and train the method again on it",
+    )
+    parser.add_argument(
         "--keep-checkpoints",
         action="store_true",
         help="foreign: keep each run's checkpoints; a later call with the same --workdir then "
         "reuses the runs whose command is unchanged (scores them again, no training)",
     )
     args = parser.parse_args(argv)
+    if args.filter_threshold is not None and not 0.0 <= args.filter_threshold <= 1.0:
+        parser.error("--filter-threshold must be in [0, 1]")
     if any(not 0.0 <= r < 1.0 for r in args.ratios):
         parser.error("--ratios must be in [0, 1)")
     return args
