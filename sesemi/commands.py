@@ -268,7 +268,10 @@ def _propagation_scorer(args: argparse.Namespace, model):
     labeled = training_images(args.checkpoint, "labeled", args.labeled)
     unlabeled = training_images(args.checkpoint, "unlabeled", args.unlabeled)
     tta, device = parse_tta(args.tta), resolve_device(args.device)
-    scorer = fit_scorer(model, labeled, unlabeled, args.batch_size, args.workers, device, tta)
+    progress = sys.stderr.isatty()
+    scorer = fit_scorer(
+        model, labeled, unlabeled, args.batch_size, args.workers, device, tta, progress
+    )
     print(
         f"open_sesemi predict: propagation score over {scorer.labeled} labeled and "
         f"{len(scorer.reference)} unlabeled training images",

@@ -204,6 +204,7 @@ def fit_scorer(
     workers: int = 0,
     device: str | torch.device = "cpu",
     tta: Sequence[str] = (),
+    progress: bool = False,
 ) -> PropagationScorer:
     """Fits the score on the model's features of its training images (unreadable ones are
     skipped; labeled images among `unlabeled` count as labeled; at most `MAX_POOL` unlabeled
@@ -217,7 +218,7 @@ def fit_scorer(
         pool = [pool[i] for i in sorted(keep.tolist())]
     found = []
     for files in (labeled, pool):
-        run = predict(model, list(files), batch_size, workers, device, tta, features=True)
+        run = predict(model, list(files), batch_size, workers, device, tta, progress, True)
         rows = [p.features for p in run if p.features is not None]
         found.append(torch.stack(rows) if rows else torch.zeros(0, 1))
     return PropagationScorer.fit(*found)

@@ -180,3 +180,16 @@ def test_a_training_image_scores_as_the_graphs_reference_without_itself():
     # (each without its own entry), so a threshold of 0.5 flags half of them.
     torch.testing.assert_close(scorer.masses(unlabeled).sort().values, scorer.reference)
     assert (scorer.score(unlabeled) > 0.5).sum() == 12
+
+
+def test_a_large_unlabeled_folder_is_sampled_the_same_way_every_time(trained, monkeypatch):
+    import sesemi.propagation
+
+    data = trained["data"]
+    model = load_trained_model(str(trained["checkpoint"]))
+    labeled = list_images([str(data / "train")])
+    pool = list_images([str(data / "unlabeled")])
+    monkeypatch.setattr(sesemi.propagation, "MAX_POOL", 5)
+    first, again = (fit_scorer(model, labeled, pool) for _ in range(2))
+    assert first.labeled == 8 and len(first.reference) == 5
+    torch.testing.assert_close(first.bank, again.bank)
