@@ -4,7 +4,7 @@ import sesemi
 cfg = sesemi.compose("demo", ["method=fixmatch", "run.num_iterations=100"])
 result = sesemi.fit(cfg)                      # a RunResult: metrics, checkpoints, run folder
 model = sesemi.load_classifier(result.best_checkpoint)
-model.predict(["a.png", "b.png"])             # class names and probabilities
+model.predict(["a.png", "b.png"])             # class names, probabilities, unknown score
 """
 
 from __future__ import annotations

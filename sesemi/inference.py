@@ -62,11 +62,14 @@ class ClassPrediction:
         label: The most probable class's name.
         probability: Its probability.
         probabilities: Every class's probability, by class name (in the model's class order).
+        unknown: How unlike the known classes the image looks, in [0, 1] (`unknown_score`,
+            the kind `TrainedModel.predict` was asked for).
     """
 
     label: str
     probability: float
     probabilities: dict[str, float]
+    unknown: float = 0.0
 
 
 @dataclass
@@ -98,6 +101,8 @@ class TrainedModel:
         batch_size: int = 64,
         device: str | torch.device = "cpu",
         tta: str | Sequence[str] | None = None,
+        unknown: str = "auto",
+        scorer: PropagationScorer | None = None,
     ) -> list[ClassPrediction]:
         """Predicts image files or PIL images, as `open_sesemi predict` does.
 
@@ -106,22 +111,53 @@ class TrainedModel:
             batch_size: Images per forward pass.
             device: Where the network runs ("cpu", "cuda", ...).
             tta: Test-time augmentation: None, "flip", "crops" or "flip,crops".
+            unknown: The unknown score (`unknown_score`): "auto" (ova where the model has
+                one-vs-all detectors, else msp), "msp", "entropy", "ova" or "propagation".
+            scorer: For "propagation", the scorer of the training images (default:
+                `self.propagation_scorer()`, from the run's folders).
 
         Returns:
-            One `ClassPrediction` per image, in order: the top class, its probability and every
-            class's probability. An unreadable file raises `ImageReadError` naming it.
+            One `ClassPrediction` per image, in order: the top class, its probability, every
+            class's probability and the unknown score. An unreadable file raises
+            `ImageReadError` naming it.
         """
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
+        if unknown == "auto":
+            unknown = "ova" if self.ova is not None else "msp"
+        if unknown not in UNKNOWN_SCORES:
+            raise ValueError(f"unknown score '{unknown}'; use auto or one of: {UNKNOWN_SCORES}")
+        if unknown == "propagation" and scorer is None:
+            scorer = self.propagation_scorer(batch_size=batch_size, device=device, tta=tta)
         items = [i if isinstance(i, Image.Image) else os.fspath(i) for i in images]
         results = []
-        for p in predict(self, items, batch_size, 0, device, parse_tta(tta)):
+        features = scorer is not None
+        for p in predict(self, items, batch_size, 0, device, parse_tta(tta), features=features):
             if p.probabilities is None:
                 raise ImageReadError(p.error)
             label = self.class_names[int(p.probabilities.argmax())]
             every = dict(zip(self.class_names, p.probabilities.tolist(), strict=True))
-            results.append(ClassPrediction(label, every[label], every))
+            score = float(unknown_score(p.probabilities, unknown, p.inliers, p.features, scorer))
+            results.append(ClassPrediction(label, every[label], every, score))
         return results
+
+    def propagation_scorer(
+        self,
+        labeled: str | None = None,
+        unlabeled: str | None = None,
+        batch_size: int = 64,
+        device: str | torch.device = "cpu",
+        tta: str | Sequence[str] | None = None,
+    ) -> PropagationScorer:
+        """The `propagation` unknown score fitted on this model's training images: those in
+        the folders given, else in the checkpoint's run's folders (`sesemi.propagation`)."""
+        from sesemi.propagation import fit_scorer, training_images
+
+        labeled_files = training_images(self.checkpoint, "labeled", labeled)
+        unlabeled_files = training_images(self.checkpoint, "unlabeled", unlabeled)
+        return fit_scorer(
+            self, labeled_files, unlabeled_files, batch_size, 0, device, parse_tta(tta)
+        )
 
 
 def _backbone_from_spec(spec: Any, path: str) -> nn.Module:

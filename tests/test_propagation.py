@@ -193,3 +193,20 @@ def test_a_large_unlabeled_folder_is_sampled_the_same_way_every_time(trained, mo
     first, again = (fit_scorer(model, labeled, pool) for _ in range(2))
     assert first.labeled == 8 and len(first.reference) == 5
     torch.testing.assert_close(first.bank, again.bank)
+
+
+def test_the_python_api_gives_each_prediction_its_unknown_score(trained):
+    data = trained["data"]
+    model = load_trained_model(str(trained["checkpoint"]))
+    files = list_images([str(data / "val")])
+    plain = model.predict(files)  # auto: 1 - max probability (no one-vs-all detectors)
+    for p in plain:
+        assert p.unknown == pytest.approx(1 - p.probability, abs=1e-6)
+    scorer = model.propagation_scorer()  # the run's folders, as predict reads them
+    assert scorer.labeled == 8 and len(scorer.reference) == 16
+    features = torch.stack([p.features for p in predict(model, files, features=True)])
+    expected = scorer.score(features).tolist()
+    found = [p.unknown for p in model.predict(files, unknown="propagation", scorer=scorer)]
+    assert found == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="unknown score 'energy'"):
+        model.predict(files, unknown="energy")
