@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
 import subprocess
@@ -99,6 +100,20 @@ def make_image_folder(
         for c, name in enumerate(classes):
             write_images(root / split / name, count, seed=100 * s + c, bright_left=(c == 1))
     return root
+
+
+def train_tiny_run(root: Path, splits: dict[str, int] | None = None) -> dict[str, Path]:
+    """Trains TINY_CONFIG (two classes, `make_image_folder(root / "data", splits)`) from `root`
+    with `open_sesemi -cd configs -cn custom`; returns the data folder and the last checkpoint."""
+    data = make_image_folder(root / "data", splits)
+    (root / "configs").mkdir()
+    (root / "configs" / "custom.yaml").write_text(
+        TINY_CONFIG.format(data_root=data, runs=root / "runs")
+    )
+    fit = open_sesemi("-cd", "configs", "-cn", "custom", cwd=root)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (checkpoint,) = glob.glob(str(root / "runs" / "tiny" / "*" / "checkpoints" / "last.ckpt"))
+    return {"data": data, "checkpoint": Path(checkpoint)}
 
 
 def open_sesemi(

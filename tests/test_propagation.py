@@ -4,13 +4,12 @@ hand-made clusters, the training folders read from a run, and `open_sesemi predi
 from __future__ import annotations
 
 import csv
-import glob
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_CONFIG, make_image_folder, open_sesemi
+from conftest import open_sesemi, train_tiny_run
 from omegaconf import OmegaConf
 
 from sesemi.inference import list_images, load_trained_model, predict, unknown_score
@@ -112,16 +111,9 @@ def test_unlabeled_training_folders_come_from_the_runs_resolved_config(tmp_path)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny two-class run with labeled (train) and unlabeled images, and its checkpoint."""
-    root = tmp_path_factory.mktemp("propagation")
-    data = make_image_folder(root / "data", {"train": 4, "unlabeled": 8, "val": 4})
-    (root / "configs").mkdir()
-    (root / "configs" / "custom.yaml").write_text(
-        TINY_CONFIG.format(data_root=data, runs=root / "runs")
+    return train_tiny_run(
+        tmp_path_factory.mktemp("propagation"), {"train": 4, "unlabeled": 8, "val": 4}
     )
-    fit = open_sesemi("-cd", "configs", "-cn", "custom", cwd=root)
-    assert fit.returncode == 0, fit.stderr[-3000:]
-    (checkpoint,) = glob.glob(str(root / "runs" / "tiny" / "*" / "checkpoints" / "last.ckpt"))
-    return {"data": data, "checkpoint": Path(checkpoint)}
 
 
 def test_predict_writes_the_propagation_score_of_the_runs_training_images(trained, tmp_path):

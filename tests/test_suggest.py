@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import csv
-import glob
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, make_image_folder, open_sesemi
+from conftest import open_sesemi, train_tiny_run
 
 from sesemi.inference import list_images, load_trained_model, parse_tta, predict
 from sesemi.suggest import (
@@ -208,16 +207,7 @@ def test_the_command_offers_every_strategy():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny two-class run trained on data/train and its last checkpoint."""
-    root = tmp_path_factory.mktemp("suggest")
-    data = make_image_folder(root / "data")
-    (root / "configs").mkdir()
-    (root / "configs" / "custom.yaml").write_text(
-        TINY_CONFIG.format(data_root=data, runs=root / "runs")
-    )
-    fit = open_sesemi("-cd", "configs", "-cn", "custom", cwd=root)
-    assert fit.returncode == 0, fit.stderr[-3000:]
-    (checkpoint,) = glob.glob(str(root / "runs" / "tiny" / "*" / "checkpoints" / "last.ckpt"))
-    return {"data": data, "checkpoint": Path(checkpoint)}
+    return train_tiny_run(tmp_path_factory.mktemp("suggest"))
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
