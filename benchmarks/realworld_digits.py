@@ -297,9 +297,9 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
     """Trains every method at every foreign share and seed (and with --filter-threshold each
     again on the filtered folder); returns the table and notes."""
     tables = accuracy, auroc, every = [collections.defaultdict(list) for _ in range(3)]
-    filtered = f" + propagation filter {args.filter_threshold:g}"
     rows_of = [*args.methods]
     if args.filter_threshold is not None:
+        filtered = f" + propagation filter {args.filter_threshold:g}"
         rows_of += [m + filtered for m in args.methods]
     filter_notes = []
     for seed in args.seeds:
