@@ -271,15 +271,17 @@ def filter_unlabeled(
     """Writes `root` to `dest` without the unlabeled images whose propagation score (`predict
     --unknown-score propagation` with the run's checkpoint) exceeds `threshold`, as a user
     cleaning the folder would; returns how many known and foreign images it dropped."""
-    from sesemi.inference import load_trained_model, predict
+    from sesemi.inference import load_trained_model
     from sesemi.propagation import fit_scorer, training_images
 
     checkpoint = str(run / "checkpoints" / "last.ckpt")
     model = load_trained_model(checkpoint)
     pool = _images(root / "unlabeled")
     scorer = fit_scorer(model, training_images(checkpoint, "labeled"), [str(f) for f in pool])
-    features = [p.features for p in predict(model, [str(f) for f in pool], 256, features=True)]
-    dropped = scorer.score(torch.stack(features)) > threshold
+    # The scorer's bank holds the pool's features, in order, after the labeled images' (every
+    # pool image is readable and none is labeled): no second pass over the pool.
+    assert len(scorer.bank) - scorer.labeled == len(pool)
+    dropped = scorer.score(scorer.bank[scorer.labeled :]) > threshold
     if dest.exists():
         shutil.rmtree(dest)
     for split in ("train", "val"):

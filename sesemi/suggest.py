@@ -360,11 +360,10 @@ def _outputs(
 def _labeled_files(args: argparse.Namespace) -> list[str]:
     """The labeled images: --labeled, else the checkpoint's training folders (possibly none)."""
     from sesemi.inference import list_images
+    from sesemi.propagation import training_images
 
     if args.labeled is not None:
-        if not os.path.isdir(args.labeled):
-            raise FileNotFoundError(f"--labeled folder '{args.labeled}' does not exist")
-        return list_images([args.labeled])
+        return training_images(args.checkpoint, "labeled", args.labeled)
     folders = training_folders(args.checkpoint)
     if folders is None:
         return []
