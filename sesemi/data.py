@@ -12,7 +12,7 @@ import os
 import random
 import warnings
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -126,6 +126,12 @@ class PassSampler(DistributedSampler):
     (so an image twice in a pass gets two crops). This is how FixMatch's and USB's code draw
     labeled batches (an endless random stream, e.g. 40 labeled images in batches of 64); a
     dataset smaller than a batch fills it with repeats.
+
+    With `classes` (each index's class), a pass draws every class equally often, instead of a
+    permutation: `ceil(len / number of classes)` draws per class, its images in shuffled rounds
+    (a class of 1 image beside one of 10 gives that image 10 times a pass, each with a token of
+    its own, so a new crop), then all draws shuffled together: class-aware sampling (Shen et
+    al., ECCV 2016), the balanced sampling of Kang et al. (arXiv:1910.09217).
     """
 
     def __init__(
@@ -135,13 +141,25 @@ class PassSampler(DistributedSampler):
         num_replicas: int = 1,
         rank: int = 0,
         batch_size: int | None = None,
+        classes: Sequence[int] | None = None,
     ) -> None:
         super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True)
         self.data_source = data_source
+        self.groups: list[list[int]] | None = None
+        self.unit = len(data_source)  # indices a permutation (or balanced draw) gives
+        if classes is not None:
+            members: dict[int, list[int]] = {}
+            for index, label in enumerate(classes):
+                members.setdefault(int(label), []).append(index)
+            self.groups = [members[label] for label in sorted(members)]
+            self.per_class = -(-len(data_source) // max(len(self.groups), 1))
+            self.unit = self.per_class * len(self.groups)
         self.refill = batch_size is not None
+        per_process = -(-self.unit // num_replicas)
         if self.refill:  # whole batches on every process
-            self.num_samples = -(-len(data_source) // (batch_size * num_replicas)) * batch_size
-            self.total_size = self.num_samples * num_replicas
+            per_process = -(-per_process // batch_size) * batch_size
+        self.num_samples = per_process
+        self.total_size = self.num_samples * num_replicas
         # As RandomSampler's: by default seeded from torch's global generator.
         self.generator = generator if generator is not None else _own_generator()
 
@@ -154,6 +172,19 @@ class PassSampler(DistributedSampler):
 
     def __iter__(self) -> _PassIterator:
         return _PassIterator(self)
+
+    def draw(self, generator: torch.Generator) -> list[int]:
+        """One permutation of the indices or, with `classes`, one class-balanced draw."""
+        if self.groups is None:
+            return torch.randperm(len(self.data_source), generator=generator).tolist()
+        drawn: list[int] = []
+        for members in self.groups:
+            picks: list[int] = []
+            while len(picks) < self.per_class:  # shuffled rounds over the class's images
+                shuffled = torch.randperm(len(members), generator=generator).tolist()
+                picks += [members[i] for i in shuffled]
+            drawn += picks[: self.per_class]
+        return [drawn[i] for i in torch.randperm(len(drawn), generator=generator).tolist()]
 
 
 class _PassIterator:
@@ -172,8 +203,10 @@ class _PassIterator:
         while not order or (sampler.refill and len(order) < sampler.total_size):
             digest = hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8)
             token = int.from_bytes(digest.digest(), "little") % 2**62 + 1
-            permutation = torch.randperm(len(sampler.data_source), generator=generator)
-            order += [(index, token) for index in permutation.tolist()]
+            repeats: dict[int, int] = {}  # an index drawn again gets the next token
+            for index in sampler.draw(generator):
+                repeats[index] = repeats.get(index, -1) + 1
+                order.append((index, token + repeats[index]))
         while len(order) < sampler.total_size:  # this process's share of a padded permutation
             order += order[: sampler.total_size - len(order)]
         self.order = order[sampler.rank : sampler.total_size : sampler.num_replicas]
@@ -297,7 +330,8 @@ class LoaderSpec:
             dataset = self._stream(kwargs, indexed, processes or world_size, seed)
         else:
             dataset = self._sampled(kwargs, indexed, seed)
-            if indexed and (seed is not None or full) and kwargs.get("shuffle"):
+            balanced = node.get("class_balanced")
+            if indexed and (seed is not None or full or balanced) and kwargs.get("shuffle"):
                 # Each pass its own order and augmentations (see PassSampler); every process
                 # the same generator, seeded by the run's seed and the loader's name.
                 kwargs.pop("shuffle")
@@ -310,7 +344,12 @@ class LoaderSpec:
                 if replicas > 1 and torch.distributed.is_initialized():
                     rank = torch.distributed.get_rank()
                 kwargs["sampler"] = PassSampler(
-                    dataset, generator, replicas, rank, self.batch_size if full else None
+                    dataset,
+                    generator,
+                    replicas,
+                    rank,
+                    self.batch_size if full else None,
+                    self.dataset.targets if balanced else None,
                 )
         if node.get("collate_fn") is not None:
             kwargs["collate_fn"] = instantiate(node["collate_fn"])
@@ -374,15 +413,40 @@ class LoaderSpec:
             seed=seed,
         )
 
-    def check_full_batches(self, training: bool) -> None:
-        """`full_batches` needs a shuffled training loader over a map-style dataset."""
-        if self.node.get("full_batches") and not (
-            training and self.node.get("shuffle") and not isinstance(self.dataset, IterableDataset)
-        ):
-            raise ValueError(
-                f"{self.where}: full_batches needs a shuffled training loader over an image "
-                "folder (shuffle: true; not a stream, not val or test); drop full_batches"
-            )
+    def check_sampling(self, training: bool) -> None:
+        """`full_batches` and `class_balanced` need a shuffled training loader over a map-style
+        dataset; `class_balanced` also needs every image's class (a labeled folder)."""
+        for key in ("full_batches", "class_balanced"):
+            if self.node.get(key) and not (
+                training
+                and self.node.get("shuffle")
+                and not isinstance(self.dataset, IterableDataset)
+            ):
+                raise ValueError(
+                    f"{self.where}: {key} needs a shuffled training loader over an image "
+                    f"folder (shuffle: true; not a stream, not val or test); drop {key}"
+                )
+        if self.node.get("class_balanced"):
+            targets = list(getattr(self.dataset, "targets", None) or [])
+            if len(targets) != len(self.dataset) or any(t < 0 for t in targets):
+                raise ValueError(
+                    f"{self.where}: class_balanced needs a labeled dataset (every image in a "
+                    "class folder); drop class_balanced for unlabeled images"
+                )
+            for key in ("sampler", "batch_sampler"):
+                if self.node.get(key) is not None:
+                    raise ValueError(
+                        f"{self.where}: class_balanced draws the loader's samples itself; drop "
+                        f"class_balanced or the {key}"
+                    )
+
+    def pass_length(self) -> int:
+        """Samples in one pass over the dataset: its length or, with `class_balanced`, the
+        number of classes times `ceil(length / number of classes)` (see `PassSampler`)."""
+        if not self.node.get("class_balanced"):
+            return len(self.dataset)
+        classes = len(set(self.dataset.targets))
+        return -(-len(self.dataset) // classes) * classes
 
     def drops_last(self, world_size: int, training: bool = True) -> bool:
         """Whether the last incomplete batch is dropped: when the node says so, and, in
@@ -392,7 +456,7 @@ class LoaderSpec:
             return False
         if self.node.get("drop_last"):
             return True
-        per_process = math.ceil(len(self.dataset) / world_size)
+        per_process = math.ceil(self.pass_length() / world_size)
         return (
             training
             and self.node.get("batch_sampler") is None
@@ -401,7 +465,7 @@ class LoaderSpec:
 
     def batches_per_epoch(self, world_size: int) -> int:
         """Batches each of `world_size` processes draws per epoch (DistributedSampler pads)."""
-        per_process = math.ceil(len(self.dataset) / world_size)
+        per_process = math.ceil(self.pass_length() / world_size)
         if self.drops_last(world_size):
             return per_process // self.batch_size
         return math.ceil(per_process / self.batch_size)
@@ -456,7 +520,7 @@ class SESEMIDataModule(pl.LightningDataModule):
         self.val = self._spec("val", data, data_root, bs, stages, auto)
         self.test = self._spec("test", data, data_root, bs, stages, auto)
         for spec in self.specs():  # before training starts
-            spec.check_full_batches(training=spec.where.startswith("data.train."))
+            spec.check_sampling(training=spec.where.startswith("data.train."))
         self.data_root = data_root
         self.world_size = world_size
         self.seed = seed

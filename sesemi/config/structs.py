@@ -102,6 +102,9 @@ class DataLoaderConfig:
         full_batches: For a shuffled training loader: every batch full, the last of each pass
             completed from a new shuffle (fresh augmentations; repeats when the dataset is
             smaller than a batch), as FixMatch's and USB's code draw labeled batches.
+        class_balanced: For a shuffled training loader over labeled images: each pass draws
+            every class equally often (rare classes' images repeated, each repeat a new crop),
+            for long-tailed labeled sets.
         timeout: Seconds to wait for a batch from a worker (0 waits forever).
         worker_init_fn: An optional worker initialization node.
         prefetch_factor: Batches loaded in advance by each worker.
@@ -119,6 +122,7 @@ class DataLoaderConfig:
     pin_memory: bool | None = None
     drop_last: bool | None = False
     full_batches: bool = False
+    class_balanced: bool = False
     timeout: float = 0
     worker_init_fn: Any = None
     prefetch_factor: int | None = None
