@@ -135,3 +135,85 @@ def test_full_batches_on_a_loader_that_does_not_shuffle_is_refused(image_root):
     cfg = sesemi.compose("base", [f"run.data_root={image_root}", "data.val.full_batches=true"])
     with pytest.raises(ValueError, match="data.val: full_batches needs a shuffled"):
         SESEMIDataModule(cfg.data, cfg.run.data_root, 4)
+
+
+def test_a_class_balanced_pass_draws_every_class_equally_often_each_repeat_a_new_crop():
+    # 8 images of class 0 and 2 of class 1: a pass is 5 draws of each class, class 1's two
+    # images in shuffled rounds (2 or 3 times each), no (index, token) pair twice.
+    classes = [0] * 8 + [1] * 2
+    sampler = PassSampler(list(range(10)), torch.Generator().manual_seed(0), classes=classes)
+    assert len(sampler) == 10
+    for _ in range(3):
+        keys = list(sampler)
+        drawn = [classes[index] for index, _ in keys]
+        assert drawn.count(0) == drawn.count(1) == 5
+        assert sorted([index for index, _ in keys if index >= 8].count(i) for i in (8, 9)) == [2, 3]
+        assert len(set(keys)) == 10 and len({index for index, _ in keys if index < 8}) == 5
+    # Three classes of 7, 1 and 1 images: 3 draws each, a pass of 9, padded to whole batches.
+    full = PassSampler(list(range(9)), torch.Generator(), batch_size=4, classes=[0] * 7 + [1, 2])
+    keys = list(full)
+    assert len(full) == len(keys) == 12 and len(set(keys)) == 12
+    assert [index for index, _ in keys[:9]].count(7) == 3
+
+
+def test_a_class_balanced_labeled_loader_evens_a_long_tailed_folder_and_resumes(tmp_path):
+    # 10, 2 and 2 images of three classes: plain passes draw them 10:2:2, class-balanced ones
+    # 5:5:5 (15 draws, so batches of 4, 4, 4, 3).
+    from conftest import make_image_folder, write_images
+
+    root = make_image_folder(tmp_path / "data", {"train": 2, "val": 2}, classes=("a", "b", "c"))
+    write_images(root / "train" / "a", 10, seed=7)
+    balanced = [
+        "data.train.supervised.class_balanced=true",
+        "data.train.supervised.drop_last=false",
+    ]
+    data = _data(root, *balanced)
+    assert data.train["supervised"].pass_length() == 15
+    loader = data.train_dataloader()["supervised"]
+    batches = iter(loader)
+    first = next(batches)
+    state = loader.state_dict()
+    rest = list(batches)
+    assert [len(b[1]) for b in (first, *rest)] == [4, 4, 4, 3]
+    targets = torch.cat([first[1], *(b[1] for b in rest)]).tolist()
+    assert [targets.count(c) for c in range(3)] == [5, 5, 5]
+    restored = _data(root, *balanced).train_dataloader()["supervised"]
+    restored.load_state_dict(state)
+    for (images, _, indices), (images_2, _, indices_2) in zip(rest, restored, strict=True):
+        assert torch.equal(indices, indices_2) and torch.equal(images, images_2)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.train.supervised.shuffle=false"], "supervised: class_balanced needs a shuffled"),
+        (["data.val.class_balanced=true"], "data.val: class_balanced needs a shuffled"),
+        (
+            ["+data.train.supervised.sampler._target_=torch.utils.data.SequentialSampler"],
+            "draws the loader's samples itself; drop class_balanced or the sampler",
+        ),
+    ],
+)
+def test_class_balanced_where_it_cannot_work_is_refused(image_root, overrides, message):
+    cfg = sesemi.compose(
+        "base",
+        [f"run.data_root={image_root}", "data.train.supervised.class_balanced=true", *overrides],
+    )
+    with pytest.raises(ValueError, match=message):
+        SESEMIDataModule(cfg.data, cfg.run.data_root, 4, seed=0)
+
+
+def test_class_balanced_on_unlabeled_images_is_refused(image_root):
+    from conftest import write_images
+
+    write_images(image_root / "loose", 6, seed=3)
+    cfg = sesemi.compose(
+        "base",
+        [
+            f"run.data_root={image_root}",
+            "data.train.supervised.dataset.subset=loose",
+            "data.train.supervised.class_balanced=true",
+        ],
+    )
+    with pytest.raises(ValueError, match="supervised: class_balanced needs a labeled dataset"):
+        SESEMIDataModule(cfg.data, cfg.run.data_root, 4, stages=("train",), seed=0)
