@@ -13,8 +13,11 @@
 #              (and random with 20 and 30 labels), in a second pool once the first pool (every
 #              grid's jobs, in GRIDS's order: list active first) is done
 #
-# over seeds 0 1 2, 300 steps. A 20-step smoke stage runs each kind of job first (seed 0) and
-# stops everything if one fails. Tabulate afterwards (any machine), e.g.
+# over seeds 0 1 2, 300 steps (STEPS; SSL_STEPS for the ssl and rotation grids alone), e.g.
+#   GRIDS="ssl imbalance" LABELS=1 SSL_STEPS=600 IMB_METHODS="fixmatch flexmatch:..."
+# IMB_METHODS: the imbalance grid's --methods entries (default below). A 20-step smoke stage
+# runs each kind of job first (seed 0) and stops everything if one fails (SMOKE=0 skips it).
+# Tabulate afterwards (any machine), e.g.
 #
 #   python benchmarks/ssl_digits.py --labels 2 4 --seeds 0 1 2 --steps 300 --threads 1 \
 #       --methods supervised rotation fixmatch flexmatch freematch softmatch --collect $W/ssl_*
@@ -32,6 +35,10 @@ TOTAL=${2:-8.5}
 GRIDS=${GRIDS:-ssl imbalance}
 LABELS=${LABELS:-2 4}  # labels per class of the ssl grid (rotation's: these and 1)
 SSL_METHODS=${SSL_METHODS:-fixmatch flexmatch freematch softmatch rotation supervised}
+IMB_METHODS=${IMB_METHODS:-flexmatch:supervised_loss=logit_adjusted fixmatch flexmatch fixmatch_da \
+  debiaspl debiaspl:supervised_loss=logit_adjusted freematch softmatch}
+STEPS=${STEPS:-300}
+SMOKE=${SMOKE:-1}
 DEVICE=${DEVICE:-run.gpus=1}  # DEVICE=run.gpus=0 tries the script on a CPU
 SET="$DEVICE ${SET:-}"
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -51,7 +58,7 @@ ssl() {  # $1 = steps, $2 = folder prefix, $3 = seeds, $4 = label counts, $5 = m
   done
 }
 
-jobs() {  # $1 = steps, $2 = folder prefix, $3 = seeds, $4 = label counts (ssl)
+jobs() {  # $1 = steps, $2 = folder prefix, $3 = seeds, $4 = label counts (ssl), $5 = ssl steps
   local s=$1 p=$2 seed m r grid
   for grid in $GRIDS; do
     case $grid in
@@ -59,13 +66,12 @@ jobs() {  # $1 = steps, $2 = folder prefix, $3 = seeds, $4 = label counts (ssl)
         for seed in $3; do
           echo "$ACTIVE $p/active --seeds $seed --steps $s --strategies --random-n --set $SET"
         done ;;
-      ssl) ssl "$s" "$p" "$3" "$4" "$SSL_METHODS" ;;
-      rotation) ssl "$s" "$p" "$3" "$(printf '%s\n' 1 $4 | sort -un | xargs)" \
+      ssl) ssl "${5:-$s}" "$p" "$3" "$4" "$SSL_METHODS" ;;
+      rotation) ssl "${5:-$s}" "$p" "$3" "$(printf '%s\n' 1 $4 | sort -un | xargs)" \
         "rotation rotation_flip supervised" ;;
       imbalance)
         for seed in $3; do
-          for m in flexmatch:supervised_loss=logit_adjusted fixmatch flexmatch fixmatch_da \
-              debiaspl debiaspl:supervised_loss=logit_adjusted freematch softmatch; do
+          for m in $IMB_METHODS; do
             local f=${m//[:=]/-}
             echo "python3 $HERE/realworld_digits.py imbalance --methods $m --seeds $seed" \
               "--steps $s --threads 1 --workdir $p/imb_${f}_s${seed} --out $p/imb_${f}_s${seed}.md" \
@@ -110,24 +116,26 @@ pool() {  # $1 = job file, $2 = logs, then pool.py's deadline options
 }
 
 # Smoke: seed 0, 2 labels per class (the rotation grid: 1), 20 steps each.
-jobs 20 "$W/smoke" 0 2 >"$W/smoke_jobs.txt"  # an unknown grid exits 2 here
-active_strategies 20 "$W/smoke" 0 | head -n 1 >"$W/smoke_jobs2.txt"
-{
-  pool "$W/smoke_jobs.txt" "$W/smoke_logs" --start-by 0.5 --stop-at 2 &&
-    pool "$W/smoke_jobs2.txt" "$W/smoke_logs2" --stop-at 1.5
-} >"$W/smoke_pool.log" 2>&1
-smoke=$?
-tail -n 20 "$W/smoke_pool.log"
-if [ $smoke -ne 0 ]; then
-  for log in "$W"/smoke_logs*/*.log; do
-    grep -q "Traceback\|Error\|error:" "$log" && { echo "== $log"; tail -n 25 "$log"; }
-  done
-  exit 1
+if [ "$SMOKE" != 0 ]; then
+  jobs 20 "$W/smoke" 0 2 >"$W/smoke_jobs.txt"  # an unknown grid exits 2 here
+  active_strategies 20 "$W/smoke" 0 | head -n 1 >"$W/smoke_jobs2.txt"
+  {
+    pool "$W/smoke_jobs.txt" "$W/smoke_logs" --start-by 0.5 --stop-at 2 &&
+      pool "$W/smoke_jobs2.txt" "$W/smoke_logs2" --stop-at 1.5
+  } >"$W/smoke_pool.log" 2>&1
+  smoke=$?
+  tail -n 20 "$W/smoke_pool.log"
+  if [ $smoke -ne 0 ]; then
+    for log in "$W"/smoke_logs*/*.log; do
+      grep -q "Traceback\|Error\|error:" "$log" && { echo "== $log"; tail -n 25 "$log"; }
+    done
+    exit 1
+  fi
 fi
 
-jobs 300 "$W" "0 1 2" "$LABELS" >"$W/jobs.txt"
+jobs "$STEPS" "$W" "0 1 2" "$LABELS" "${SSL_STEPS:-$STEPS}" >"$W/jobs.txt"
 pool "$W/jobs.txt" "$W/logs" --start-by "$(left 1.5)" --stop-at "$(left 0)" 2>&1 | tail -n 70
-active_strategies 300 "$W" "0 1 2" >"$W/jobs2.txt"
+active_strategies "$STEPS" "$W" "0 1 2" >"$W/jobs2.txt"
 if [ -s "$W/jobs2.txt" ]; then
   pool "$W/jobs2.txt" "$W/logs2" --start-by "$(left 1.5)" --stop-at "$(left 0)" 2>&1 | tail -n 30
 fi
