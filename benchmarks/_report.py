@@ -21,9 +21,22 @@ def accelerator() -> str:
     return f"; GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
 
 
+def version(package: str) -> str:
+    """The installed version of `package`; for sesemi run from a source tree on PYTHONPATH (not
+    installed, as on a lent GPU machine), the tree's own `__version__`."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        if package == "sesemi":
+            import sesemi
+
+            return f"{sesemi.__version__} (source tree, not installed)"
+        return "not installed"
+
+
 def provenance(argv: list[str], threads: int, packages: tuple[str, ...] = VERSIONS) -> list[str]:
     """The report lines saying how it was made: command, date, machine and versions."""
-    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in packages)
+    versions = ", ".join(f"{p} {version(p)}" for p in packages)
     return [
         f"- command: `{shlex.join(['python', os.path.relpath(sys.argv[0]), *argv])}`",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",

@@ -22,7 +22,7 @@ validated once at the end), the method by name; its folder's `val_per_class_accu
 the recalls. Usage (from the repository root, in the project's virtual environment):
 
     python benchmarks/realworld_digits.py imbalance --methods fixmatch flexmatch freematch \
-        softmatch fixmatch_da debiaspl --seeds 0 1 2 --steps 300 \
+        softmatch fixmatch_da debiaspl fixmatch_balanced --seeds 0 1 2 --steps 300 \
         --out benchmarks/results/imbalance_digits.md
     python benchmarks/realworld_digits.py imbalance --seeds 0 --methods \
         flexmatch:supervised_loss=logit_adjusted   # a method with overrides of its own

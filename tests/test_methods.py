@@ -29,6 +29,7 @@ HEADS = {
     "softmatch": ["fixmatch"],
     "fixmatch_da": ["fixmatch"],
     "debiaspl": ["fixmatch"],
+    "fixmatch_balanced": ["fixmatch"],
     "openmatch": ["openmatch"],
     "rotation_entropy": ["rotation_prediction", "entropy_minimization"],
     "noisy_student_teacher": [],
@@ -38,6 +39,16 @@ HEADS = {
 
 def test_every_built_in_method_is_covered_here():
     assert sorted(HEADS) == builtin_configs("method")
+
+
+def test_fixmatch_balanced_is_fixmatch_da_with_class_balanced_labeled_batches():
+    # The measured long-tailed setting (benchmarks: fixmatch_da + class_balanced) in one word.
+    one_word = sesemi.compose("demo", ["method=fixmatch_balanced"])
+    spelled = sesemi.compose(
+        "demo", ["method=fixmatch_da", "data.train.supervised.class_balanced=true"]
+    )
+    assert one_word == spelled and one_word.data.train.supervised.class_balanced
+    assert not sesemi.compose("demo", ["method=fixmatch_da"]).data.train.supervised.class_balanced
 
 
 def write_pseudo_labels(folder: Path, images: Path, classes: list[str]) -> Path:
