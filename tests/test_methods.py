@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST, make_image_folder
+from omegaconf import OmegaConf
 
 import sesemi
 from sesemi.cli import builtin_configs
@@ -30,6 +31,7 @@ HEADS = {
     "fixmatch_da": ["fixmatch"],
     "debiaspl": ["fixmatch"],
     "fixmatch_balanced": ["fixmatch"],
+    "flexmatch_da": ["fixmatch"],
     "openmatch": ["openmatch"],
     "rotation_entropy": ["rotation_prediction", "entropy_minimization"],
     "noisy_student_teacher": [],
@@ -49,6 +51,18 @@ def test_fixmatch_balanced_is_fixmatch_da_with_class_balanced_labeled_batches():
     )
     assert one_word == spelled and one_word.data.train.supervised.class_balanced
     assert not sesemi.compose("demo", ["method=fixmatch_da"]).data.train.supervised.class_balanced
+
+
+def test_flexmatch_da_aligns_to_uniform_in_front_of_flexmatchs_thresholds():
+    # The measured 1-label setting: FlexMatch's policy wrapped by distribution alignment.
+    threshold = "learner.hparams.model.regularization_loss_heads.fixmatch.head.threshold"
+    flexmatch = sesemi.compose("demo", ["method=flexmatch"])
+    one_word = sesemi.compose("demo", ["method=flexmatch_da"])
+    node = OmegaConf.select(one_word, threshold)
+    assert node._target_.endswith("DistributionAlignment") and node.target == "uniform"
+    assert node.policy == OmegaConf.select(flexmatch, threshold)
+    OmegaConf.update(one_word, threshold, OmegaConf.select(flexmatch, threshold), merge=False)
+    assert one_word == flexmatch  # nothing else differs
 
 
 def write_pseudo_labels(folder: Path, images: Path, classes: list[str]) -> Path:
