@@ -217,3 +217,17 @@ def test_class_balanced_on_unlabeled_images_is_refused(image_root):
     )
     with pytest.raises(ValueError, match="supervised: class_balanced needs a labeled dataset"):
         SESEMIDataModule(cfg.data, cfg.run.data_root, 4, stages=("train",), seed=0)
+
+
+def test_a_class_balanced_pass_over_two_processes_is_split_into_disjoint_shares():
+    # 6 + 2 images, 4 draws per class: both processes draw the same balanced pass and take
+    # every other draw, so together they see it once, 4 of each class.
+    classes = [0] * 6 + [1] * 2
+    shares = [
+        PassSampler(list(range(8)), torch.Generator().manual_seed(3), 2, rank, classes=classes)
+        for rank in (0, 1)
+    ]
+    keys = [list(s) for s in shares]
+    assert [len(k) for k in keys] == [4, 4] and not set(keys[0]) & set(keys[1])
+    drawn = [classes[index] for k in keys for index, _ in k]
+    assert drawn.count(0) == drawn.count(1) == 4
