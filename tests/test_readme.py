@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 from conftest import FAST
@@ -101,3 +102,13 @@ def test_the_two_set_up_commands_are_there():
     venv = "python3 -m venv .venv && . .venv/bin/activate && "
     assert any(line.startswith(venv + "pip install -e . ") and "-cn demo" in line for line in lines)
     assert venv + 'pip install -e ".[test]" && ruff check . && pytest -q' in lines
+
+
+def test_the_readme_override_that_wraps_a_policy_composes():
+    # The README's '~KEY' '+KEY={...}' pair (a dict node replaced, not merged) composes.
+    spans = re.findall(r"`('~[^`]+)`", readme().replace("\n  ", " "))
+    assert spans, "the README shows no '~KEY' '+KEY=...' override"
+    for span in spans:
+        cfg = sesemi.compose("demo", ["method=fixmatch", *shlex.split(span)])
+        node = cfg.learner.hparams.model.regularization_loss_heads.fixmatch.head.threshold
+        assert node._target_.endswith("DistributionAlignment") and node.policy.threshold == 0.9
