@@ -152,8 +152,8 @@ class PassSampler(DistributedSampler):
             for index, label in enumerate(classes):
                 members.setdefault(int(label), []).append(index)
             self.groups = [members[label] for label in sorted(members)]
-            self.per_class = -(-len(data_source) // max(len(self.groups), 1))
-            self.unit = self.per_class * len(self.groups)
+            self.unit = self.balanced_length(len(data_source), len(self.groups))
+            self.per_class = self.unit // max(len(self.groups), 1)
         self.refill = batch_size is not None
         per_process = -(-self.unit // num_replicas)
         if self.refill:  # whole batches on every process
@@ -172,6 +172,11 @@ class PassSampler(DistributedSampler):
 
     def __iter__(self) -> _PassIterator:
         return _PassIterator(self)
+
+    @staticmethod
+    def balanced_length(size: int, classes: int) -> int:
+        """A class-balanced pass's length: `classes` times `ceil(size / classes)` draws."""
+        return -(-size // max(classes, 1)) * classes
 
     def draw(self, generator: torch.Generator) -> list[int]:
         """One permutation of the indices or, with `classes`, one class-balanced draw."""
@@ -203,8 +208,12 @@ class _PassIterator:
         while not order or (sampler.refill and len(order) < sampler.total_size):
             digest = hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8)
             token = int.from_bytes(digest.digest(), "little") % 2**62 + 1
+            drawn = sampler.draw(generator)
+            if sampler.groups is None:  # a permutation: no index twice
+                order += [(index, token) for index in drawn]
+                continue
             repeats: dict[int, int] = {}  # an index drawn again gets the next token
-            for index in sampler.draw(generator):
+            for index in drawn:
                 repeats[index] = repeats.get(index, -1) + 1
                 order.append((index, token + repeats[index]))
         while len(order) < sampler.total_size:  # this process's share of a padded permutation
@@ -445,8 +454,7 @@ class LoaderSpec:
         number of classes times `ceil(length / number of classes)` (see `PassSampler`)."""
         if not self.node.get("class_balanced"):
             return len(self.dataset)
-        classes = len(set(self.dataset.targets))
-        return -(-len(self.dataset) // classes) * classes
+        return PassSampler.balanced_length(len(self.dataset), len(set(self.dataset.targets)))
 
     def drops_last(self, world_size: int, training: bool = True) -> bool:
         """Whether the last incomplete batch is dropped: when the node says so, and, in
