@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Mapping
@@ -328,6 +329,7 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     start = time.time()
     quiet_known_warnings()
     if run_dir in FAILED_CLAIMS:  # Hydra got a stand-in folder: say why the real one failed
+        shutil.rmtree(run_dir, ignore_errors=True)  # it holds only Hydra's copy of the config
         raise FileExistsError(FAILED_CLAIMS[run_dir])
     missing = missing_keys(OmegaConf.to_container(cfg, resolve=False))
     if missing:

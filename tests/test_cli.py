@@ -503,7 +503,9 @@ def test_two_runs_started_together_get_a_folder_each(experiment):
     assert seeds == {1, 2}
 
 
-def test_a_yaml_syntax_error_or_an_unusable_run_dir_is_one_line(experiment):
+def test_a_yaml_syntax_error_or_an_unusable_run_dir_is_one_line(experiment, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     bad = experiment / "configs" / "tabs.yaml"
     bad.write_text("defaults:\n  - custom\n\trun:\n  seed: 1\n")
     out = open_sesemi("-cd", "configs", "-cn", "tabs", cwd=experiment)
@@ -517,6 +519,7 @@ def test_a_yaml_syntax_error_or_an_unusable_run_dir_is_one_line(experiment):
         "cannot create the run folder 'a_file/tiny/" in out.stderr and "set run.dir" in out.stderr
     )
     assert (experiment / "a_file").read_text() == "not a folder"
+    assert not list((tmp_path / "tmp").glob("sesemi-*"))  # the stand-in folder is not left behind
 
 
 def test_printing_the_resolved_config_shows_run_time_values_as_placeholders(tmp_path):
