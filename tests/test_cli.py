@@ -19,6 +19,7 @@ import yaml
 from conftest import open_sesemi, single_process_top1
 
 import sesemi
+from sesemi.commands import SUBCOMMANDS
 from sesemi.errors import USER_ERRORS, one_line
 
 pytestmark = pytest.mark.cli
@@ -43,6 +44,9 @@ def test_help_prints_groups_and_default_config(tmp_path):
     for line in ("num_classes: ???", "backbone: ???", "batch_size_per_gpu: null", "trainer: null"):
         assert line in out.stdout
     assert "_target_: sesemi.Classifier" in out.stdout
+    usage = out.stdout[: out.stdout.index("== Configuration groups ==")]
+    for command in SUBCOMMANDS:  # every subcommand is named in the help a new user reads first
+        assert f"open_sesemi {command} " in usage, command
 
 
 def test_info_shows_the_custom_config(experiment):
