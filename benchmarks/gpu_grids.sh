@@ -36,7 +36,7 @@ GRIDS=${GRIDS:-ssl imbalance}
 LABELS=${LABELS:-2 4}  # labels per class of the ssl grid (rotation's: these and 1)
 SSL_METHODS=${SSL_METHODS:-fixmatch flexmatch freematch softmatch rotation supervised}
 IMB_METHODS=${IMB_METHODS:-flexmatch:supervised_loss=logit_adjusted fixmatch flexmatch fixmatch_da \
-  debiaspl debiaspl:supervised_loss=logit_adjusted freematch softmatch fixmatch_balanced}
+  debiaspl debiaspl:supervised_loss=logit_adjusted freematch softmatch fixmatch_balanced flexmatch_balanced}
 STEPS=${STEPS:-300}
 SMOKE=${SMOKE:-1}
 DEVICE=${DEVICE:-run.gpus=1}  # DEVICE=run.gpus=0 tries the script on a CPU

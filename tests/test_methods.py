@@ -32,6 +32,7 @@ HEADS = {
     "debiaspl": ["fixmatch"],
     "fixmatch_balanced": ["fixmatch"],
     "flexmatch_da": ["fixmatch"],
+    "flexmatch_balanced": ["fixmatch"],
     "openmatch": ["openmatch"],
     "rotation_entropy": ["rotation_prediction", "entropy_minimization"],
     "noisy_student_teacher": [],
@@ -43,14 +44,18 @@ def test_every_built_in_method_is_covered_here():
     assert sorted(HEADS) == builtin_configs("method")
 
 
-def test_fixmatch_balanced_is_fixmatch_da_with_class_balanced_labeled_batches():
-    # The measured long-tailed setting (benchmarks: fixmatch_da + class_balanced) in one word.
-    one_word = sesemi.compose("demo", ["method=fixmatch_balanced"])
+@pytest.mark.parametrize(
+    "balanced, policy",
+    [("fixmatch_balanced", "fixmatch_da"), ("flexmatch_balanced", "flexmatch_da")],
+)
+def test_a_balanced_method_is_its_policy_with_class_balanced_labeled_batches(balanced, policy):
+    # The measured long-tailed settings (benchmarks: POLICY + class_balanced) in one word.
+    one_word = sesemi.compose("demo", [f"method={balanced}"])
     spelled = sesemi.compose(
-        "demo", ["method=fixmatch_da", "data.train.supervised.class_balanced=true"]
+        "demo", [f"method={policy}", "data.train.supervised.class_balanced=true"]
     )
     assert one_word == spelled and one_word.data.train.supervised.class_balanced
-    assert not sesemi.compose("demo", ["method=fixmatch_da"]).data.train.supervised.class_balanced
+    assert not sesemi.compose("demo", [f"method={policy}"]).data.train.supervised.class_balanced
 
 
 def test_flexmatch_da_aligns_to_uniform_in_front_of_flexmatchs_thresholds():
