@@ -295,9 +295,13 @@ class LoaderSpec:
         self.auto = dict(auto or {})  # values for DataLoader arguments the node leaves null
         self.dataset = build_dataset(node["dataset"], data_root, f"{where}.dataset")
         self.indexed: IndexedDataset | None = None  # what the latest indexed loader reads
-        self.batch_size = node.get("batch_size") or default_bs
+        own = node.get("batch_size")
+        self.batch_size = default_bs if own is None else own
         if self.batch_size is None:
             raise ValueError(f"{where}: set its batch_size or run.batch_size_per_gpu")
+        if self.batch_size < 1:
+            key = f"{where}.batch_size" if own is not None else "run.batch_size_per_gpu"
+            raise ValueError(f"{key} must be at least 1, got {self.batch_size}")
         self.node = node
 
     def loader(

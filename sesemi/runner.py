@@ -84,7 +84,7 @@ def check_run_config(run: DictConfig) -> RunMode:
         raise ValueError("set run.num_epochs or run.num_iterations, not both")
     if mode == RunMode.FIT and run.num_epochs is None and run.num_iterations is None:
         raise ValueError("training needs a length: set run.num_epochs or run.num_iterations")
-    for key in ("num_epochs", "num_iterations", "num_nodes"):
+    for key in ("num_epochs", "num_iterations", "num_nodes", "batch_size_per_gpu"):
         if run[key] is not None and run[key] < 1:
             raise ValueError(f"run.{key} must be at least 1, got {run[key]}")
     return mode

@@ -168,6 +168,8 @@ def test_experiment_src_code_is_instantiable(experiment):
         (["method=noisy_student"], "data.train.pseudo.dataset.root"),
         (["learner.hparams.model.ema={decay:0.9,warmup:1}"], "unknown key(s) ['warmup']"),
         (["run.num_nodes=0"], "run.num_nodes must be at least 1"),
+        (["run.batch_size_per_gpu=0"], "run.batch_size_per_gpu must be at least 1, got 0"),
+        (["data.train.supervised.batch_size=0"], "supervised.batch_size must be at least 1, got 0"),
         (["learner.hparams.lr_scheduler.scheduler.max_iters=0"], "max_iters must be at least 1"),
         (["run.gpus=5"], "run.gpus=5 asks for GPUs but this machine has none"),
     ],
