@@ -44,7 +44,9 @@ def read_checkpoint(path: str) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Weights only load failed" in str(e):
+        if not zipfile.is_zipfile(path):  # torch.save has written zip archives since 1.6
+            reason = "it is not a file torch.save writes, not a zip archive; check the path"
+        elif "Weights only load failed" in str(e):
             reason = "it holds Python objects other than tensors and plain values, which are "
             reason += "not loaded: a checkpoint is data, never code"
         raise ValueError(f"'{path}' is not a readable PyTorch checkpoint ({reason})") from None

@@ -306,8 +306,11 @@ def test_pretrained_weights_of_the_older_key_layout_still_load(tmp_path):
 def test_pretrained_weights_reject_a_file_that_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "notes.ckpt"
     path.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint") as error:
         load_pretrained_weights(build_classifier(_hparams()), str(path))
+    # A text file is named as what it is, not as a checkpoint that holds code.
+    assert "not a file torch.save writes" in str(error.value)
+    assert "never code" not in str(error.value)
 
 
 def test_knn_votes_weight_the_k_nearest_labeled_features():
