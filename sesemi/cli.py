@@ -67,6 +67,43 @@ def missing_config_error(argv: list[str]) -> str | None:
     )
 
 
+def unknown_command_error(argv: list[str], commands: tuple[str, ...]) -> str | None:
+    """A one-line error when the first argument is a bare word that is not a command: Hydra
+    would read it as an override and fail on its grammar ("missing EQUAL at '<EOF>'")."""
+    if not argv or argv[0].startswith(("-", "~", "+")) or "=" in argv[0]:
+        return None
+    word = argv[0]
+    if word in builtin_configs():
+        hint = f"to train with the built-in config '{word}': open_sesemi -cn {word}; "
+    else:
+        close = difflib.get_close_matches(word, commands, n=1, cutoff=0.6)
+        hint = f"did you mean 'open_sesemi {close[0]}'? " if close else ""
+    return (
+        f"unknown command '{word}'; {hint}commands: {', '.join(commands)}; a training run "
+        "takes key=value overrides (e.g. open_sesemi -cn demo method=fixmatch; open_sesemi -h)"
+    )
+
+
+def version_line() -> str:
+    """`open_sesemi --version`: sesemi's version and those of the libraries it runs on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import sesemi
+
+    parts = [f"open_sesemi (sesemi) {sesemi.__version__}"]
+    for name, dist in (
+        ("PyTorch", "torch"),
+        ("Lightning", "pytorch-lightning"),
+        ("Hydra", "hydra-core"),
+        ("timm", "timm"),
+    ):
+        try:
+            parts.append(f"{name} {version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} not installed")
+    return ", ".join(parts)
+
+
 def yaml_syntax_error(argv: list[str]) -> str | None:
     """One line naming the file, line and column of the first YAML syntax error in the `-cd`
     folder's configs (Hydra would show a long traceback), or None."""
@@ -146,7 +183,14 @@ def main() -> None:
 
         run_subcommand(sys.argv[1:])
         return
-    error = missing_config_error(sys.argv[1:]) or yaml_syntax_error(sys.argv[1:])
+    if sys.argv[1:] == ["--version"]:  # Hydra's own flag would print Hydra's version alone
+        print(version_line())
+        return
+    error = (
+        unknown_command_error(sys.argv[1:], SUBCOMMANDS)
+        or missing_config_error(sys.argv[1:])
+        or yaml_syntax_error(sys.argv[1:])
+    )
     if error is not None:
         exit_with("open_sesemi", ValueError(error))
     # The spec's own experiment configs (`defaults: [base]`) omit `_self_`; Hydra's default of

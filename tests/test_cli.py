@@ -49,6 +49,29 @@ def test_help_prints_groups_and_default_config(tmp_path):
         assert f"open_sesemi {command} " in usage, command
 
 
+@pytest.mark.parametrize(
+    ("word", "expected"),
+    [
+        ("predcit", "unknown command 'predcit'; did you mean 'open_sesemi predict'?"),
+        ("demo", "to train with the built-in config 'demo': open_sesemi -cn demo"),
+        ("train", "unknown command 'train'; commands: predict, export"),
+    ],
+)
+def test_a_bare_word_that_is_no_command_is_one_line_naming_the_commands(tmp_path, word, expected):
+    # Hydra alone reads the word as an override: "missing EQUAL at '<EOF>'".
+    out = open_sesemi(word, "x.png", cwd=tmp_path)
+    assert out.returncode == 1
+    assert out.stderr.startswith("open_sesemi: error: ") and expected in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "EQUAL" not in out.stderr
+
+
+def test_version_names_sesemi_and_the_libraries_it_runs_on(tmp_path):
+    out = open_sesemi("--version", cwd=tmp_path)
+    assert out.returncode == 0
+    assert out.stdout.startswith(f"open_sesemi (sesemi) {sesemi.__version__}, PyTorch ")
+    assert "Lightning " in out.stdout and "Hydra 1.3" in out.stdout and "timm 1." in out.stdout
+
+
 def test_info_shows_the_custom_config(experiment):
     out = _custom(experiment, "--info", "config")
     assert out.returncode == 0, out.stderr
