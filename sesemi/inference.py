@@ -97,7 +97,7 @@ class TrainedModel:
 
     def predict(
         self,
-        images: Sequence[str | os.PathLike | Image.Image] | str | os.PathLike | Image.Image,
+        images: Sequence[str | os.PathLike | Image.Image | Any] | str | os.PathLike | Image.Image,
         batch_size: int = 64,
         device: str | torch.device = "cpu",
         tta: str | Sequence[str] | None = None,
@@ -107,7 +107,9 @@ class TrainedModel:
         """Predicts image files or PIL images, as `open_sesemi predict` does.
 
         Args:
-            images: Image paths, PIL images, or a mix (one image alone is fine too).
+            images: Image paths, PIL images, uint8 numpy arrays `(H, W)` or `(H, W, 3|4)`
+                (RGB, as PIL reads them; a `(N, H, W[, C])` array is N images), or a mix
+                (one image alone is fine too).
             batch_size: Images per forward pass.
             device: Where the network runs ("cpu", "cuda", ...).
             tta: Test-time augmentation: None, "flip", "crops" or "flip,crops".
@@ -121,7 +123,7 @@ class TrainedModel:
             class's probability and the unknown score. An unreadable file raises
             `ImageReadError` naming it.
         """
-        if isinstance(images, (str, os.PathLike, Image.Image)):
+        if isinstance(images, (str, os.PathLike, Image.Image)) or _is_one_array_image(images):
             images = [images]
         if unknown == "auto":
             unknown = "ova" if self.ova is not None else "msp"
@@ -129,7 +131,7 @@ class TrainedModel:
             raise ValueError(f"unknown score '{unknown}'; use auto or one of: {UNKNOWN_SCORES}")
         if unknown == "propagation" and scorer is None:
             scorer = self.propagation_scorer(batch_size=batch_size, device=device, tta=tta)
-        items = [i if isinstance(i, Image.Image) else os.fspath(i) for i in images]
+        items = [_as_item(i) for i in images]
         results = []
         features = scorer is not None
         for p in predict(self, items, batch_size, 0, device, parse_tta(tta), features=features):
@@ -158,6 +160,37 @@ class TrainedModel:
         return fit_scorer(
             self, labeled_files, unlabeled_files, batch_size, 0, device, parse_tta(tta)
         )
+
+
+def _is_array(value: Any, *ndims: int) -> bool:
+    # A numpy array of one of these dimensions (numpy itself need not be imported here).
+    return type(value).__module__ == "numpy" and getattr(value, "ndim", None) in ndims
+
+
+def _is_one_array_image(value: Any) -> bool:
+    # (H, W) or (H, W, 1|3|4) is one image; (N, H, W) and (N, H, W, C) are N images.
+    return _is_array(value, 2) or (_is_array(value, 3) and value.shape[2] in (1, 3, 4))
+
+
+def _as_item(image: Any) -> str | Image.Image:
+    """A path or a PIL image, as `predict` reads them, from what `TrainedModel.predict` takes."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    if _is_array(image, 2, 3):
+        shape = tuple(image.shape)
+        if str(image.dtype) != "uint8" or (len(shape) == 3 and shape[2] not in (1, 3, 4)):
+            raise TypeError(
+                f"a numpy image must be uint8 (H, W) or (H, W, 3|4), got {image.dtype} {shape}; "
+                "convert it, e.g. (x * 255).round().astype('uint8') for floats in [0, 1], or "
+                "x.transpose(1, 2, 0) for channels first"
+            )
+        return Image.fromarray(image[..., 0] if len(shape) == 3 and shape[2] == 1 else image)
+    raise TypeError(
+        f"cannot predict a {type(image).__name__}; give image paths, PIL images or uint8 "
+        "numpy arrays (H, W) or (H, W, 3)"
+    )
 
 
 def _backbone_from_spec(spec: Any, path: str) -> nn.Module:

@@ -281,6 +281,18 @@ def test_the_python_api_predicts_what_the_cli_writes(trained, tmp_path):
 
     (again,) = model.predict(Image.open(files[0]))  # a PIL image works too
     assert again.probabilities == pytest.approx(predictions[0].probabilities)
+    # So does a uint8 numpy array (one image, a stack of images, or several in a list).
+    array = np.asarray(Image.open(files[0]).convert("RGB"))
+    (from_array,) = model.predict(array)
+    assert from_array.probabilities == pytest.approx(predictions[0].probabilities)
+    stack = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[:3]])
+    for p, expected in zip(model.predict(stack), predictions[:3], strict=True):
+        assert p.probabilities == pytest.approx(expected.probabilities)
+    assert len(model.predict([array, files[1]])) == 2
+    with pytest.raises(TypeError, match=r"must be uint8 .* got float32"):
+        model.predict(array.astype("float32") / 255)
+    with pytest.raises(TypeError, match="cannot predict a dict"):
+        model.predict([{"image": files[0]}])
 
 
 def test_a_checkpoint_cannot_make_predict_run_code(trained, tmp_path):
