@@ -8,10 +8,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import get_class, instantiate
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-from sesemi.callbacks import LastCheckpoint, ValidateLastStep
+from sesemi.callbacks import LastCheckpoint, ValidateLastStep, progress_bar
 from sesemi.devices import DevicePlan, warn_slow_cpu_precision
 from sesemi.learners import SUPERVISED, Classifier, LRSchedulerSpec
 from sesemi.schedulers.weight import WeightedTerm
@@ -207,5 +207,9 @@ def build_trainer(
         kwargs.update(max_epochs=-1, max_steps=run["num_iterations"])
         kwargs["callbacks"].append(ValidateLastStep())
     kwargs.update(trainer_cfg)
+    if kwargs.get("enable_progress_bar", True) is not False and not any(
+        isinstance(c, ProgressBar) for c in kwargs["callbacks"]
+    ):
+        kwargs["callbacks"].append(progress_bar())
     warn_slow_cpu_precision(plan, kwargs.get("precision"))
     return pl.Trainer(**kwargs)

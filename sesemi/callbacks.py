@@ -12,7 +12,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, ProgressBar, RichProgressBar, TQDMProgressBar
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
@@ -335,3 +335,48 @@ class DataEpoch(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.data.set_epoch(trainer.current_epoch)
+
+
+def run_description(trainer: pl.Trainer) -> str | None:
+    """`Epoch E · step S/N` for a run measured in steps (`max_epochs=-1`, `max_steps=N`), whose
+    epochs say nothing of how far the run is (a few labeled images make one-step epochs); None
+    for a run measured in epochs."""
+    if trainer.max_epochs is None or trainer.max_epochs >= 0 or trainer.max_steps < 0:
+        return None
+    return f"Epoch {trainer.current_epoch} · step {trainer.global_step}/{trainer.max_steps}"
+
+
+class StepsRichProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, labelled with the run's step count in runs measured in
+    steps (Lightning's own label reads `Epoch 3/-2` there: `max_epochs - 1` of an endless run)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        text = run_description(self.trainer)
+        if text is None:
+            return super()._get_train_description(current_epoch)
+        return f"{text:{len(self.validation_description)}}"  # padded as Lightning pads its own
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if run_description(trainer) and self.progress is not None:
+            if self.train_progress_bar_id is not None:
+                description = self._get_train_description(trainer.current_epoch)
+                self.progress.update(self.train_progress_bar_id, description=description)
+
+
+class StepsTQDMProgressBar(TQDMProgressBar):
+    """Lightning's tqdm progress bar (used where `rich` is not installed), labelled with the
+    run's step count in runs measured in steps, as `StepsRichProgressBar`."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        text = run_description(trainer)
+        if text is not None:
+            self.train_progress_bar.set_description(text, refresh=False)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def progress_bar() -> ProgressBar:
+    """The progress bar Lightning would pick (rich where installed, else tqdm), with run steps."""
+    from pytorch_lightning.callbacks.progress.rich_progress import _RICH_AVAILABLE
+
+    return StepsRichProgressBar() if _RICH_AVAILABLE else StepsTQDMProgressBar()

@@ -13,7 +13,13 @@ from torch import Tensor, nn
 
 from sesemi import PyTorchImageModels
 from sesemi.build import build_classifier, build_loss, knn_options
-from sesemi.callbacks import CheckpointMetadata, KNNEvaluation
+from sesemi.callbacks import (
+    CheckpointMetadata,
+    KNNEvaluation,
+    StepsRichProgressBar,
+    StepsTQDMProgressBar,
+    run_description,
+)
 from sesemi.checkpoints import load_pretrained_weights
 from sesemi.collation import RotationTransformer
 from sesemi.learners import Classifier, LRSchedulerSpec
@@ -560,3 +566,33 @@ def test_one_step_epochs_do_not_write_the_model_every_step(tmp_path):
     trainer.fit(build_classifier(hp), train_dataloaders={"supervised": loader})
     assert last.saves == [6]  # not after each of the 6 epochs: once, at the end
     assert torch.load(last.path, map_location="cpu", weights_only=True)["global_step"] == 6
+
+
+@pytest.mark.parametrize("bar_class", [StepsRichProgressBar, StepsTQDMProgressBar])
+def test_the_progress_bar_of_a_run_in_steps_counts_the_runs_steps(tmp_path, bar_class):
+    # Lightning's own label of an endless-epoch run reads "Epoch 1/-2"; ours names the step.
+    from pytorch_lightning.demos.boring_classes import BoringModel, RandomDataset
+
+    class TwoBatchEpochs(BoringModel):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(RandomDataset(32, 4), batch_size=2)
+
+    bar = bar_class()
+    trainer = pl.Trainer(
+        max_epochs=-1,
+        max_steps=3,
+        callbacks=[bar],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(TwoBatchEpochs())
+    if bar_class is StepsTQDMProgressBar:
+        label = bar.train_progress_bar.desc
+    else:
+        label = bar.progress.tasks[bar.train_progress_bar_id].description
+    assert label.strip().rstrip(":") == "Epoch 1 · step 3/3"  # the last step, 2nd epoch
+    epochs = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False)
+    assert run_description(epochs) is None  # a run in epochs keeps Lightning's "Epoch 0/1"
