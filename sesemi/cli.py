@@ -84,6 +84,13 @@ def unknown_command_error(argv: list[str], commands: tuple[str, ...]) -> str | N
     )
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """`warnings.formatwarning` of the command line: `Category: message (file:line)`, without
+    the source line Python adds (for a warning raised in a class Hydra builds, a line of
+    Hydra's own code that says nothing to the user)."""
+    return f"{category.__name__}: {message} ({os.path.basename(filename)}:{lineno})\n"
+
+
 def version_line() -> str:
     """`open_sesemi --version`: sesemi's version and those of the libraries it runs on."""
     from importlib.metadata import PackageNotFoundError, version
@@ -196,6 +203,7 @@ def main() -> None:
     # The spec's own experiment configs (`defaults: [base]`) omit `_self_`; Hydra's default of
     # applying the file last is what they mean, so the upgrade notice is noise for users.
     warnings.filterwarnings("ignore", message=r".*Defaults list is missing `_self_`.*")
+    warnings.formatwarning = one_line_warning
     # Optuna's storage layer (alembic) logs each of its plugins at INFO: noise in a sweep's output.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # One process of several started by torchrun or srun: rank 0 alone writes `.hydra/`.

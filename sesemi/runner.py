@@ -303,8 +303,16 @@ def _callbacks(
     return callbacks
 
 
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    # Lightning's "💡 Tip: ... try installing litlogger / litmodels" lines, on every run.
+    return not str(record.msg).startswith("💡 Tip:")
+
+
 def quiet_known_warnings() -> None:
     """Silences warnings that say nothing to a sesemi user (by design, or third-party noise)."""
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if _not_an_advert not in rank_zero.filters:
+        rank_zero.addFilter(_not_an_advert)
     warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
     # Lightning 2 counts the logging interval over the whole run, not per epoch: short epochs
     # (few labels) still log every log_every_n_steps steps.

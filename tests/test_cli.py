@@ -72,6 +72,24 @@ def test_version_names_sesemi_and_the_libraries_it_runs_on(tmp_path):
     assert "Lightning " in out.stdout and "Hydra 1.3" in out.stdout and "timm 1." in out.stdout
 
 
+def test_a_warning_is_one_line_without_the_code_that_raised_it(experiment):
+    # PolynomialLR, built by Hydra, warns of a warm-up longer than the run: the user reads the
+    # message and where it came from, not a line of Hydra's code ("result = super().__call__").
+    out = _custom(
+        experiment,
+        "run.num_iterations=2",
+        "run.num_epochs=null",
+        "+learner.hparams.lr_scheduler.scheduler.warmup_iters=5",
+        "learner.hparams.lr_scheduler.scheduler.warmup_epochs=null",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (line,) = [x for x in out.stderr.splitlines() if "PolynomialLR: warm-up" in x]
+    assert line.startswith("UserWarning: PolynomialLR: warm-up (5 iterations) is longer than")
+    assert re.search(r" \(\w+\.py:\d+\)$", line), line
+    assert "super().__call__" not in out.stderr
+    assert "Tip:" not in out.stdout + out.stderr  # nor Lightning's adverts for its cloud
+
+
 def test_info_shows_the_custom_config(experiment):
     out = _custom(experiment, "--info", "config")
     assert out.returncode == 0, out.stderr
