@@ -86,8 +86,10 @@ def unknown_command_error(argv: list[str], commands: tuple[str, ...]) -> str | N
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
     """`warnings.formatwarning` of the command line: `Category: message (file:line)`, without
-    the source line Python adds (for a warning raised in a class Hydra builds, a line of
-    Hydra's own code that says nothing to the user)."""
+    the source line Python adds; a warning raised in a class Hydra builds points into Hydra's
+    own code, which says nothing to the user, so it gets no location."""
+    if f"{os.sep}hydra{os.sep}" in filename:
+        return f"{category.__name__}: {message}\n"
     return f"{category.__name__}: {message} ({os.path.basename(filename)}:{lineno})\n"
 
 
