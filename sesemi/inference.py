@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -52,6 +53,10 @@ def preprocessing_from_transform(node: Mapping[str, Any] | None) -> dict[str, An
         return None
     merged = {**defaults, **given}
     return {k: list(v) if isinstance(v, tuple | list) else v for k, v in merged.items()}
+
+
+# One image as `TrainedModel.predict` takes it: a path, a PIL image or a uint8 numpy array.
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 
 @dataclass
@@ -97,7 +102,7 @@ class TrainedModel:
 
     def predict(
         self,
-        images: Sequence[str | os.PathLike | Image.Image | Any] | str | os.PathLike | Image.Image,
+        images: Sequence[ImageInput] | ImageInput,
         batch_size: int = 64,
         device: str | torch.device = "cpu",
         tta: str | Sequence[str] | None = None,
@@ -163,8 +168,7 @@ class TrainedModel:
 
 
 def _is_array(value: Any, *ndims: int) -> bool:
-    # A numpy array of one of these dimensions (numpy itself need not be imported here).
-    return type(value).__module__ == "numpy" and getattr(value, "ndim", None) in ndims
+    return isinstance(value, np.ndarray) and value.ndim in ndims
 
 
 def _is_one_array_image(value: Any) -> bool:
