@@ -12,6 +12,7 @@ import sesemi
 from sesemi.cli import builtin_configs
 from sesemi.config.resolvers import SESEMIConfigAttributes, resolve, use_attributes
 from sesemi.config.structs import RunMode
+from sesemi.errors import USER_ERRORS, one_line
 
 BUILT_IN = ["sesemi_config", "base", "imagewoof", "demo"]
 METHODS = builtin_configs("method")
@@ -98,6 +99,15 @@ def test_imagewoof_extends_base_with_the_spec_run_options():
     assert cfg.data.num_classes == 10
     assert "rotation_prediction" in cfg.learner.hparams.model.regularization_loss_heads
     assert cfg.learner.hparams.model.backbone.name == "resnet50d"
+
+
+def test_imagewoof_without_its_folder_says_how_to_download_it(tmp_path):
+    cfg = sesemi.compose("imagewoof", [f"run.data_root={tmp_path / 'imagewoof2'}"])
+    with pytest.raises(USER_ERRORS) as error:
+        sesemi.fit(cfg)
+    message = one_line(error.value)  # what the command line prints
+    assert f"'{tmp_path / 'imagewoof2'}' does not exist" in message
+    assert "curl https://s3.amazonaws.com/fast-ai-imageclas/imagewoof2.tgz" in message
 
 
 @pytest.mark.parametrize("data", ["digits", "folder", "imagewoof"])

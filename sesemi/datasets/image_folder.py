@@ -416,6 +416,13 @@ def _existing_subsets(root: str, subsets: list[str]) -> list[str]:
     return kept
 
 
+def require_folder(path: str, how: str) -> None:
+    """A `data.prepare` for data users fetch themselves: refuses, before anything is built, a
+    `path` that is not a folder, saying `how` to get it (e.g. the download command)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"dataset folder '{os.path.abspath(path)}' does not exist; {how}")
+
+
 def _image_folder(
     root: str,
     subset: str | Sequence[str] | None,
