@@ -20,6 +20,7 @@ METADATA_KEY = "sesemi"  # The checkpoint entry holding class names, preprocessi
 # State-dict prefixes of checkpoints written before `Classifier` held a `ClassifierNet`.
 _RENAMED = {"backbone.": "net.backbone.", "supervised_head.": "net.supervised_head."}
 _RENAMED_HEADS = ("regularization_heads.", "heads.")
+_HEADS = _RENAMED_HEADS[1]  # the loss heads' states: training only
 
 
 def upgrade_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -80,14 +81,30 @@ def find_checkpoint(path: str, key: str, run_dir: str, run_id: str) -> str:
     return path
 
 
-def load_pretrained_weights(model: nn.Module, path: str) -> None:
-    """Loads weights only (on the CPU), skipping tensors whose shapes differ, with a warning."""
+def load_pretrained_weights(model: nn.Module, path: str, evaluation: bool = False) -> None:
+    """Loads weights only (on the CPU), skipping tensors whose shapes differ, with a warning.
+
+    With `evaluation` (VALIDATE / TEST, whose learner has no training loss heads) the
+    checkpoint's loss-head states are left out quietly, and a model weight the checkpoint
+    lacks or holds in another shape is an error: evaluation would score untrained weights.
+    """
     checkpoint = read_checkpoint(path)
     state = checkpoint.get("state_dict", checkpoint)
     if not isinstance(state, dict):
         raise ValueError(f"'{path}' holds no state_dict")
     state = upgrade_state_dict(state)
     own = model.state_dict()
+    if evaluation:
+        state = {k: v for k, v in state.items() if not k.startswith(_HEADS) or k in own}
+        resized = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
+        missing = sorted(set(own) - set(state))
+        if resized or missing:
+            example = (resized or missing)[0]
+            raise ValueError(
+                f"'{path}' does not fit the model this config builds ({len(resized)} weights "
+                f"of another shape, {len(missing)} missing; e.g. {example}); evaluate it with "
+                "the config that trained it (its run's .hydra/config.yaml)"
+            )
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if skipped:
         log.warning("pretrained weights: skipping %s (shapes differ, e.g. class count)", skipped)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shlex
 import shutil
 import time
 import warnings
@@ -239,16 +241,17 @@ def _attributes(
     return attributes
 
 
-def _drop_training_schedules(learner: DictConfig) -> None:
-    # Evaluation steps no optimizer and weighs no loss, and these schedules may name
-    # training-only attributes (${sesemi:max_iterations}).
+def _drop_training_parts(learner: DictConfig) -> None:
+    # Evaluation steps no optimizer and computes no training loss: the LR schedule and the loss
+    # heads go (they may name training-only attributes such as ${sesemi:max_iterations}, or
+    # need the training data's size, as FlexMatch's per-image state does, and VALIDATE and
+    # TEST build no training data).
     hparams = learner.get("hparams")
     if hparams is None or "lr_scheduler" not in hparams:
         return
     hparams.lr_scheduler = None
-    for node in (hparams.model.get("regularization_loss_heads") or {}).values():
-        if node is not None:
-            node.scheduler = None
+    if hparams.get("model") is not None and "regularization_loss_heads" in hparams.model:
+        hparams.model.regularization_loss_heads = None
 
 
 def build_data(cfg: DictConfig, mode: RunMode, plan: DevicePlan) -> SESEMIDataModule:
@@ -354,7 +357,7 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     check_class_lists(data)
     attributes = _attributes(cfg, data, plan)
     if mode != RunMode.FIT:
-        _drop_training_schedules(cfg.learner)
+        _drop_training_parts(cfg.learner)
     learner_cfg = resolve(cfg.learner, attributes)
     hparams = learner_cfg.get("hparams") or {}
     if "hparams" in learner_cfg and hparams.get("channels_last") is None:
@@ -373,14 +376,17 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     ]
     resume = cfg.run.resume_from_checkpoint
     ckpt_path = None
-    if resume:
+    weights = ("pretrained_checkpoint_path", cfg.run.pretrained_checkpoint_path)
+    if resume and mode == RunMode.FIT:
         ckpt_path = find_checkpoint(resume, "resume_from_checkpoint", cfg.run.dir, cfg.run.id)
         # Data only; the weights must fit the model and the run its number of processes.
         check_resumable(learner, ckpt_path, plan.world_size)
-    if cfg.run.pretrained_checkpoint_path:
-        key = "pretrained_checkpoint_path"
-        path = find_checkpoint(cfg.run[key], key, cfg.run.dir, cfg.run.id)
-        load_pretrained_weights(learner, path)
+    elif resume and not weights[1]:  # evaluation continues nothing: it reads the weights
+        weights = ("resume_from_checkpoint", resume)
+    if weights[1]:
+        path = find_checkpoint(weights[1], weights[0], cfg.run.dir, cfg.run.id)
+        # Evaluating weights that do not fit the model would score an untrained part of it.
+        load_pretrained_weights(learner, path, evaluation=mode != RunMode.FIT)
     trainer = build_trainer(
         resolve(cfg.trainer, attributes),
         resolve(cfg.run, attributes),
@@ -433,6 +439,13 @@ def write_summary(result: RunResult) -> str:
     return path
 
 
+def hydra_quoted(value: str) -> str:
+    """`value` as a quoted Hydra override value: a checkpoint's name holds `=`
+    (`epoch=59-step=300.ckpt`), which Hydra's grammar refuses unquoted."""
+    # Inside quotes Hydra unescapes `\\"` and the backslashes right before a quote.
+    return '"' + re.sub(r'(\\*)"', lambda m: m[1] * 2 + '\\"', value) + '"'
+
+
 def format_summary(result: RunResult, command: str = "open_sesemi") -> str:
     """A short end-of-run summary: metrics, where things are, time, and a next command."""
     m = result.metrics
@@ -452,7 +465,8 @@ def format_summary(result: RunResult, command: str = "open_sesemi") -> str:
         lines.append(f"  last ckpt      {result.last_checkpoint}")
     if result.mode == RunMode.FIT and (result.best_checkpoint or result.last_checkpoint):
         ckpt = result.best_checkpoint or result.last_checkpoint
-        lines.append(f"  next: {command} run.mode=VALIDATE run.pretrained_checkpoint_path={ckpt}")
+        weights = shlex.quote(f"run.pretrained_checkpoint_path={hydra_quoted(ckpt)}")
+        lines.append(f"  next: {command} run.mode=VALIDATE {weights}")
         lines.append(
             f"  predict: open_sesemi predict {ckpt} <images or folders> -o predictions.csv"
         )

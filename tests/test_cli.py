@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -149,6 +150,37 @@ def test_fit_then_validate_test_and_resume(experiment):
     assert resumed["global_step"] == 10
     # The LR scheduler continued (10 steps taken in all), it did not restart.
     assert resumed["lr_schedulers"][0]["last_epoch"] == 10
+
+
+def test_validate_and_test_read_a_flexmatch_runs_weights_as_the_summary_says(experiment):
+    # FlexMatch keeps a state per unlabeled image, sized from the training data, which VALIDATE
+    # and TEST do not build: the summary's "next:" command failed on every FlexMatch run (the
+    # demo's) with "FlexMatch needs the number of images of data.train.unlabeled".
+    flexmatch = ("method=flexmatch", "data.train.unlabeled.batch_size=8")
+    fit = _custom(experiment, *flexmatch, "run.num_iterations=2", "run.num_epochs=null")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (last,) = glob.glob(str(experiment / "runs/tiny/*/checkpoints/last.ckpt"))
+    hint = next(line for line in fit.stdout.splitlines() if line.strip().startswith("next:"))
+    next_command = shlex.split(hint.split("next:", 1)[1])
+    assert next_command[:1] == ["open_sesemi"] and "run.mode=VALIDATE" in next_command
+    validate = open_sesemi(*next_command[1:], cwd=experiment)
+    assert validate.returncode == 0, validate.stderr[-3000:]
+    assert "sesemi VALIDATE finished" in validate.stdout
+    assert "unexpected" not in validate.stderr  # the head's state is left out quietly
+    # The same weights, so the same score, through resume_from_checkpoint=last too.
+    test = _custom(experiment, *flexmatch, "run.mode=TEST", "run.resume_from_checkpoint=last")
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert "test/top1" in test.stdout
+    # Weights of another model are refused in one line rather than evaluated half untrained.
+    other = _custom(
+        experiment,
+        "run.mode=VALIDATE",
+        f"run.pretrained_checkpoint_path={last}",
+        "learner.hparams.model.backbone.name=resnet18",
+    )
+    assert other.returncode == 1
+    assert "does not fit the model this config builds" in other.stderr
+    assert "Traceback" not in other.stderr
 
 
 def test_a_method_comparison_multirun_ends_with_one_table(experiment):
