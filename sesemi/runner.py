@@ -247,11 +247,13 @@ def _drop_training_parts(learner: DictConfig) -> None:
     # need the training data's size, as FlexMatch's per-image state does, and VALIDATE and
     # TEST build no training data).
     hparams = learner.get("hparams")
-    if hparams is None or "lr_scheduler" not in hparams:
+    if hparams is None:
         return
-    hparams.lr_scheduler = None
-    if hparams.get("model") is not None and "regularization_loss_heads" in hparams.model:
-        hparams.model.regularization_loss_heads = None
+    if "lr_scheduler" in hparams:
+        hparams.lr_scheduler = None
+    model = hparams.get("model")
+    if model is not None and "regularization_loss_heads" in model:
+        model.regularization_loss_heads = None
 
 
 def build_data(cfg: DictConfig, mode: RunMode, plan: DevicePlan) -> SESEMIDataModule:
