@@ -253,7 +253,10 @@ def load_trained_model(path: str, ema: bool = False) -> TrainedModel:
     prefix = "ema.average.module." if ema else "net."
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if ema and not weights:
-        raise ValueError(f"'{path}' holds no EMA weights (its run had no model.ema); drop --ema")
+        raise ValueError(
+            f"'{path}' holds no EMA weights (its run had no model.ema); drop --ema "
+            "(ema=True in Python)"
+        )
     head = weights.get("supervised_head.weight")
     if head is None:
         raise ValueError(f"'{path}' holds no classifier weights (net.supervised_head)")
