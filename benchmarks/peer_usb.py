@@ -50,7 +50,6 @@ import math
 import os
 import pathlib
 import platform
-import re
 import shlex
 import shutil
 import statistics
@@ -535,13 +534,6 @@ def ensure_usb_venv(workdir: pathlib.Path) -> tuple[pathlib.Path, dict, float]:
     return python, record, record["setup_seconds"]
 
 
-def hydra_quoted(path: pathlib.Path) -> str:
-    """`path` as a double-quoted Hydra value."""
-    # Inside quotes Hydra unescapes `\\"` and the backslashes right before a quote.
-    escaped = re.sub(r'(\\*)"', lambda m: m[1] * 2 + '\\"', str(path))
-    return f'"{escaped}"'
-
-
 def split_root(workdir: pathlib.Path, labels: int, split_seed: int) -> pathlib.Path:
     """Where the split of (labels per class, split seed) lives."""
     return workdir / f"digits_l{labels}_s{split_seed}"
@@ -551,16 +543,18 @@ def sesemi_overrides(
     method: str, seed: int, split_seed: int, args: argparse.Namespace, root: pathlib.Path
 ) -> list[str]:
     """The Hydra overrides of sesemi's run (and of the config the USB run mirrors)."""
+    from sesemi.config.resolvers import hydra_quoted  # here: this file also runs in USB's venv
+
     overrides = [
         f"method={method}",
         f"run.seed={seed}",
-        f"run.data_root={hydra_quoted(root)}",
+        f"run.data_root={hydra_quoted(str(root))}",
         f"data.prepare.labels_per_class={args.labels}",
         # The demo's digits.yaml sets no seed: prepare_digits' default (0) whatever run.seed is.
         f"+data.prepare.seed={split_seed}",
         f"run.num_iterations={args.steps}",
         f"trainer.val_check_interval={args.steps}",  # validate once, at the end
-        f"run.dir={hydra_quoted(args.workdir / 'runs')}",
+        f"run.dir={hydra_quoted(str(args.workdir / 'runs'))}",
         f"run.id=l{args.labels}_{method}_s{seed}",
         "++trainer.num_sanity_val_steps=0",
         "++trainer.enable_progress_bar=false",

@@ -57,6 +57,8 @@ from _report import closing, emit, provenance  # benchmarks/_report.py (the scri
 from sklearn.datasets import load_digits
 from sklearn.semi_supervised import LabelSpreading
 
+from sesemi.config.resolvers import hydra_quoted
+
 LABEL_SPREADING = "label_spreading"
 METHOD_LABELS = {
     LABEL_SPREADING: "LabelSpreading (kNN, sklearn)",
@@ -111,13 +113,6 @@ def run_label_spreading(root: pathlib.Path) -> tuple[float, float]:
     return float((predicted == digits.target[val]).mean()), time.time() - start
 
 
-def hydra_quoted(path: pathlib.Path, interpolation: str = "") -> str:
-    """`path` (then `interpolation`, e.g. `${run.seed}`) as a double-quoted Hydra value."""
-    # Inside quotes Hydra unescapes `\\"` and the backslashes right before a quote.
-    escaped = re.sub(r'(\\*)"', lambda m: m[1] * 2 + '\\"', str(path))
-    return f'"{escaped}{interpolation}"'
-
-
 def multirun_command(n: int, args: argparse.Namespace, workdir: pathlib.Path) -> list[str]:
     """The `python -m sesemi -cn demo -m ...` command of the grid for N labels per class."""
     return [
@@ -126,12 +121,12 @@ def multirun_command(n: int, args: argparse.Namespace, workdir: pathlib.Path) ->
         f"method={','.join(args.methods)}",
         f"run.seed={','.join(map(str, args.seeds))}",
         # One split per (N, seed): the path and the split's seed follow each job's run.seed.
-        f"run.data_root={hydra_quoted(workdir / f'digits_l{n}_s', '${run.seed}')}",
+        f"run.data_root={hydra_quoted(f'{workdir}/digits_l{n}_s' + '${run.seed}')}",
         f"data.prepare.labels_per_class={n}",
         "+data.prepare.seed=${run.seed}",
         f"run.num_iterations={args.steps}",
         f"trainer.val_check_interval={args.steps}",  # validate once, at the end
-        f"run.dir={hydra_quoted(workdir / 'runs')}",
+        f"run.dir={hydra_quoted(str(workdir / 'runs'))}",
         f"run.id=l{n}",
         "++trainer.num_sanity_val_steps=0",
         "++trainer.enable_progress_bar=false",

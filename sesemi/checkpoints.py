@@ -81,6 +81,17 @@ def find_checkpoint(path: str, key: str, run_dir: str, run_id: str) -> str:
     return path
 
 
+def state_mismatch(
+    own: Mapping[str, Tensor], state: Mapping[str, Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """The keys of `state` (a checkpoint's) that do not fit `own` (a model's state dict):
+    those of another shape, those `own` has and `state` lacks, those only `state` has."""
+    resized = sorted(
+        k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)
+    )
+    return resized, sorted(set(own) - set(state)), sorted(set(state) - set(own))
+
+
 def load_pretrained_weights(model: nn.Module, path: str, evaluation: bool = False) -> None:
     """Loads weights only (on the CPU), skipping tensors whose shapes differ, with a warning.
 
@@ -96,8 +107,7 @@ def load_pretrained_weights(model: nn.Module, path: str, evaluation: bool = Fals
     own = model.state_dict()
     if evaluation:
         state = {k: v for k, v in state.items() if not k.startswith(_HEADS) or k in own}
-        resized = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
-        missing = sorted(set(own) - set(state))
+        resized, missing, _ = state_mismatch(own, state)
         if resized or missing:
             example = (resized or missing)[0]
             raise ValueError(

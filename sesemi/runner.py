@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import time
@@ -32,9 +31,15 @@ from sesemi.checkpoints import (
     find_checkpoint,
     load_pretrained_weights,
     read_checkpoint,
+    state_mismatch,
 )
 from sesemi.compare import SUMMARY_NAME
-from sesemi.config.resolvers import FAILED_CLAIMS, SESEMIConfigAttributes, resolve
+from sesemi.config.resolvers import (
+    FAILED_CLAIMS,
+    SESEMIConfigAttributes,
+    hydra_quoted,
+    resolve,
+)
 from sesemi.config.structs import RunMode
 from sesemi.data import LOADER_GROUPS, SESEMIDataModule
 from sesemi.devices import DevicePlan, plan_devices
@@ -144,12 +149,7 @@ def check_resumable(learner: pl.LightningModule, path: str, world_size: int | No
             f"{world_size} (run.num_nodes x GPUs or trainer.devices): resume on {written_by}, or "
             f"start a new run from its weights with run.pretrained_checkpoint_path={path}"
         )
-    own = learner.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    resized = sorted(
-        k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)
-    )
+    resized, missing, unexpected = state_mismatch(learner.state_dict(), state)
     if missing or unexpected or resized:
         example = (resized or missing or unexpected)[0]
         raise ValueError(
@@ -439,13 +439,6 @@ def write_summary(result: RunResult) -> str:
         json.dump(record, f, indent=2)
     os.replace(path + ".tmp", path)
     return path
-
-
-def hydra_quoted(value: str) -> str:
-    """`value` as a quoted Hydra override value: a checkpoint's name holds `=`
-    (`epoch=59-step=300.ckpt`), which Hydra's grammar refuses unquoted."""
-    # Inside quotes Hydra unescapes `\\"` and the backslashes right before a quote.
-    return '"' + re.sub(r'(\\*)"', lambda m: m[1] * 2 + '\\"', value) + '"'
 
 
 def format_summary(result: RunResult, command: str = "open_sesemi") -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -179,3 +180,10 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("sesemi.new_dir", claim_new_dir, use_cache=True)
     if not OmegaConf.has_resolver("sesemi.gpu_count"):
         OmegaConf.register_new_resolver("sesemi.gpu_count", gpu_count)
+
+
+def hydra_quoted(value: str) -> str:
+    """`value` as a double-quoted Hydra override value, for values Hydra's grammar refuses
+    unquoted (a checkpoint named `epoch=59-step=300.ckpt`, a path with spaces)."""
+    # Inside quotes Hydra unescapes `\\"` and the backslashes right before a quote.
+    return '"' + re.sub(r'(\\*)"', lambda m: m[1] * 2 + '\\"', value) + '"'

@@ -432,8 +432,7 @@ def _image_folder(
 ) -> Dataset:
     """Builds the dataset; `cache`, if given, wraps each folder's dataset once all are checked."""
     wrap = cache or (lambda part: part)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"dataset folder '{root}' does not exist; check run.data_root")
+    require_folder(root, "check run.data_root")
     if subset is None:
         dirs, _ = _scan(root)
         if not dirs or _is_class_folder_root(root, dirs):
