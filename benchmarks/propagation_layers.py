@@ -5,9 +5,12 @@ work folders are loaded again, and for each set of stages the score is fitted on
 average-pooled output of every stage in the set (each L2-normalized, then concatenated; the
 last stage alone is what `open_sesemi predict --unknown-score propagation` uses) and its AUROC
 measured as `realworld_digits.py` does: held-out images of digits 6-9 (their val split) against
-the known digits' val images. Prints one table: run (method, foreign share, seed) x stages.
+the known digits' val images. `--settings` scores each set of stages with other settings of the
+score too (neighbours k, damping alpha, similarity exponent gamma; `predict` uses 10,0.9,3).
+Prints one table: run (method, foreign share, seed) x stages (x settings).
 
     python benchmarks/propagation_layers.py W1 W2 ... [--stages layer4 layer3,layer4]
+        [--settings 10,0.9,3 30,0.5,3]
 
 (W: a `--workdir` of `realworld_digits.py foreign ... --keep-checkpoints`; timm's stage names,
 `model.feature_info`, e.g. layer1..layer4 for a ResNet.)
@@ -51,8 +54,8 @@ def joined(features: dict[str, torch.Tensor], stages: list[str]) -> torch.Tensor
     return torch.cat([F.normalize(features[s], dim=1) for s in stages], dim=1)
 
 
-def score_run(checkpoint: pathlib.Path, data: pathlib.Path, base: pathlib.Path, sets):
-    """AUROC per stage set for one run."""
+def score_run(checkpoint: pathlib.Path, data: pathlib.Path, base: pathlib.Path, sets, settings):
+    """AUROC per stage set (and setting of the score) for one run."""
     model = load_trained_model(str(checkpoint))
     known = [f for c in KNOWN for f in list_images([str(base / "val" / c)])]
     foreign = [f for c in FOREIGN for f in list_images([str(base / "val" / c)])]
@@ -68,15 +71,26 @@ def score_run(checkpoint: pathlib.Path, data: pathlib.Path, base: pathlib.Path, 
     result = {}
     for stages in sets:
         labeled, unlabeled, held_out = (joined(p, stages) for p in parts)
-        scorer = PropagationScorer.fit(labeled, unlabeled)
-        result[",".join(stages)] = float(roc_auc_score(truth, scorer.score(held_out).numpy()))
+        for setting in settings:
+            k, alpha, gamma = setting.split(",")
+            scorer = PropagationScorer.fit(labeled, unlabeled, int(k), float(alpha), float(gamma))
+            auroc = float(roc_auc_score(truth, scorer.score(held_out).numpy()))
+            result[column(stages, setting, settings)] = auroc
     return result
+
+
+def column(stages: list[str], setting: str, settings: list[str]) -> str:
+    name = ",".join(stages)
+    return name if len(settings) == 1 else f"{name} @ {setting}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdirs", nargs="+", type=pathlib.Path)
     parser.add_argument("--stages", nargs="+", default=["layer4", "layer3,layer4"])
+    parser.add_argument(
+        "--settings", nargs="+", default=["10,0.9,3"], help="k,alpha,gamma of the score"
+    )
     args = parser.parse_args()
     sets = [s.split(",") for s in args.stages]
     rows = {}
@@ -88,10 +102,11 @@ def main() -> None:
                 continue
             method, ratio, seed = match["method"], match["ratio"], match["seed"]
             data = workdir / f"foreign_r{ratio}_s{seed}"
-            found = score_run(checkpoints[-1], data, workdir / f"digits_s{seed}", sets)
+            base = workdir / f"digits_s{seed}"
+            found = score_run(checkpoints[-1], data, base, sets, args.settings)
             rows[method, float(ratio), int(seed)] = found
             print(f"{method} {ratio} s{seed}: {found}", flush=True)
-    names = [",".join(s) for s in sets]
+    names = [column(s, setting, args.settings) for s in sets for setting in args.settings]
     print("\n| method | foreign share | seed | " + " | ".join(names) + " |")
     print("|---|---:|---:|" + "---:|" * len(names))
     for (method, ratio, seed), found in sorted(rows.items()):

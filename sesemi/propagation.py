@@ -59,9 +59,9 @@ IDENTICAL = 1.0 - 1e-5  # a query this similar to a training image is that image
 
 
 def nearest(
-    queries: Tensor, bank: Tensor, k: int, skip_self: bool = False
+    queries: Tensor, bank: Tensor, k: int, skip_self: bool = False, gamma: float = GAMMA
 ) -> tuple[Tensor, Tensor]:
-    """The k most similar bank rows of each query `(Q, k)`: weights `max(s, 0)^GAMMA` and
+    """The k most similar bank rows of each query `(Q, k)`: weights `max(s, 0)^gamma` and
     indices, computed in chunks. `skip_self` leaves out each query's own row (the queries are
     the bank, in its order); otherwise a query's best match is left out where the query is
     that training image (cosine similarity >= `IDENTICAL`), so that scoring a training image
@@ -86,13 +86,17 @@ def nearest(
                 torch.where(itself, top.indices[:, 1:], top.indices[:, keep]),
             )
         values, found = top
-        weights.append(values.clamp(min=0).pow(GAMMA))
+        weights.append(values.clamp(min=0).pow(gamma))
         indices.append(found)
     return torch.cat(weights), torch.cat(indices)
 
 
 def labeled_mass(
-    features: Tensor, labeled: Tensor, k: int = NEIGHBOURS, alpha: float = ALPHA
+    features: Tensor,
+    labeled: Tensor,
+    k: int = NEIGHBOURS,
+    alpha: float = ALPHA,
+    gamma: float = GAMMA,
 ) -> Tensor:
     """Each image's label mass `m = f / sqrt(d)` `(N,)` (see the module docstring).
 
@@ -101,11 +105,12 @@ def labeled_mass(
         labeled: Which of them are labeled `(N,)` bool.
         k: Neighbours per image in the graph.
         alpha: The propagation's damping in (0, 1).
+        gamma: The similarity exponent of the graph's weights.
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     n = len(features)
-    weights, indices = nearest(features, features, k, skip_self=True)
+    weights, indices = nearest(features, features, k, skip_self=True, gamma=gamma)
     rows = torch.arange(n).repeat_interleave(weights.shape[1])
     w = torch.sparse_coo_tensor(
         torch.stack([rows, indices.flatten()]),
@@ -143,32 +148,43 @@ class PropagationScorer:
         mass: Their label mass `(N,)`.
         reference: The unlabeled training images' own query mass, sorted `(U,)`.
         labeled: How many labeled images the bank starts with.
+        k, gamma: Neighbours per image and similarity exponent, of the graph and the queries.
     """
 
     bank: Tensor
     mass: Tensor
     reference: Tensor
     labeled: int
+    k: int = NEIGHBOURS
+    gamma: float = GAMMA
 
     @classmethod
-    def fit(cls, labeled: Tensor, unlabeled: Tensor) -> PropagationScorer:
-        """Builds the graph from the labeled `(L, D)` and unlabeled `(U, D)` features."""
+    def fit(
+        cls,
+        labeled: Tensor,
+        unlabeled: Tensor,
+        k: int = NEIGHBOURS,
+        alpha: float = ALPHA,
+        gamma: float = GAMMA,
+    ) -> PropagationScorer:
+        """Builds the graph from the labeled `(L, D)` and unlabeled `(U, D)` features (`k`,
+        `alpha`, `gamma`: as in `labeled_mass`; the defaults are what `predict` uses)."""
         if len(labeled) == 0:
             raise ValueError("the propagation score needs labeled images (--labeled DIR)")
         if len(unlabeled) == 0:
             raise ValueError("the propagation score needs unlabeled images (--unlabeled DIR)")
         bank = F.normalize(torch.cat([labeled, unlabeled]).float(), dim=1)
         is_labeled = torch.arange(len(bank)) < len(labeled)
-        mass = labeled_mass(bank, is_labeled)
-        weights, indices = nearest(bank, bank, NEIGHBOURS, skip_self=True)
+        mass = labeled_mass(bank, is_labeled, k, alpha, gamma)
+        weights, indices = nearest(bank, bank, k, skip_self=True, gamma=gamma)
         reference = query_mass(weights, indices, mass)[len(labeled) :]
-        return cls(bank, mass, reference.sort().values, len(labeled))
+        return cls(bank, mass, reference.sort().values, len(labeled), k, gamma)
 
     def masses(self, features: Tensor) -> Tensor:
         """The query mass of images `(Q, D)` (features as the model gives them; a training
         image's own entry is left out)."""
         queries = F.normalize(features.float(), dim=1)
-        return query_mass(*nearest(queries, self.bank, NEIGHBOURS), self.mass)
+        return query_mass(*nearest(queries, self.bank, self.k, gamma=self.gamma), self.mass)
 
     def score(self, features: Tensor) -> Tensor:
         """Each image's share of unlabeled training images with more mass `(Q,)`, in [0, 1]

@@ -22,26 +22,36 @@ def _cluster(centre: list[float], n: int, seed: int) -> torch.Tensor:
     return torch.tensor(centre) + 0.05 * torch.rand(n, len(centre), generator=g)
 
 
-def test_labeled_mass_is_the_closed_form_of_the_propagation():
+@pytest.mark.parametrize("gamma", [3.0, 2.0])
+def test_labeled_mass_is_the_closed_form_of_the_propagation(gamma):
     g = torch.Generator().manual_seed(0)
     x = F.normalize(torch.rand(12, 4, generator=g), dim=1)
     labeled = torch.zeros(12, dtype=torch.bool)
     labeled[[0, 5]] = True
     k, alpha = 3, 0.8
-    # The graph by hand: the k most similar other images, weight s^3, symmetrized.
+    # The graph by hand: the k most similar other images, weight s^gamma, symmetrized.
     sims = x @ x.T
     sims.fill_diagonal_(float("-inf"))
     w = torch.zeros(12, 12, dtype=torch.float64)
     top = sims.topk(k, dim=1)
-    w.scatter_(1, top.indices, top.values.double().pow(3))
+    w.scatter_(1, top.indices, top.values.double().pow(gamma))
     w = (w + w.T) / 2
     d = w.sum(dim=1)
     s = w / d.sqrt()[:, None] / d.sqrt()[None, :]
     f = torch.linalg.solve(torch.eye(12, dtype=torch.float64) - alpha * s, labeled.double())
     expected = (f / d.sqrt()).float()
-    torch.testing.assert_close(labeled_mass(x, labeled, k=k, alpha=alpha), expected)
+    torch.testing.assert_close(labeled_mass(x, labeled, k=k, alpha=alpha, gamma=gamma), expected)
     with pytest.raises(ValueError, match="alpha must be in"):
         labeled_mass(x, labeled, alpha=1.0)
+    # A scorer fitted with these settings uses them for the graph and for its queries: a
+    # query's mass is the mean of s^gamma * m over its k most similar training images.
+    scorer = PropagationScorer.fit(x[labeled], x[~labeled], k=k, alpha=alpha, gamma=gamma)
+    order = torch.cat([torch.nonzero(labeled).flatten(), torch.nonzero(~labeled).flatten()])
+    torch.testing.assert_close(scorer.mass, expected[order])
+    query = F.normalize(torch.rand(2, 4, generator=g), dim=1)
+    best = (query @ scorer.bank.T).topk(k, dim=1)
+    by_hand = (best.values.clamp(min=0).pow(gamma) * scorer.mass[best.indices]).mean(dim=1)
+    torch.testing.assert_close(scorer.masses(query), by_hand)
 
 
 def test_images_of_a_cluster_nobody_labeled_score_as_unknown():
