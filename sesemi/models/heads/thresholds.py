@@ -595,6 +595,14 @@ class DistributionAlignment(ThresholdPolicy):
     "labeled" keeps the pseudo-labels' class balance at the labeled set's instead of letting
     the majority classes take over; "uniform" pushes towards balance.
 
+    `sinkhorn_iterations: n > 0` goes further: after the scaling, n Sinkhorn-Knopp rounds on the
+    global batch (each scales every class column so the batch's summed predictions match
+    `B * p_target`, then renormalizes every row) make the batch's soft assignments hold the
+    target's class balance, not only its running mean: the balanced assignment of SwAV (Caron et
+    al., arXiv:2006.09882) and of Sinkhorn Label Allocation (Tai et al., arXiv:2102.08622),
+    here in front of a threshold. A class the model keeps absorbing loses its least certain
+    images to the classes short of their share within every batch.
+
     Reference: Berthelot et al., "ReMixMatch: Semi-Supervised Learning with Distribution
     Alignment and Augmentation Anchoring", arXiv:1911.09785, section 3.2. The state
     (`prediction_history`, `labeled_counts` and the wrapped policy's) is saved in checkpoints
@@ -610,6 +618,7 @@ class DistributionAlignment(ThresholdPolicy):
         target: str = "labeled",
         window: int = 128,
         num_classes: int | None = None,
+        sinkhorn_iterations: int = 0,
     ) -> None:
         """Initializes the policy.
 
@@ -618,12 +627,17 @@ class DistributionAlignment(ThresholdPolicy):
             target: The distribution to align to: "labeled" or "uniform".
             window: How many recent unlabeled batches `p_model` averages.
             num_classes: The number of classes; None: the classifier's (from `build`).
+            sinkhorn_iterations: Sinkhorn-Knopp rounds that balance the batch after the
+                scaling (0: ReMixMatch's alignment alone).
         """
         super().__init__()
         if target not in self.TARGETS:
             raise ValueError(f"unknown alignment target '{target}'; use one of: labeled, uniform")
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
+        if sinkhorn_iterations < 0:
+            raise ValueError(f"sinkhorn_iterations must be at least 0, got {sinkhorn_iterations}")
+        self.sinkhorn_iterations = int(sinkhorn_iterations)
         self.policy = policy if isinstance(policy, ThresholdPolicy) else FixedThreshold(policy)
         self.target = target
         self.window = int(window)
@@ -681,9 +695,22 @@ class DistributionAlignment(ThresholdPolicy):
         self.history_size += 1
 
     def align(self, probs: Tensor) -> Tensor:
-        """`SumNorm(q * p_target / p_model)` (q unchanged before the first batch)."""
+        """`SumNorm(q * p_target / p_model)` (q unchanged before the first batch), then the
+        Sinkhorn-Knopp rounds (if any)."""
         aligned = _sum_normalize(probs * self.class_scale(), dim=1)
-        return torch.where(self.history_size > 0, aligned, probs)
+        aligned = torch.where(self.history_size > 0, aligned, probs)
+        return self.balance(aligned) if self.sinkhorn_iterations else aligned
+
+    def balance(self, probs: Tensor) -> Tensor:
+        """`sinkhorn_iterations` rounds of: each class column scaled so the (global) batch's
+        column sums are `B * p_target`, then each row renormalized to sum to 1."""
+        target = self.target_distribution().to(probs)
+        (size,) = global_sums(probs.new_tensor([float(len(probs))]))
+        balanced = probs.clamp(min=1e-12)
+        for _ in range(self.sinkhorn_iterations):
+            (columns,) = global_sums(balanced.sum(dim=0))
+            balanced = _sum_normalize(balanced * (target * size / columns.clamp(min=1e-12)), 1)
+        return balanced
 
     def forward(self, probs: Tensor, indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Adds the batch to the window (in training), aligns, and lets the policy weigh."""
