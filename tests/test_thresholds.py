@@ -165,6 +165,9 @@ def _policies():
         "flexmatch_estimate": FlexMatchThreshold(0.6, learning_status="estimate"),
         "flexmatch_index": FlexMatchThreshold(0.6),
         "alignment": DistributionAlignment(FreeMatchThreshold(momentum=0.5), window=2),
+        "sinkhorn": DistributionAlignment(
+            FlexMatchThreshold(0.6), target="uniform", window=2, sinkhorn_iterations=3
+        ),
         "debiaspl": DebiasedThreshold(0.6, momentum=0.5),
     }
 
@@ -250,6 +253,47 @@ def test_distribution_alignment_averages_the_last_window_batches():
     torch.testing.assert_close(label_probs, _normalized(batches[2] / 3 / p_model))
     fresh = _built(DistributionAlignment(0.6)).eval()
     assert torch.equal(fresh(PROBS)[0], PROBS)  # nothing seen yet: unaligned
+
+
+def test_sinkhorn_rounds_give_the_batch_the_target_class_balance():
+    # Image 0 (0.70, 0.20, 0.10) and image 3 (0.96, ...) both go to class 0, the model's
+    # favourite; with one round the columns are scaled to the batch's share B * p_target, then
+    # the rows renormalized, on top of ReMixMatch's scaling.
+    policy = _built(DistributionAlignment(0.6, target="uniform", window=2, sinkhorn_iterations=1))
+    label_probs, _ = policy.train()(PROBS)
+    aligned = _normalized(PROBS / 3 / PROBS.mean(dim=0))
+    torch.testing.assert_close(label_probs, _normalized(aligned * (4 / 3) / aligned.sum(dim=0)))
+    # Many rounds: every class holds a third of the batch's mass, every row is a distribution.
+    many = _built(DistributionAlignment(0.6, target="uniform", window=2, sinkhorn_iterations=50))
+    balanced, _ = many.train()(PROBS)
+    torch.testing.assert_close(balanced.sum(dim=0), torch.full((3,), 4 / 3))
+    torch.testing.assert_close(balanced.sum(dim=1), torch.ones(4))
+    # Four of six images lean to class 0, the model's favourite. ReMixMatch's one scaling (its
+    # window: this batch) leaves all four there; balanced, its least certain one (0.70, with
+    # 0.20 on class 1) goes to class 1, which is short of its share, and its surest stays.
+    skewed = torch.tensor(
+        [
+            [0.90, 0.05, 0.05],
+            [0.85, 0.10, 0.05],
+            [0.80, 0.05, 0.15],
+            [0.70, 0.20, 0.10],
+            [0.10, 0.85, 0.05],
+            [0.10, 0.10, 0.80],
+        ]
+    )
+    plain = _built(DistributionAlignment(0.6, target="uniform", window=1)).train()(skewed)[0]
+    sinkhorn = _built(
+        DistributionAlignment(0.6, target="uniform", window=1, sinkhorn_iterations=50)
+    ).train()(skewed)[0]
+    assert plain.argmax(dim=1).tolist() == [0, 0, 0, 0, 1, 2]
+    assert sinkhorn.argmax(dim=1)[[0, 3, 4, 5]].tolist() == [0, 1, 1, 2]
+    torch.testing.assert_close(sinkhorn.sum(dim=0), torch.full((3,), 2.0))
+    # The labeled target: the columns follow the labeled frequencies 1/4, 1/4, 1/2.
+    labeled = _built(DistributionAlignment(0.6, window=2, sinkhorn_iterations=50)).train()
+    labeled.observe_labeled(LABELS)
+    torch.testing.assert_close(labeled(PROBS)[0].sum(dim=0), torch.tensor([1.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="sinkhorn_iterations must be at least 0"):
+        DistributionAlignment(0.6, sinkhorn_iterations=-1)
 
 
 def test_debiaspl_moves_the_bias_first_then_debiases_and_masks():
