@@ -266,11 +266,17 @@ def record(tables, key: tuple[str, float], seed: int, run: pathlib.Path, held_ou
 
 
 def filter_unlabeled(
-    run: pathlib.Path, root: pathlib.Path, dest: pathlib.Path, threshold: float, base: pathlib.Path
+    run: pathlib.Path,
+    root: pathlib.Path,
+    dest: pathlib.Path,
+    threshold: float,
+    base: pathlib.Path,
+    outliers: bool = False,
 ) -> str:
     """Writes `root` to `dest` without the unlabeled images whose propagation score (`predict
     --unknown-score propagation` with the run's checkpoint) exceeds `threshold`, as a user
-    cleaning the folder would; returns how many known and foreign images it dropped."""
+    cleaning the folder would (with `outliers`, the dropped images go to `dest/outliers`, for
+    `method=outlier_exposure`); returns how many known and foreign images it dropped."""
     from sesemi.inference import load_trained_model
     from sesemi.propagation import fit_scorer, training_images
 
@@ -287,6 +293,8 @@ def filter_unlabeled(
     for split in ("train", "val"):
         shutil.copytree(root / split, dest / split)
     _copy([f for f, d in zip(pool, dropped.tolist(), strict=True) if not d], dest / "unlabeled")
+    if outliers:
+        _copy([f for f, d in zip(pool, dropped.tolist(), strict=True) if d], dest / "outliers")
     truth = {f.name: f.parent.name in FOREIGN for f in base.glob("*/*/*.png")}
     foreign = torch.tensor([truth[f.name] for f in pool])
     return (
@@ -302,6 +310,8 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
     rows_of = [*args.methods]
     if args.filter_threshold is not None:
         filtered = f" + propagation filter {args.filter_threshold:g}"
+        if args.outlier_exposure:
+            filtered += " + outlier exposure"
         rows_of += [m + filtered for m in args.methods]
     filter_notes = []
     for seed in args.seeds:
@@ -324,11 +334,17 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
                 if args.filter_threshold is not None:
                     started = time.time()
                     clean = workdir / f"{root.name}_{slug(method)}_filtered"
-                    what = filter_unlabeled(run, root, clean, args.filter_threshold, base)
+                    what = filter_unlabeled(
+                        run, root, clean, args.filter_threshold, base, args.outlier_exposure
+                    )
                     filter_notes.append(f"{method}, {100 * ratio:g} %, seed {seed}: {what}")
                     print(f"[foreign {ratio:g} s{seed}] {method}: filter {what}", flush=True)
                     again = workdir / "runs" / f"{name}_filtered"
-                    second = run_job(method, seed, clean, again, args, FOREIGN_OVERRIDES)
+                    again_method = method
+                    if args.outlier_exposure:  # the method plus the outlier_exposure add-on
+                        name, *overrides = method.split(":")
+                        again_method = ":".join([f"[{name},outlier_exposure]", *overrides])
+                    second = run_job(again_method, seed, clean, again, args, FOREIGN_OVERRIDES)
                     record(tables, (method + filtered, ratio), seed, second, held_out, started)
                     if not args.keep_checkpoints:
                         shutil.rmtree(second / "checkpoints", ignore_errors=True)
@@ -361,7 +377,13 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
         + "".join(
             f"\n- propagation filter (the run's checkpoint scores its unlabeled folder, images "
             f"above {args.filter_threshold:g} are left out, the method trains again from "
-            f"scratch on the rest): {line}"
+            f"scratch on the rest"
+            + (
+                "; the dropped images are its outliers/ folder, `method=[M,outlier_exposure]`"
+                if args.outlier_exposure
+                else ""
+            )
+            + f"): {line}"
             for line in filter_notes
         )
     )
@@ -413,6 +435,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "propagation` (drop the images scoring above this) and train the method again on it",
     )
     parser.add_argument(
+        "--outlier-exposure",
+        action="store_true",
+        help="foreign, with --filter-threshold: the dropped images become the second run's "
+        "outliers/ folder and it trains `method=[M,outlier_exposure]`",
+    )
+    parser.add_argument(
         "--keep-checkpoints",
         action="store_true",
         help="foreign: keep each run's checkpoints; a later call with the same --workdir then "
@@ -421,6 +449,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.filter_threshold is not None and not 0.0 <= args.filter_threshold <= 1.0:
         parser.error("--filter-threshold must be in [0, 1]")
+    if args.outlier_exposure and args.filter_threshold is None:
+        parser.error("--outlier-exposure needs --filter-threshold (it picks the outliers)")
     if any(not 0.0 <= r < 1.0 for r in args.ratios):
         parser.error("--ratios must be in [0, 1)")
     return args

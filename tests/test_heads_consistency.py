@@ -1,4 +1,5 @@
-"""Entropy minimization, Pi model and Mean Teacher heads: values, gradients, teacher checks."""
+"""Entropy minimization, Pi model, Mean Teacher and outlier exposure heads: values, gradients,
+teacher checks."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from sesemi.models.heads.base import HeadContext, HeadInputs
 from sesemi.models.heads.consistency import (
     EntropyMinimizationLossHead,
     MeanTeacherLossHead,
+    OutlierExposureLossHead,
     PiModelLossHead,
 )
 
@@ -102,6 +104,46 @@ def test_entropy_head_refuses_a_two_view_batch():
     x = torch.randn(2, 4)
     with pytest.raises(ValueError, match="one view"):
         EntropyMinimizationLossHead("unlabeled")(_inputs(([x, x], torch.zeros(2)), backbone, head))
+
+
+# --- Outlier exposure -------------------------------------------------------------------------
+
+
+def _outlier_head(backbone, head):
+    oe = OutlierExposureLossHead(input_data="unlabeled")
+    oe.build(HeadContext({"backbone": backbone}, {"supervised_head": head}, NUM_CLASSES))
+    return oe
+
+
+def test_outlier_exposure_is_the_divergence_of_each_prediction_from_uniform():
+    backbone, head = _student()
+    x = torch.randn(5, 4)
+    loss = _outlier_head(backbone, head)(_inputs((x, torch.full((5,), -1)), backbone, head))
+    p = _softmax_by_hand(_logits_by_hand(x, backbone, head))
+    # KL(u || p) = sum_c 1/K log((1/K) / p_c): the cross-entropy to uniform less log K.
+    expected = (torch.log(1.0 / NUM_CLASSES / p) / NUM_CLASSES).sum(dim=1)
+    torch.testing.assert_close(loss, expected)
+    assert (loss > 0).all()
+    # A classifier that predicts uniformly on every image (zero weights) gives exactly 0.
+    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+    flat = _outlier_head(backbone, head)(_inputs((x, None), backbone, head))
+    assert flat.abs().max().item() < 1e-6
+
+
+def test_outlier_exposure_gradient_makes_the_classifier_less_sure_on_the_outliers():
+    backbone, head = _student(1)
+    x = torch.randn(8, 4) * 3
+    oe = _outlier_head(backbone, head)
+    optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.5)
+    first = oe(_inputs((x, None), backbone, head))
+    before = oe.log_values["max_prob"].item()
+    for _ in range(20):
+        optimizer.zero_grad()
+        oe(_inputs((x, None), backbone, head)).mean().backward()
+        optimizer.step()
+    after = oe(_inputs((x, None), backbone, head))
+    assert after.mean() < first.mean() / 4
+    assert oe.log_values["max_prob"].item() < before
 
 
 # --- Pi model ---------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ HEADS = {
     "flexmatch_da": ["fixmatch"],
     "flexmatch_balanced": ["fixmatch"],
     "openmatch": ["openmatch"],
+    "outlier_exposure": ["outlier_exposure"],
     "rotation_entropy": ["rotation_prediction", "entropy_minimization"],
     "noisy_student_teacher": [],
     "noisy_student": ["pseudo_label"],
@@ -70,6 +71,19 @@ def test_flexmatch_da_aligns_to_uniform_in_front_of_flexmatchs_thresholds():
     assert one_word == flexmatch  # nothing else differs
 
 
+def test_outlier_exposure_adds_its_loader_and_head_to_another_method():
+    flexmatch = sesemi.compose("demo", ["method=flexmatch"])
+    both = sesemi.compose("demo", ["method=[flexmatch,outlier_exposure]"])
+    heads = both.learner.hparams.model.regularization_loss_heads
+    assert (
+        set(heads) == {"fixmatch", "outlier_exposure"}
+        and heads.outlier_exposure.scale_factor == 0.5
+    )
+    assert both.data.train.outliers.dataset.subset == "outliers"
+    assert set(both.data.train) == {*flexmatch.data.train, "outliers"}
+    assert heads.fixmatch == flexmatch.learner.hparams.model.regularization_loss_heads.fixmatch
+
+
 def write_pseudo_labels(folder: Path, images: Path, classes: list[str]) -> Path:
     """A `pseudo_labeled` folder labeling `images/<class>/*` with their folder's class."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -103,6 +117,8 @@ def _fit(name: str, method: str, data_root: Path, tmp_path: Path, extra=()):
         )
         pseudo = write_pseudo_labels(tmp_path / "pseudo", source, classes)
         overrides.append(f"data.train.pseudo.dataset.root={pseudo}")
+    if method == "outlier_exposure":  # alone: supervised; any images serve as outliers here
+        overrides.append("data.train.outliers.dataset.subset=val")
     return sesemi.fit(sesemi.compose(name, [*overrides, *FAST, *extra]))
 
 

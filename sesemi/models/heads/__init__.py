@@ -4,6 +4,7 @@ from sesemi.models.heads.base import HeadContext, HeadInputs, LossHead
 from sesemi.models.heads.consistency import (
     EntropyMinimizationLossHead,
     MeanTeacherLossHead,
+    OutlierExposureLossHead,
     PiModelLossHead,
 )
 from sesemi.models.heads.fixmatch import FixMatchLossHead, FlexMatchLossHead
@@ -31,6 +32,7 @@ __all__ = [
     "JigsawPredictionLossHead",
     "LossHead",
     "MeanTeacherLossHead",
+    "OutlierExposureLossHead",
     "PiModelLossHead",
     "PseudoLabelLossHead",
     "RotationPredictionLossHead",

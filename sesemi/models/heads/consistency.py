@@ -1,8 +1,10 @@
-"""Classic semi-supervised heads on unlabeled batches: entropy minimization, Pi model, Mean Teacher.
+"""Classic semi-supervised heads on unlabeled batches: entropy minimization, Pi model, Mean Teacher;
+and outlier exposure, on images of none of the classes.
 
-All three read the supervised classifier's predictions (`inputs.heads["supervised_head"]`) on
-an unlabeled loader's batch and return one loss per sample; the learner reduces and weights
-them (`scale_factor * scheduler(step)`, e.g. a `SigmoidRampupScheduler` ramp-up).
+All four read the supervised classifier's predictions (`inputs.heads["supervised_head"]`) on
+a loader's batch (unlabeled images; outlier exposure: its own outliers) and return one loss
+per sample; the learner reduces and weights them (`scale_factor * scheduler(step)`, e.g. a
+`SigmoidRampupScheduler` ramp-up).
 
 Consistency losses (`loss=`):
 
@@ -18,6 +20,8 @@ Pi model can opt back into the original two-sided gradient with `detach_target: 
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +124,32 @@ class EntropyMinimizationLossHead(LossHead):
         entropy = -(log_probs.exp() * log_probs).sum(dim=1)
         self.log_values = prediction_stats(logits, targets)
         return entropy
+
+
+class OutlierExposureLossHead(LossHead):
+    """Outlier exposure: the classifier's prediction on each image known to be of none of the
+    classes is pulled towards the uniform distribution u, by the cross-entropy
+    `-1/K sum_c log p_c = logsumexp(z) - mean_c z_c`, so that the classifier learns to be unsure
+    on images like them and `predict`'s confidence-based unknown scores flag them.
+
+    Reads `(images (B, C, H, W), targets)` batches of such images (a plain training transform;
+    targets are ignored). The cross-entropy is `log K + KL(u || p)`; the head returns the KL
+    term, 0 exactly at the uniform prediction (the same gradients, a loss that reads as a
+    distance).
+
+    Reference: Hendrycks, Mazeika and Dietterich, "Deep Anomaly Detection with Outlier
+    Exposure", ICLR 2019, arXiv:1812.04606 (weight 0.5 in its classification experiments).
+    Deviation: the paper draws its outliers from an auxiliary dataset; here they are images the
+    user (or `predict`'s unknown score on a first run) set apart from the unlabeled folder.
+    Logs `max_prob`, the outliers' mean largest class probability.
+    """
+
+    def forward(self, inputs: HeadInputs) -> Tensor:
+        """Returns each image's `KL(uniform || p)` `(B,)`, in nats."""
+        images, _, _ = self.single_view(inputs)
+        logits = self.logits(inputs, images).float()
+        self.log_values = prediction_stats(logits, None)
+        return logits.logsumexp(dim=1) - logits.mean(dim=1) - math.log(logits.shape[1])
 
 
 class PiModelLossHead(LossHead):
