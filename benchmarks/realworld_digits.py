@@ -146,7 +146,8 @@ def run_job(
         *args.set,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
-    log = run_dir.with_suffix(".log")
+    # Beside the run folder, named after all of it: a share such as "r0.5" is no suffix.
+    log = run_dir.parent / f"{run_dir.name}.log"
     header = "$ " + shlex.join(command) + "\n"
     finished = sorted((run_dir / "job").glob("*/checkpoints/last.ckpt"))
     if log.exists() and len(finished) == 1 and log.read_text().startswith(header):
