@@ -170,11 +170,15 @@ def test_resuming_from_a_truncated_or_foreign_checkpoint_is_one_line(experiment,
     first = sesemi.fit(sesemi.compose("custom", ["run.num_epochs=1"], config_dir=configs))
     truncated = experiment / "truncated.ckpt"
     truncated.write_bytes(Path(first.last_checkpoint).read_bytes()[:5000])
-    for path, expected in [
-        (truncated, "is not a PyTorch checkpoint"),
-        (first.last_checkpoint, "written by another model than this config builds"),
-    ]:
+    for n, (path, expected) in enumerate(
+        [
+            (truncated, "is not a PyTorch checkpoint"),
+            (first.last_checkpoint, "written by another model than this config builds"),
+        ]
+    ):
         other = ["learner.hparams.model.backbone.name=test_efficientnet"]  # another model
+        # A run.id of its own: within the first run's second, its timestamped folder is taken.
+        other.append(f"run.id=resume{n}")
         cfg = sesemi.compose("custom", [f"run.resume_from_checkpoint={path}", *other], configs)
         with pytest.raises(USER_ERRORS) as error:
             sesemi.fit(cfg)
