@@ -293,15 +293,22 @@ def filter_unlabeled(
         shutil.rmtree(dest)
     for split in ("train", "val"):
         shutil.copytree(root / split, dest / split)
-    _copy([f for f, d in zip(pool, dropped.tolist(), strict=True) if not d], dest / "unlabeled")
+    drops = dropped.tolist()
+    _copy([f for f, d in zip(pool, drops, strict=True) if not d], dest / "unlabeled")
     if outliers:
-        _copy([f for f, d in zip(pool, dropped.tolist(), strict=True) if d], dest / "outliers")
+        _copy([f for f, d in zip(pool, drops, strict=True) if d], dest / "outliers")
     truth = {f.name: f.parent.name in FOREIGN for f in base.glob("*/*/*.png")}
     foreign = torch.tensor([truth[f.name] for f in pool])
     return (
         f"dropped {int((dropped & foreign).sum())} of {int(foreign.sum())} foreign and "
         f"{int((dropped & ~foreign).sum())} of {int((~foreign).sum())} known unlabeled images"
     )
+
+
+def with_outliers(method: str) -> str:
+    """A `--methods` entry plus the outlier_exposure add-on (`m:o` -> `[m,outlier_exposure]:o`)."""
+    name, *overrides = method.split(":")
+    return ":".join([f"[{name},outlier_exposure]", *overrides])
 
 
 def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
@@ -341,11 +348,10 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
                     filter_notes.append(f"{method}, {100 * ratio:g} %, seed {seed}: {what}")
                     print(f"[foreign {ratio:g} s{seed}] {method}: filter {what}", flush=True)
                     again = workdir / "runs" / f"{name}_filtered"
-                    again_method = method
-                    if args.outlier_exposure:  # the method plus the outlier_exposure add-on
-                        name, *overrides = method.split(":")
-                        again_method = ":".join([f"[{name},outlier_exposure]", *overrides])
-                    second = run_job(again_method, seed, clean, again, args, FOREIGN_OVERRIDES)
+                    second = run_job(
+                        with_outliers(method) if args.outlier_exposure else method,
+                        seed, clean, again, args, FOREIGN_OVERRIDES,
+                    )  # fmt: skip
                     record(tables, (method + filtered, ratio), seed, second, held_out, started)
                     if not args.keep_checkpoints:
                         shutil.rmtree(second / "checkpoints", ignore_errors=True)
@@ -367,6 +373,13 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
         for kind in every[m, args.ratios[0]][0]:
             cells = (cell([s[kind] for s in every[m, r]], 1.0, 3) for r in args.ratios)
             rows.append("| " + " | ".join([f"{m}: {kind}", *cells]) + " |")
+    filter_how = (
+        f"the run's checkpoint scores its unlabeled folder, images above "
+        f"{args.filter_threshold or 0:g} are left out, the method trains again from scratch on "
+        "the rest"
+    )  # (used only with --filter-threshold)
+    if args.outlier_exposure:
+        filter_how += "; the dropped images are its outliers/ folder, `method=[M,outlier_exposure]`"
     notes = (
         f"- known classes {', '.join(KNOWN)} ({args.foreign_labels} labels each), foreign "
         f"{', '.join(FOREIGN)}; unlabeled: {args.known_unlabeled} known images + "
@@ -375,18 +388,7 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
         "val: the known classes' 30 % split; unknown score: `open_sesemi predict`'s default "
         "(ova for openmatch, 1 - max probability otherwise); every score's table: propagation "
         "over the run's own labeled and unlabeled training folders"
-        + "".join(
-            f"\n- propagation filter (the run's checkpoint scores its unlabeled folder, images "
-            f"above {args.filter_threshold:g} are left out, the method trains again from "
-            f"scratch on the rest"
-            + (
-                "; the dropped images are its outliers/ folder, `method=[M,outlier_exposure]`"
-                if args.outlier_exposure
-                else ""
-            )
-            + f"): {line}"
-            for line in filter_notes
-        )
+        + "".join(f"\n- propagation filter ({filter_how}): {line}" for line in filter_notes)
     )
     return "\n".join(rows), notes
 
