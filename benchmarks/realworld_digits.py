@@ -220,7 +220,8 @@ def run_imbalance(args, workdir: pathlib.Path) -> tuple[str, str]:
             run_dir = workdir / "runs" / f"imbalance_{slug(method)}_s{seed}"
             run = run_job(method, seed, root, run_dir, args, [])
             per_class = recalls(run)
-            shutil.rmtree(run / "checkpoints", ignore_errors=True)
+            if not args.keep_checkpoints:
+                shutil.rmtree(run / "checkpoints", ignore_errors=True)
             balanced[method].append(statistics.fmean(per_class.values()))
             worst[method].append(min(per_class.values()))
             print(
@@ -446,8 +447,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--keep-checkpoints",
         action="store_true",
-        help="foreign: keep each run's checkpoints; a later call with the same --workdir then "
-        "reuses the runs whose command is unchanged (scores them again, no training)",
+        help="keep each run's checkpoints; a later call with the same --workdir then reuses "
+        "the runs whose command is unchanged (scores them again, no training)",
     )
     args = parser.parse_args(argv)
     if args.filter_threshold is not None and not 0.0 <= args.filter_threshold <= 1.0:
