@@ -19,6 +19,7 @@ memory) unless `--workers N` sets them. The rows:
     full        bf16-mixed + channels_last + torch.compile, cached uint8 data (the recipe of
                 README's "Operations > Speed")
     no-compile  full without torch.compile
+    bf16-nchw   no-compile with channels_last off: what channels_last adds under bf16
     fp32        no compile, fp32, NCHW (sesemi's defaults), the same cached uint8 data
     constant    full with the training loaders replaced by one constant batch each (a real
                 batch of the same loaders, drawn once, pinned, copied to the GPU every step):
@@ -69,10 +70,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS = ("full", "no-compile", "fp32", "constant")
+ROWS = ("full", "no-compile", "bf16-nchw", "fp32", "constant")
 ROW_LABELS = {
     "full": "(a) full: bf16-mixed + channels_last + compile, cache uint8",
     "no-compile": "(b) full without compile",
+    "bf16-nchw": "(b') bf16-mixed, NCHW (channels_last off), no compile",
     "fp32": "(c) fp32, NCHW, no compile, cache uint8",
     "constant": "(d) full, constant batch (no loader): model-only ceiling",
 }
@@ -486,7 +488,8 @@ def row_overrides(row: str, args: argparse.Namespace, work: Path) -> tuple[list[
             overrides.append(f"data.train.{loader}.num_workers={args.workers}")
     skipped = []
     if row != "fp32":
-        overrides += ["+trainer.precision=bf16-mixed", "learner.hparams.channels_last=true"]
+        overrides.append("+trainer.precision=bf16-mixed")
+        overrides.append(f"learner.hparams.channels_last={str(row != 'bf16-nchw').lower()}")
     if row in ("full", "constant"):
         if args.device == "cpu" and not args.cpu_compile:
             skipped.append(f"{row}: torch.compile skipped on the CPU (--cpu-compile keeps it)")
