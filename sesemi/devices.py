@@ -167,3 +167,43 @@ def warn_slow_cpu_precision(plan: DevicePlan, precision: Any) -> None:
             "Lightning runs bf16 autocast, emulated and usually slower than 32-bit here; "
             "drop the precision option for CPU runs",
         )
+
+
+def choose_channels_last(
+    channels_last: bool | None, plan: DevicePlan, precision: Any, compile_options: Any
+) -> bool:
+    """Whether the model and image batches go channels-last (`learner.hparams.channels_last`).
+
+    null (auto): on for CPU training (oneDNN's faster layout); on GPUs, on under 16-bit
+    precision (tensor cores want channels-last: a ResNet-50 bf16 step at 224 px ran 1.66x faster
+    in it on an H200, `benchmarks/results/gpu_throughput.md`) and off in 32-bit (not measured
+    there); off on other accelerators. On GPUs it is
+    off whenever the backbone is compiled: `torch.compile` lays convolutions out itself, and a
+    channels-last model compiled under bf16 failed its first backward pass in PyTorch 2.11 on an
+    H200 (an inductor stride assertion in `convolution_backward`). An explicit true is turned off
+    there with a warning.
+
+    Args:
+        channels_last: The configured value: True, False or None (auto).
+        plan: The devices.
+        precision: `trainer.precision` (None: 32-bit).
+        compile_options: `learner.hparams.compile` (falsy: not compiled).
+
+    Returns:
+        The value the learner is built with.
+    """
+    gpu = plan.accelerator == "gpu"
+    if gpu and compile_options:
+        if channels_last:
+            warn_once(
+                "channels_last_compile",
+                "learner.hparams.channels_last=true with learner.hparams.compile on a GPU: "
+                "turned off (a compiled channels-last model failed its first backward pass in "
+                "PyTorch 2.11's inductor; torch.compile chooses the convolutions' layout itself)",
+            )
+        return False
+    if channels_last is not None:
+        return bool(channels_last)
+    if gpu:
+        return "16" in str(precision or "")
+    return plan.accelerator == "cpu"

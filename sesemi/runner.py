@@ -42,7 +42,7 @@ from sesemi.config.resolvers import (
 )
 from sesemi.config.structs import RunMode
 from sesemi.data import LOADER_GROUPS, SESEMIDataModule
-from sesemi.devices import DevicePlan, plan_devices
+from sesemi.devices import DevicePlan, choose_channels_last, plan_devices
 from sesemi.inference import preprocessing_from_transform
 from sesemi.learners import Classifier
 from sesemi.threads import ThreadShare
@@ -94,6 +94,15 @@ def check_run_config(run: DictConfig) -> RunMode:
     for key in ("num_epochs", "num_iterations", "num_nodes", "batch_size_per_gpu"):
         if run[key] is not None and run[key] < 1:
             raise ValueError(f"run.{key} must be at least 1, got {run[key]}")
+    for key in ("pretrained_checkpoint_path", "resume_from_checkpoint"):
+        if isinstance(run.get(key), str) and not run[key].strip():
+            # An unset shell variable, say: never train afresh or score an untrained model.
+            raise ValueError(f"run.{key} is empty: give a checkpoint file, or null for none")
+    if mode != RunMode.FIT and not (run.pretrained_checkpoint_path or run.resume_from_checkpoint):
+        log.warning(
+            f"run.mode={mode.value} with no checkpoint: this evaluates the model as built "
+            "(untrained unless its backbone is pretrained); set run.pretrained_checkpoint_path"
+        )
     return mode
 
 
@@ -362,8 +371,13 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
         _drop_training_parts(cfg.learner)
     learner_cfg = resolve(cfg.learner, attributes)
     hparams = learner_cfg.get("hparams") or {}
-    if "hparams" in learner_cfg and hparams.get("channels_last") is None:
-        hparams["channels_last"] = plan.accelerator == "cpu"  # auto: see ClassifierHParams
+    if "hparams" in learner_cfg:
+        hparams["channels_last"] = choose_channels_last(
+            hparams.get("channels_last"),
+            plan,
+            (cfg.trainer or {}).get("precision"),
+            hparams.get("compile"),
+        )
     if hparams.get("num_classes") is not None:
         check_classes(data, int(hparams["num_classes"]))
     if mode == RunMode.FIT:

@@ -254,6 +254,9 @@ def test_experiment_src_code_is_instantiable(experiment):
         (["data.train.supervised.batch_size=0"], "supervised.batch_size must be at least 1, got 0"),
         (["learner.hparams.lr_scheduler.scheduler.max_iters=0"], "max_iters must be at least 1"),
         (["run.gpus=5"], "run.gpus=5 asks for GPUs but this machine has none"),
+        # An empty shell variable: not "no checkpoint" (a fresh run, or an untrained model scored)
+        (["run.pretrained_checkpoint_path=''"], "run.pretrained_checkpoint_path is empty"),
+        (["run.resume_from_checkpoint=' '"], "run.resume_from_checkpoint is empty"),
     ],
 )
 def test_bad_input_is_one_clear_line_before_training(experiment, monkeypatch, overrides, expected):
@@ -265,6 +268,21 @@ def test_bad_input_is_one_clear_line_before_training(experiment, monkeypatch, ov
     assert expected in one_line(error.value)
     assert "\n" not in one_line(error.value)
     assert not glob.glob(str(experiment / "runs/tiny/*/checkpoints"))
+
+
+def test_evaluating_without_a_checkpoint_warns(experiment, caplog):
+    from sesemi.runner import check_run_config
+
+    for mode, warned in (("VALIDATE", True), ("TEST", True), ("FIT", False)):
+        caplog.clear()
+        cfg = sesemi.compose("custom", [f"run.mode={mode}"], config_dir=experiment / "configs")
+        check_run_config(cfg.run)
+        said = [r.getMessage() for r in caplog.records if r.name == "sesemi.runner"]
+        assert any("with no checkpoint" in m for m in said) is warned, (mode, said)
+    caplog.clear()
+    ckpt = ["run.mode=VALIDATE", "run.pretrained_checkpoint_path=w.ckpt"]
+    check_run_config(sesemi.compose("custom", ckpt, config_dir=experiment / "configs").run)
+    assert not [r for r in caplog.records if "with no checkpoint" in r.getMessage()]
 
 
 @pytest.mark.parametrize(

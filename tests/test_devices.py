@@ -10,7 +10,7 @@ import torch
 
 import sesemi.devices
 from sesemi.data import LoaderSpec
-from sesemi.devices import DevicePlan, plan_devices
+from sesemi.devices import DevicePlan, choose_channels_last, plan_devices
 
 
 @pytest.fixture(autouse=True)
@@ -222,3 +222,43 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch, caplog):
     monkeypatch.setattr(sesemi.devices, "cpu_has_bf16", lambda: True)
     sesemi.devices.warn_slow_cpu_precision(cpu, "bf16-mixed")
     assert not caplog.records
+
+
+CPU_PLAN = DevicePlan("cpu", 1, "auto", 0, 1)
+GPU_PLAN = DevicePlan("gpu", 1, "auto", 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("plan", "precision", "expected"),
+    [
+        (CPU_PLAN, None, True),  # oneDNN's faster layout
+        (CPU_PLAN, "bf16-mixed", True),
+        (GPU_PLAN, None, False),  # 32-bit on a GPU: contiguous
+        (GPU_PLAN, "32-true", False),
+        (GPU_PLAN, "bf16-mixed", True),  # tensor cores: 1.66x on an H200
+        (GPU_PLAN, "16-mixed", True),
+        (GPU_PLAN, 16, True),
+        (DevicePlan("mps", 1, "auto", 0, 1), "16-mixed", False),
+    ],
+)
+def test_channels_last_auto_follows_the_device_and_precision(plan, precision, expected) -> None:
+    assert choose_channels_last(None, plan, precision, False) is expected
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_channels_last_explicit_value_is_kept_without_compile(value) -> None:
+    for plan in (CPU_PLAN, GPU_PLAN):
+        assert choose_channels_last(value, plan, "bf16-mixed", False) is value
+
+
+def test_channels_last_is_off_for_a_compiled_model_on_a_gpu(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="sesemi.devices"):
+        assert choose_channels_last(None, GPU_PLAN, "bf16-mixed", True) is False
+        assert warnings_of(caplog) == []  # auto: off, nothing to say
+        for options in (True, {"mode": "max-autotune"}):
+            assert choose_channels_last(True, GPU_PLAN, "bf16-mixed", options) is False
+    messages = warnings_of(caplog)
+    assert len(messages) == 1  # once
+    assert "channels_last=true" in messages[0] and "turned off" in messages[0]
+    # On the CPU a compiled channels-last model trains: the explicit value stands.
+    assert choose_channels_last(True, CPU_PLAN, None, True) is True

@@ -284,8 +284,9 @@ class ClassifierHParams:
             batches (transforms with `uint8_output: true`), after scaling to [0, 1].
         channels_last: Keep the model and image batches in channels-last memory format. null
             (default): on when training on the CPU (oneDNN's faster layout: 1.4x for a ResNet-18
-            step at 32 px, benchmarks/step_overhead.py), off on GPUs, where it pays with
-            bf16/fp16 precision on tensor cores: set true there.
+            step at 32 px, benchmarks/step_overhead.py); on GPUs, on under 16-bit precision
+            (1.66x for a ResNet-50 bf16 step on an H200) and off in fp32; off on a GPU whenever
+            the backbone is compiled (see `sesemi.devices.choose_channels_last`).
         compile: `torch.compile` the backbone: true, or a dict of `torch.compile` arguments
             (e.g. `{mode: max-autotune}`).
     """
