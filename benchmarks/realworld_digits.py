@@ -322,6 +322,9 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
         if args.outlier_exposure:
             filtered += " + outlier exposure"
         rows_of += [m + filtered for m in args.methods]
+        again_row = filtered + ", cleaned again by that run, trained again"
+        if args.clean_again:
+            rows_of += [m + again_row for m in args.methods]
     filter_notes = []
     for seed in args.seeds:
         base = base_split(workdir, seed)
@@ -354,6 +357,21 @@ def run_foreign(args, workdir: pathlib.Path) -> tuple[str, str]:
                         seed, clean, again, args, FOREIGN_OVERRIDES,
                     )  # fmt: skip
                     record(tables, (method + filtered, ratio), seed, second, held_out, started)
+                    if args.clean_again:
+                        started = time.time()
+                        clean2 = workdir / f"{root.name}_{slug(method)}_filtered_again"
+                        what = filter_unlabeled(second, root, clean2, args.filter_threshold, base)
+                        filter_notes.append(
+                            f"{method}, {100 * ratio:g} %, seed {seed}, again: {what}"
+                        )
+                        print(f"[foreign {ratio:g} s{seed}] {method}: again {what}", flush=True)
+                        third = run_job(
+                            method, seed, clean2, workdir / "runs" / f"{name}_filtered_again",
+                            args, FOREIGN_OVERRIDES,
+                        )  # fmt: skip
+                        record(tables, (method + again_row, ratio), seed, third, held_out, started)
+                        if not args.keep_checkpoints:
+                            shutil.rmtree(third / "checkpoints", ignore_errors=True)
                     if not args.keep_checkpoints:
                         shutil.rmtree(second / "checkpoints", ignore_errors=True)
                 if not args.keep_checkpoints:
@@ -445,6 +463,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "outliers/ folder and it trains `method=[M,outlier_exposure]`",
     )
     parser.add_argument(
+        "--clean-again",
+        action="store_true",
+        help="foreign, with --outlier-exposure: the outlier-exposure run scores the original "
+        "unlabeled folder again, the images above --filter-threshold are dropped (no "
+        "outliers/), and the method trains a third time on the rest",
+    )
+    parser.add_argument(
         "--keep-checkpoints",
         action="store_true",
         help="keep each run's checkpoints; a later call with the same --workdir then reuses "
@@ -455,6 +480,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--filter-threshold must be in [0, 1]")
     if args.outlier_exposure and args.filter_threshold is None:
         parser.error("--outlier-exposure needs --filter-threshold (it picks the outliers)")
+    if args.clean_again and not args.outlier_exposure:
+        parser.error("--clean-again needs --outlier-exposure (its run scores the folder again)")
     if any(not 0.0 <= r < 1.0 for r in args.ratios):
         parser.error("--ratios must be in [0, 1)")
     return args
