@@ -270,6 +270,26 @@ def test_bad_input_is_one_clear_line_before_training(experiment, monkeypatch, ov
     assert not glob.glob(str(experiment / "runs/tiny/*/checkpoints"))
 
 
+def test_channels_last_is_chosen_from_the_runs_precision_and_compile(experiment, monkeypatch):
+    import sesemi.runner
+
+    seen = []
+
+    class Chosen(Exception):
+        pass
+
+    def spy(channels_last, plan, precision, compile_options):
+        seen.append((channels_last, plan.accelerator, precision, compile_options))
+        raise Chosen  # before the model is built
+
+    monkeypatch.setattr(sesemi.runner, "choose_channels_last", spy)
+    monkeypatch.chdir(experiment)
+    overrides = ["+trainer.precision=bf16-mixed", "learner.hparams.compile=true"]
+    with pytest.raises(Chosen):
+        sesemi.fit(sesemi.compose("custom", overrides, config_dir=experiment / "configs"))
+    assert seen == [(None, "cpu", "bf16-mixed", True)]
+
+
 def test_evaluating_without_a_checkpoint_warns(experiment, caplog):
     from sesemi.runner import check_run_config
 
