@@ -176,12 +176,11 @@ def choose_channels_last(
 
     null (auto): on for CPU training (oneDNN's faster layout); on GPUs, on under 16-bit
     precision (tensor cores want channels-last: a ResNet-50 bf16 step at 224 px ran 1.66x faster
-    in it on an H200, `benchmarks/results/gpu_throughput.md`) and off in 32-bit (not measured
-    there); off on other accelerators. On GPUs it is
-    off whenever the backbone is compiled: `torch.compile` lays convolutions out itself, and a
-    channels-last model compiled under bf16 failed its first backward pass in PyTorch 2.11 on an
-    H200 (an inductor stride assertion in `convolution_backward`). An explicit true is turned off
-    there with a warning.
+    in it on an H200, `benchmarks/results/gpu_throughput_h200.md`) and off in 32-bit (not
+    measured there); off on other accelerators. On GPUs it is off whenever the backbone is
+    compiled: `torch.compile` lays convolutions out itself, and a channels-last model compiled
+    under bf16 failed its first backward pass in PyTorch 2.11 on an H200 (an inductor stride
+    assertion in `convolution_backward`). An explicit true is turned off there with a warning.
 
     Args:
         channels_last: The configured value: True, False or None (auto).
