@@ -333,6 +333,8 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=r".*pin_memory.*no accelerator.*")
     warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated.*")  # torchdata
+    # The model summary's size estimate under 16-bit precision (seen on a GPU with bf16-mixed).
+    warnings.filterwarnings("ignore", message=r".*is not supported by the model summary.*")
     # The learner's on_after_batch_transfer (device normalization) is meant to be used.
     warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer`.*")
     # The run directory is new; it holds only the run's config files, which the CSV logger keeps.

@@ -82,6 +82,14 @@ def test_version_names_sesemi_and_the_libraries_it_runs_on(tmp_path):
     assert "Lightning " in out.stdout and "Hydra 1.3" in out.stdout and "timm 1." in out.stdout
 
 
+def test_bf16_runs_without_the_model_summarys_size_warning(experiment):
+    # Lightning's summary cannot size a bf16 model and says so on every run: noise to a user.
+    out = _custom(experiment, "+trainer.precision=bf16-mixed")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Total params" in out.stdout + out.stderr  # the summary itself is still printed
+    assert "not supported by the model summary" not in out.stdout + out.stderr
+
+
 def test_a_warning_is_one_line_without_the_code_that_raised_it(experiment):
     # PolynomialLR, built by Hydra, warns of a warm-up longer than the run: the user reads the
     # message, not a line of Hydra's code ("result = super().__call__") nor its place there.
