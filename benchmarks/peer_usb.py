@@ -562,7 +562,7 @@ def sesemi_overrides(
     ]
     if args.sesemi_ema:
         overrides.append(f"+learner.hparams.model.ema.decay={args.ema}")
-    return overrides
+    return [*overrides, *args.set]
 
 
 def _require(condition: bool, what: str) -> None:
@@ -853,17 +853,17 @@ def unmatched_settings(args: argparse.Namespace, usb_record: dict | None) -> lis
     if args.usb_sampler == "usb":
         items.append(
             "Batches (--usb-sampler usb): USB's RandomSampler fills every labeled batch (32) "
-            "by repeating the labeled set (sesemi: each labeled image once per pass, a short "
-            "last batch kept), and seeds its shuffling with the epoch (0), not the run's "
+            "by repeating the labeled set, as sesemi's full_batches (the FixMatch family's "
+            "default) does, and seeds its shuffling with the epoch (0), not the run's "
             "seed: the data order is the same for every seed."
         )
     else:
         items.append(
-            "Batches: the USB runs draw sesemi's batches (shuffled passes, the labeled loader's "
-            "short last batch kept, the unlabeled loader's dropped, all loaders restarted every "
-            "epoch of the longest, Lightning's max_size_cycle); USB's own RandomSampler (labeled "
-            "batches always full, shuffling seeded by the epoch, not the seed) is --usb-sampler "
-            "usb."
+            "Batches (--usb-sampler sesemi): the USB runs draw sesemi's unfilled batches "
+            "(full_batches=false: shuffled passes, the labeled loader's short last batch kept, "
+            "the unlabeled loader's dropped, all loaders restarted every epoch of the longest, "
+            "Lightning's max_size_cycle); USB's own RandomSampler (labeled batches always full, "
+            "shuffling seeded by the epoch, not the seed) is --usb-sampler usb."
         )
     if usb_record and usb_record.get("stubs"):
         items.append(
@@ -1031,10 +1031,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--usb-sampler",
         choices=("sesemi", "usb"),
-        default="sesemi",
-        help="the USB runs' batches: drawn as sesemi draws them (default) or USB's RandomSampler",
+        default=None,
+        help="the USB runs' batches: USB's RandomSampler (labeled batches always full) or drawn "
+        "as sesemi draws unfilled ones; default: as sesemi's config (its labeled loader's "
+        "full_batches, set by the FixMatch family's method files)",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="OVERRIDE",
+        help="Hydra overrides of sesemi's runs, which the USB runs mirror "
+        "(e.g. data.train.supervised.full_batches=false)",
     )
     args = parser.parse_args(argv)
+    if args.usb_sampler is None:
+        import sesemi
+
+        cfg = sesemi.compose("demo", ["method=fixmatch", *args.set])
+        args.usb_sampler = "usb" if cfg.data.train.supervised.full_batches else "sesemi"
     args.methods = list(dict.fromkeys(args.methods))
     args.libraries = [lib for lib in LIBRARIES if lib in args.libraries]
     args.workdir = pathlib.Path(args.workdir).resolve()
