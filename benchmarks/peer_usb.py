@@ -583,7 +583,14 @@ def _loader(node: dict, run: dict, root: pathlib.Path, where: str) -> dict:
     batch_size = node.get("batch_size") or run["batch_size_per_gpu"]
     # sesemi drops a last training batch of one image (BatchNorm cannot normalize it).
     drop_last = bool(node.get("drop_last")) or (size % batch_size == 1 and size > 1)
-    return {"subsets": subsets, "size": size, "batch_size": batch_size, "drop_last": drop_last}
+    full = bool(node.get("full_batches"))
+    return {
+        "subsets": subsets,
+        "size": size,
+        "batch_size": batch_size,
+        "drop_last": drop_last and not full,
+        "full": full,
+    }
 
 
 def usb_spec(method: str, seed: int, split_seed: int, args: argparse.Namespace) -> dict:
@@ -920,7 +927,9 @@ def shared_settings(specs: dict[str, dict]) -> str:
     transforms = spec["transforms"]
     unlabeled = loaders["unlabeled"]
     views = {name: _transform(transforms[name]) for name in ("weak", "strong", "eval")}
-    if labeled["size"] < labeled["batch_size"]:
+    if labeled.get("full"):
+        batches = f"{labeled['batch_size']} (every batch full: full_batches, as USB's sampler)"
+    elif labeled["size"] < labeled["batch_size"]:
         batches = f"{labeled['batch_size']} (all {labeled['size']} in one batch per step)"
     else:
         batches = f"{labeled['batch_size']} (drop_last {labeled['drop_last']})"
