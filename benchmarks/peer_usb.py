@@ -31,6 +31,13 @@ Usage (from the repository root, in the project's virtual environment):
     python benchmarks/peer_usb.py --labels 1 --seeds 0 1 2 --steps 300 \
         --out benchmarks/results/peer_usb.md
 
+Both libraries with every labeled batch full (USB's own sampler, sesemi's `full_batches`):
+
+    python benchmarks/peer_usb.py --set data.train.supervised.full_batches=true
+
+`--set` adds Hydra overrides to sesemi's runs, which the USB runs mirror; the USB runs draw
+sesemi's batches unless the labeled loader has `full_batches` (or `--usb-sampler` says otherwise).
+
 A quick check of the whole pipeline (minutes, mostly the USB environment on first use):
 
     python benchmarks/peer_usb.py --seeds 0 --steps 5
@@ -860,13 +867,13 @@ def unmatched_settings(args: argparse.Namespace, usb_record: dict | None) -> lis
     if args.usb_sampler == "usb":
         items.append(
             "Batches (--usb-sampler usb): USB's RandomSampler fills every labeled batch (32) "
-            "by repeating the labeled set, as sesemi's full_batches (the FixMatch family's "
-            "default) does, and seeds its shuffling with the epoch (0), not the run's "
+            "by repeating the labeled set, as sesemi's data.train.supervised.full_batches=true "
+            "does, and seeds its shuffling with the epoch (0), not the run's "
             "seed: the data order is the same for every seed."
         )
     else:
         items.append(
-            "Batches (--usb-sampler sesemi): the USB runs draw sesemi's unfilled batches "
+            "Batches (--usb-sampler sesemi): the USB runs draw sesemi's default batches "
             "(full_batches=false: shuffled passes, the labeled loader's short last batch kept, "
             "the unlabeled loader's dropped, all loaders restarted every epoch of the longest, "
             "Lightning's max_size_cycle); USB's own RandomSampler (labeled batches always full, "
@@ -1043,7 +1050,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="the USB runs' batches: USB's RandomSampler (labeled batches always full) or drawn "
         "as sesemi draws unfilled ones; default: as sesemi's config (its labeled loader's "
-        "full_batches, set by the FixMatch family's method files)",
+        "full_batches: false unless --set data.train.supervised.full_batches=true)",
     )
     parser.add_argument(
         "--set",
@@ -1051,7 +1058,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=[],
         metavar="OVERRIDE",
         help="Hydra overrides of sesemi's runs, which the USB runs mirror "
-        "(e.g. data.train.supervised.full_batches=false)",
+        "(e.g. data.train.supervised.full_batches=true)",
     )
     args = parser.parse_args(argv)
     if args.usb_sampler is None:
