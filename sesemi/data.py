@@ -338,7 +338,7 @@ class LoaderSpec:
             kwargs.pop("persistent_workers", None)
         elif node.get("prefetch_factor") is not None:
             kwargs["prefetch_factor"] = node["prefetch_factor"]
-        full = node.get("full_batches")  # checked by SESEMIDataModule when it was built
+        full = self.fills_batches  # checked by SESEMIDataModule when it was built
         if isinstance(self.dataset, IterableDataset):
             dataset = self._stream(kwargs, indexed, processes or world_size, seed)
         else:
@@ -429,15 +429,23 @@ class LoaderSpec:
     def check_sampling(self, training: bool) -> None:
         """`full_batches` and `class_balanced` need a shuffled training loader over a map-style
         dataset; `class_balanced` also needs every image's class (a labeled folder)."""
+        stream = isinstance(self.dataset, IterableDataset)
+        if self.node.get("full_batches") and training and stream:
+            # FixMatch's method files ask for full labeled batches; a stream cannot repeat
+            # images, so its last batch of an epoch may stay short (large sets: one batch).
+            log.warning(
+                "%s: full_batches has no effect on a stream (%s); the last batch of each epoch "
+                "may be short",
+                self.where,
+                type(self.dataset).__name__,
+            )
         for key in ("full_batches", "class_balanced"):
-            if self.node.get(key) and not (
-                training
-                and self.node.get("shuffle")
-                and not isinstance(self.dataset, IterableDataset)
-            ):
+            if not self.node.get(key) or (key == "full_batches" and training and stream):
+                continue
+            if not (training and self.node.get("shuffle") and not stream):
                 raise ValueError(
                     f"{self.where}: {key} needs a shuffled training loader over an image "
-                    f"folder (shuffle: true; not a stream, not val or test); drop {key}"
+                    f"folder (shuffle: true; not val or test); drop {key}"
                 )
         if self.node.get("class_balanced"):
             targets = list(getattr(self.dataset, "targets", None) or [])
@@ -453,6 +461,11 @@ class LoaderSpec:
                         f"class_balanced or the {key}"
                     )
 
+    @property
+    def fills_batches(self) -> bool:
+        """Whether `full_batches` applies: asked for, over a map-style dataset (not a stream)."""
+        return bool(self.node.get("full_batches")) and not isinstance(self.dataset, IterableDataset)
+
     def pass_length(self) -> int:
         """Samples in one pass over the dataset: its length or, with `class_balanced`, the
         number of classes times `ceil(length / number of classes)` (see `PassSampler`)."""
@@ -464,7 +477,7 @@ class LoaderSpec:
         """Whether the last incomplete batch is dropped: when the node says so, and, in
         training, when it would hold one image (BatchNorm cannot normalize a batch of one).
         A training loader with `full_batches` has no incomplete batch to drop."""
-        if training and self.node.get("full_batches"):
+        if training and self.fills_batches:
             return False
         if self.node.get("drop_last"):
             return True

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 import sesemi
 from sesemi.cli import builtin_configs
+from sesemi.data import SESEMIDataModule
 
 # The loss terms each method adds to the supervised one (what its run must log).
 HEADS = {
@@ -59,6 +60,33 @@ def test_a_balanced_method_is_its_policy_with_class_balanced_labeled_batches(bal
     assert not sesemi.compose("demo", [f"method={policy}"]).data.train.supervised.class_balanced
 
 
+# The methods whose labeled batches are always full, as FixMatch's paper and USB draw them.
+FULL_LABELED_BATCHES = {
+    "fixmatch",
+    "flexmatch",
+    "freematch",
+    "softmatch",
+    "fixmatch_da",
+    "debiaspl",
+    "fixmatch_balanced",
+}  # flexmatch_da and flexmatch_balanced: unfilled, measured better (the method file says)
+
+
+@pytest.mark.parametrize("method", sorted(HEADS))
+def test_the_fixmatch_family_fills_every_labeled_batch(method, digits_root):
+    # The demo's 50 labeled digits in batches of 4: full batches are 13 of 4 (two images repeated
+    # with new crops); unfilled ones 12 of 4 and a last of 2.
+    cfg = sesemi.compose(
+        "demo", [f"method={method}", f"run.data_root={digits_root}", "data.image_size=32"]
+    )
+    full = method in FULL_LABELED_BATCHES
+    assert cfg.data.train.supervised.full_batches == full
+    labeled = OmegaConf.to_container(cfg.data.train.supervised, resolve=True)
+    data = SESEMIDataModule({"train": {"supervised": labeled}}, digits_root, 4, seed=0)
+    sizes = [len(batch[1]) for batch in data.train_dataloader()["supervised"]]
+    assert sizes == ([4] * 13 if full else [4] * 12 + [2])
+
+
 def test_flexmatch_da_aligns_to_uniform_in_front_of_flexmatchs_thresholds():
     # The measured 1-label setting: FlexMatch's policy wrapped by distribution alignment.
     threshold = "learner.hparams.model.regularization_loss_heads.fixmatch.head.threshold"
@@ -68,6 +96,10 @@ def test_flexmatch_da_aligns_to_uniform_in_front_of_flexmatchs_thresholds():
     assert node._target_.endswith("DistributionAlignment") and node.target == "uniform"
     assert node.policy == OmegaConf.select(flexmatch, threshold)
     OmegaConf.update(one_word, threshold, OmegaConf.select(flexmatch, threshold), merge=False)
+    # Its labeled batches are not filled (measured better at 1 label per class); FlexMatch's are.
+    assert not one_word.data.train.supervised.full_batches
+    assert flexmatch.data.train.supervised.full_batches
+    one_word.data.train.supervised.full_batches = True
     assert one_word == flexmatch  # nothing else differs
 
 

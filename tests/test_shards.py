@@ -307,7 +307,10 @@ def fit_from_shards(shards: Path, runs: Path, *overrides: str):
     return sesemi.fit(sesemi.compose("base", [*common, *overrides]))
 
 
-def test_flexmatch_trains_from_shards_with_their_indices(shards, tmp_path, one_thread) -> None:
+def test_flexmatch_trains_from_shards_with_their_indices(
+    shards, tmp_path, one_thread, caplog
+) -> None:
+    # FlexMatch asks for full labeled batches, which a stream cannot give: it says so and trains.
     result = fit_from_shards(
         shards,
         tmp_path / "runs",
@@ -319,6 +322,7 @@ def test_flexmatch_trains_from_shards_with_their_indices(shards, tmp_path, one_t
         "learner.hparams.model.regularization_loss_heads.fixmatch.head.threshold.threshold=0",
     )
     assert 0.0 <= result.metrics["val/top1"] <= 1.0
+    assert "data.train.supervised: full_batches has no effect on a stream" in caplog.text
     checkpoint = torch.load(result.last_checkpoint, weights_only=True)
     assert checkpoint["global_step"] == 2  # 10 labeled images // 4, 13 unlabeled // 5
     (selected,) = [v for k, v in checkpoint["state_dict"].items() if k.endswith("selected_label")]
