@@ -101,9 +101,9 @@ class DataLoaderConfig:
         drop_last: Whether to drop the last incomplete batch.
         full_batches: For a shuffled training loader: every batch full, the last of each pass
             completed from a new shuffle (fresh augmentations; repeats when the dataset is
-            smaller than a batch), as FixMatch's and USB's code draw labeled batches; the
-            FixMatch family's method files set it for `data.train.supervised`. On a stream
-            (shards) it has no effect, with a warning.
+            smaller than a batch), as FixMatch's and USB's code draw labeled batches;
+            `method=fixmatch` and the methods built on it set it for `data.train.supervised`
+            (but for `flexmatch_da`). On a stream (shards) it has no effect, with a warning.
         class_balanced: For a shuffled training loader over labeled images: each pass draws
             every class equally often (rare classes' images repeated, each repeat a new crop),
             for long-tailed labeled sets.
