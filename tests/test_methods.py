@@ -51,10 +51,12 @@ def test_every_built_in_method_is_covered_here():
     [("fixmatch_balanced", "fixmatch_da"), ("flexmatch_balanced", "flexmatch_da")],
 )
 def test_a_balanced_method_is_its_policy_with_class_balanced_labeled_batches(balanced, policy):
-    # The measured long-tailed settings (benchmarks: POLICY + class_balanced) in one word.
+    # The measured long-tailed settings (benchmarks: POLICY + class_balanced, unfilled labeled
+    # batches) in one word.
     one_word = sesemi.compose("demo", [f"method={balanced}"])
+    unfilled = "data.train.supervised.full_batches=false"
     spelled = sesemi.compose(
-        "demo", [f"method={policy}", "data.train.supervised.class_balanced=true"]
+        "demo", [f"method={policy}", "data.train.supervised.class_balanced=true", unfilled]
     )
     assert one_word == spelled and one_word.data.train.supervised.class_balanced
     assert not sesemi.compose("demo", [f"method={policy}"]).data.train.supervised.class_balanced
@@ -68,8 +70,7 @@ FULL_LABELED_BATCHES = {
     "softmatch",
     "fixmatch_da",
     "debiaspl",
-    "fixmatch_balanced",
-}  # flexmatch_da and flexmatch_balanced: unfilled, measured better (the method file says)
+}  # flexmatch_da, fixmatch_balanced, flexmatch_balanced: unfilled, measured better (their files)
 
 
 @pytest.mark.parametrize("method", sorted(HEADS))

@@ -103,7 +103,8 @@ class DataLoaderConfig:
             completed from a new shuffle (fresh augmentations; repeats when the dataset is
             smaller than a batch), as FixMatch's and USB's code draw labeled batches;
             `method=fixmatch` and the methods built on it set it for `data.train.supervised`
-            (but for `flexmatch_da`). On a stream (shards) it has no effect, with a warning.
+            (but for `flexmatch_da`, `fixmatch_balanced` and `flexmatch_balanced`, measured
+            better unfilled). On a stream (shards) it has no effect, with a warning.
         class_balanced: For a shuffled training loader over labeled images: each pass draws
             every class equally often (rare classes' images repeated, each repeat a new crop),
             for long-tailed labeled sets.
