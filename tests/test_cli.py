@@ -252,6 +252,10 @@ def test_experiment_src_code_is_instantiable(experiment):
         (["data.train.supervised.batch_size=64"], "0 iterations per epoch"),
         (["data.val.dataset.subset=nope"], "nope"),
         (["data.train.rotation_prediction=null"], "reads data.train.rotation_prediction"),
+        (
+            ["~learner.hparams.model.regularization_loss_heads.rotation_prediction.head._target_"],
+            "rotation_prediction.head names no class; give it a _target_",
+        ),
         (["learner.hparams.model.ema={decay:2}"], "ema.decay must be in [0, 1)"),
         (["learner.hparams.optimizer=???"], "learner.hparams.optimizer"),
         (["run.resume_from_checkpoint=configs/custom.yaml"], "is not a PyTorch checkpoint"),
