@@ -172,12 +172,15 @@ def check_resumable(learner: pl.LightningModule, path: str, world_size: int | No
 def check_head_inputs(heads: Mapping[str, Any] | None, data: SESEMIDataModule) -> None:
     """Checks that every loss head names its class and reads a configured training loader."""
     for name, node in (heads or {}).items():
-        if node is not None and "_target_" not in (node.get("head") or {}):
+        if node is None:  # switched off
+            continue
+        head = node.get("head") or {}
+        if "_target_" not in head:
             raise ValueError(
                 f"regularization_loss_heads.{name}.head names no class; give it a _target_ "
                 "(e.g. sesemi.models.heads.fixmatch.FixMatchLossHead)"
             )
-        wanted = node["head"].get("input_data") if node is not None else None
+        wanted = head.get("input_data")
         if wanted is not None and wanted not in data.train:
             raise ValueError(
                 f"regularization_loss_heads.{name} reads data.train.{wanted}, which is not "
