@@ -18,6 +18,7 @@ from sesemi.schedulers.weight import WeightedTerm
 
 EMA_KEYS = {"decay"}
 KNN_KEYS = {"k", "temperature"}
+DEBIAS_KEYS = {"pixel", "mean", "std"}
 
 
 def _accepts(fn: Callable, name: str) -> bool:
@@ -71,6 +72,30 @@ def ema_decay(model: Mapping[str, Any]) -> float | None:
     return float(ema.get("decay", 0.999))
 
 
+def reference_image(model: Mapping[str, Any]) -> list[float] | None:
+    """CDMAD's reference image from `model.debias_logits` (`{pixel, mean, std}`): its normalized
+    value per channel, `(pixel - mean_c) / std_c`, or None without debiasing."""
+    where = "learner.hparams.model.debias_logits"
+    node = model.get("debias_logits")
+    if node is not None and not isinstance(node, Mapping):
+        raise ValueError(
+            f"{where} must be null or {{pixel, mean, std}} (method=cdmad sets it), got {node!r}"
+        )
+    node = _checked_keys(node, DEBIAS_KEYS, where)
+    if node is None:
+        return None
+    pixel, mean, std = node.get("pixel", 0.0), node.get("mean"), node.get("std")
+    if not 0.0 <= float(pixel) <= 1.0:
+        raise ValueError(f"{where}.pixel must be in [0, 1] (0 black, 1 white), got {pixel}")
+    if not mean or not std or len(mean) != len(std) or min(map(float, std)) <= 0:
+        raise ValueError(
+            f"{where} needs the input normalization's mean and std, one positive std per "
+            f"channel (e.g. mean: ${{data.norm_mean}}, std: ${{data.norm_std}}), got mean {mean} "
+            f"and std {std}"
+        )
+    return [(float(pixel) - float(m)) / float(s) for m, s in zip(mean, std, strict=True)]
+
+
 def knn_options(hparams: Mapping[str, Any]) -> dict[str, Any] | None:
     """The kNN evaluation options from `hparams.knn` (`{k, temperature}`), or None."""
     return _checked_keys(hparams.get("knn"), KNN_KEYS, "learner.hparams.knn")
@@ -121,6 +146,7 @@ def build_classifier(
         weights=weights,
         lr_scheduler=lr_scheduler_spec(hparams.get("lr_scheduler")),
         ema_decay=ema_decay(model),
+        reference_image=reference_image(model),
         input_normalization=hparams.get("input_normalization"),
         channels_last=bool(hparams.get("channels_last", False)),
         compile=hparams.get("compile") or False,

@@ -260,7 +260,12 @@ def load_trained_model(path: str, ema: bool = False) -> TrainedModel:
     head = weights.get("supervised_head.weight")
     if head is None:
         raise ValueError(f"'{path}' holds no classifier weights (net.supervised_head)")
-    net = ClassifierNet(backbone, int(head.shape[0]))
+    reference = (meta.get("model") or {}).get("reference_image")  # CDMAD's, or None
+    if reference is not None and not (
+        isinstance(reference, list | tuple) and all(isinstance(v, int | float) for v in reference)
+    ):
+        raise ValueError(f"'{path}' records a reference image that is not a list of numbers")
+    net = ClassifierNet(backbone, int(head.shape[0]), reference_image=reference)
     try:
         net.load_state_dict(weights)
     except RuntimeError as e:
@@ -523,10 +528,9 @@ def predict(
         }
         if images is not None:
             views = tta_views(images.to(device), tta, size)
-            pooled = [net.backbone(v) for v in views]  # each (B, D); net(v) is head(backbone(v))
-            probabilities = torch.stack(
-                [net.supervised_head(f).softmax(dim=-1) for f in pooled]
-            ).mean(dim=0)
+            outputs = [net.features_and_logits(v) for v in views]  # each (B, D), (B, K)
+            pooled = [f for f, _ in outputs]
+            probabilities = torch.stack([z.softmax(dim=-1) for _, z in outputs]).mean(dim=0)
             if not torch.isfinite(probabilities).all():
                 raise ValueError(
                     f"the model of '{model.checkpoint}' gives non-finite outputs (NaN or inf): "

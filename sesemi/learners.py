@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,7 @@ class Classifier(pl.LightningModule):
         weights: Mapping[str, WeightedTerm] | None = None,
         lr_scheduler: LRSchedulerSpec | None = None,
         ema_decay: float | None = None,
+        reference_image: Sequence[float] | None = None,
         input_normalization: Mapping[str, Any] | None = None,
         channels_last: bool = False,
         compile: bool | Mapping[str, Any] = False,
@@ -72,6 +73,10 @@ class Classifier(pl.LightningModule):
             weights: Each term's `WeightedTerm` by name ("supervised" or a head's); default 1.
             lr_scheduler: An optional LR scheduler.
             ema_decay: Keep an EMA teacher of the network with this decay (None: no teacher).
+            reference_image: CDMAD: a featureless image's normalized value per channel, whose
+                logits are subtracted from the pseudo-labelling heads' weak-view logits and
+                from every prediction in evaluation (`sesemi.models.net.ClassifierNet`); None:
+                no debiasing.
             input_normalization: `{mean, std}` for uint8 image batches, applied on the device.
             channels_last: Keep the model and image batches channels-last.
             compile: `torch.compile` the backbone: True, or `torch.compile` arguments.
@@ -82,7 +87,7 @@ class Classifier(pl.LightningModule):
         super().__init__()
         if config is not None:
             self.save_hyperparameters({"hparams": dict(config)})
-        self.net = ClassifierNet(backbone, num_classes)
+        self.net = ClassifierNet(backbone, num_classes, reference_image)
         self.num_classes = num_classes
         self.ema = EMATeacher(self.net, ema_decay) if ema_decay is not None else None
         self.supervised_loss = supervised_loss or per_sample_cross_entropy
@@ -98,7 +103,16 @@ class Classifier(pl.LightningModule):
                     f"sesemi.models.heads.LossHead, got {type(head).__name__}"
                 )
             sizes = dict(dataset_sizes or {})
-            head.build(HeadContext(self.backbones, self.classifiers, num_classes, sizes, name))
+            head.build(
+                HeadContext(
+                    self.backbones,
+                    self.classifiers,
+                    num_classes,
+                    sizes,
+                    name,
+                    self.net.reference_image,
+                )
+            )
         self.optimizer_factory = optimizer
         self.lr_scheduler = lr_scheduler
         self.prepare_batch = BatchPreparation(input_normalization, channels_last)
@@ -221,8 +235,7 @@ class Classifier(pl.LightningModule):
 
     def _evaluate(self, batch: Any, stage: str) -> dict[str, Tensor]:
         images, targets = batch[:2]
-        features = self.net.backbone(images)
-        logits = self.net.supervised_head(features)
+        features, logits = self.net.features_and_logits(images)
         loss, top1 = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_top1")
         loss(F.cross_entropy(logits, targets), len(targets))
         top1(logits, targets)

@@ -355,3 +355,50 @@ def test_the_head_shows_the_policy_labeled_targets_and_takes_its_adjusted_logits
     head(HeadInputs(data=data, backbones=backbones, heads=heads))
     inner = policy.policy
     assert inner.adjust_logits(strong)[0].tolist() != (strong[0] + math.log(1 / 3)).tolist()
+
+
+class Shift(nn.Module):
+    """A stub backbone: `x + bias`, so the reference image (all zeros) has the logits `bias`."""
+
+    def __init__(self, bias: list[float]) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor(bias))
+        self.out_features = len(bias)
+
+    def forward(self, x):
+        return x + self.bias
+
+
+@pytest.mark.parametrize("debias", [False, True])
+@pytest.mark.parametrize("joint_forward, teacher", [(False, False), (True, False), (False, True)])
+def test_cdmad_pseudo_labels_come_from_logits_minus_the_reference_images(
+    debias, joint_forward, teacher
+):
+    # Content says class 1 (0.98); the network's bias says class 0 so strongly that the raw
+    # logits confidently pick class 0 for both rows. The reference image (value 1 in "channel"
+    # 0) has the logits bias + [1, 0, 0].
+    bias = [10.0, 0.0, 0.0]
+    backbones = {"backbone": Shift(bias), "teacher_backbone": Shift(bias)}
+    heads = {"supervised_head": nn.Identity(), "teacher_supervised_head": nn.Identity()}
+    head = FixMatchLossHead(
+        "unlabeled",
+        threshold=0.95,
+        joint_forward=joint_forward,
+        teacher="ema" if teacher else "student",
+    )
+    reference = (1.0, 0.0, 0.0) if debias else None
+    head.build(HeadContext(backbones, heads, 3, {"unlabeled": 100}, "fixmatch", reference))
+    weak = _logits_with_max_prob([[0.01, 0.98, 0.01], [0.4, 0.3, 0.3]])
+    strong = torch.randn(2, 3)
+    data = {"unlabeled": [[weak, strong], torch.tensor([1, 0])]}
+    losses = head(HeadInputs(data=data, backbones=backbones, heads=heads))
+    # Debiased: softmax(weak + bias - (bias + [1, 0, 0])), row 0 class 1 above 0.95, row 1
+    # unsure; raw: softmax(weak + bias), both rows class 0 above 0.95.
+    z = weak - torch.tensor([1.0, 0.0, 0.0]) if debias else weak + torch.tensor(bias)
+    confidence, labels = F.softmax(z, dim=1).max(dim=1)
+    assert labels.tolist()[0] == (1 if debias else 0)
+    mask = (confidence >= 0.95).float()
+    assert mask.tolist() == ([1.0, 0.0] if debias else [1.0, 1.0])
+    expected = mask * F.cross_entropy(strong + torch.tensor(bias), labels, reduction="none")
+    assert torch.allclose(losses.detach(), expected)
+    assert head.log_values["pseudo_label_acc"].item() == (1.0 if debias else 0.5)

@@ -596,3 +596,47 @@ def test_the_progress_bar_of_a_run_in_steps_counts_the_runs_steps(tmp_path, bar_
     assert label.strip().rstrip(":") == "Epoch 1 · step 3/3"  # the last step, 2nd epoch
     epochs = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False)
     assert run_description(epochs) is None  # a run in epochs keeps Lightning's "Epoch 0/1"
+
+
+def test_cdmad_evaluation_subtracts_the_reference_images_logits_and_training_does_not():
+    from sesemi.models.net import ClassifierNet
+
+    torch.manual_seed(0)
+    black = [-1.0, -1.0, -1.0]  # pixel 0 under mean 0.5, std 0.5
+    net = ClassifierNet(PyTorchImageModels("test_resnet"), 4, reference_image=black)
+    raw = ClassifierNet(net.backbone, 4)
+    raw.supervised_head = net.supervised_head
+    images = torch.randn(3, 3, 32, 32)
+    net.eval(), raw.eval()
+    with torch.no_grad():
+        expected = raw(images) - raw(torch.full((1, 3, 32, 32), -1.0))
+        features, logits = net.features_and_logits(images)
+        torch.testing.assert_close(logits, expected)
+        torch.testing.assert_close(net(images), expected)
+        torch.testing.assert_close(features, raw.backbone(images))  # the reference's left out
+        assert not torch.allclose(expected, raw(images))
+        with pytest.raises(ValueError, match="1 channel value"):
+            ClassifierNet(net.backbone, 4, reference_image=[0.0]).eval()(images)
+    net.train(), raw.train()
+    with torch.no_grad():  # training: the logits the losses read, unchanged
+        torch.testing.assert_close(net(images), raw(images))
+
+
+@pytest.mark.parametrize(
+    "node, message",
+    [
+        (True, "must be null or"),
+        ({"pixel": 0.0, "mean": [0.5], "std": [0.5, 0.5]}, "one positive std per channel"),
+        ({"pixel": 0.0, "mean": None, "std": None}, "needs the input normalization"),
+        ({"pixel": 2.0, "mean": [0.5], "std": [0.5]}, r"pixel must be in \[0, 1\]"),
+        ({"pixel": 0.0, "mean": [0.5], "std": [0.5], "colour": 1}, "unknown key"),
+    ],
+)
+def test_cdmad_reference_image_is_normalized_and_bad_nodes_are_clear_errors(node, message):
+    from sesemi.build import reference_image
+
+    node_ok = {"pixel": 0.25, "mean": [0.5, 0.25], "std": [0.5, 0.25]}
+    assert reference_image({"debias_logits": node_ok}) == [-0.5, 0.0]
+    assert reference_image({"debias_logits": None}) is None
+    with pytest.raises(ValueError, match=message):
+        reference_image({"debias_logits": node})

@@ -36,6 +36,7 @@ HEADS = {
     "flexmatch_balanced": ["fixmatch"],
     "openmatch": ["openmatch"],
     "outlier_exposure": ["outlier_exposure"],
+    "cdmad": [],  # alone: supervised, evaluated with debiased logits
     "rotation_entropy": ["rotation_prediction", "entropy_minimization"],
     "noisy_student_teacher": [],
     "noisy_student": ["pseudo_label"],
@@ -115,6 +116,37 @@ def test_outlier_exposure_adds_its_loader_and_head_to_another_method():
     assert both.data.train.outliers.dataset.subset == "outliers"
     assert set(both.data.train) == {*flexmatch.data.train, "outliers"}
     assert heads.fixmatch == flexmatch.learner.hparams.model.regularization_loss_heads.fixmatch
+
+
+def test_cdmad_switches_on_debiasing_and_its_checkpoint_predicts_debiased(
+    digits_root, tmp_path, one_thread
+):
+    import torch
+
+    from sesemi.inference import load_trained_model, predict
+
+    fixmatch = sesemi.compose("demo", ["method=fixmatch"])
+    both = sesemi.compose("demo", ["method=[fixmatch,cdmad]"])
+    debias = both.learner.hparams.model.debias_logits
+    assert debias.pixel == 0.0 and fixmatch.learner.hparams.model.debias_logits is None
+    both.learner.hparams.model.debias_logits = None
+    assert both == fixmatch  # nothing else differs
+
+    result = _fit("demo", "[fixmatch,cdmad]", digits_root, tmp_path)
+    model = load_trained_model(result.last_checkpoint)
+    assert model.net.reference_image == (-1.0, -1.0, -1.0)  # black; recorded as data
+    files = [str(f) for f in sorted((digits_root / "val").glob("*/*"))[:6]]
+    found = torch.stack([p.probabilities for p in predict(model, files)])
+    from PIL import Image
+
+    images = torch.stack([model.transform()(Image.open(f).convert("RGB")) for f in files])
+    model.net.reference_image = None
+    with torch.no_grad():
+        black = torch.full_like(images[:1], -1.0)
+        expected = (model.net(images) - model.net(black)).softmax(dim=1)
+        raw = model.net(images).softmax(dim=1)
+    torch.testing.assert_close(found, expected)
+    assert not torch.allclose(found, raw, atol=1e-3)
 
 
 def write_pseudo_labels(folder: Path, images: Path, classes: list[str]) -> Path:

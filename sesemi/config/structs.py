@@ -245,6 +245,11 @@ class ClassifierModelConfig:
             entry is switched off.
         ema: An optional EMA teacher, offered to heads as "teacher_backbone" and
             "teacher_supervised_head" and evaluated as val/ema/top1.
+        debias_logits: CDMAD (Lee & Kim, CVPR 2024, arXiv:2403.10391), null or `{pixel, mean,
+            std}`: the logits of a featureless reference image (every pixel `pixel` in [0, 1],
+            e.g. 0 for black, normalized by `mean` and `std` per channel) are subtracted from
+            the FixMatch-family heads' weak-view logits before pseudo-labelling and from every
+            prediction in evaluation (val, test, predict, export). `method=cdmad` sets it.
     """
 
     backbone: Any = MISSING
@@ -253,6 +258,8 @@ class ClassifierModelConfig:
     # Any, not `EMAConfig | None`: Hydra cannot override a null structured node from the
     # command line, and `learner.hparams.model.ema={decay:0.999}` must work.
     ema: Any = None
+    # Any, not a dataclass | None, for the same reason as `ema`.
+    debias_logits: Any = None
 
 
 @dataclass

@@ -15,14 +15,29 @@ class ClassifierNet(nn.Module):
 
     The learner trains one, the EMA teacher averages a copy of it, and `predict` / `export` load
     one from a checkpoint (its weights are the learner's `net.*` entries).
+
+    With a `reference_image`, evaluation (`eval()` mode: val, test, `predict`, `export`)
+    subtracts the logits of that featureless image (one value per channel, as the network sees
+    it, i.e. normalized) from every image's logits: what the classifier predicts for an image
+    with no content is its bias towards the classes it saw most (CDMAD, Lee & Kim, CVPR 2024,
+    arXiv:2403.10391). The reference image rides in the same batch, so one pass serves both; in
+    eval mode each image's output is its own. In training the logits stay as they are (the
+    losses read them unchanged).
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        reference_image: Sequence[float] | None = None,
+    ) -> None:
         """Puts a linear classifier on the backbone.
 
         Args:
             backbone: Maps images to pooled features; must have `out_features` (the width D).
             num_classes: The number of classes.
+            reference_image: The featureless image's value per channel, normalized (e.g. black
+                under mean 0.5 and std 0.5: `[-1, -1, -1]`); None: no debiasing.
         """
         super().__init__()
         width = getattr(backbone, "out_features", None)
@@ -35,6 +50,7 @@ class ClassifierNet(nn.Module):
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         self.backbone = backbone
         self.supervised_head = nn.Linear(width, num_classes)
+        self.reference_image = tuple(map(float, reference_image)) if reference_image else None
 
     @property
     def num_classes(self) -> int:
@@ -42,8 +58,17 @@ class ClassifierNet(nn.Module):
         return self.supervised_head.out_features
 
     def forward(self, images: Tensor) -> Tensor:
-        """Returns class logits `(B, num_classes)`."""
-        return self.supervised_head(self.backbone(images))
+        """Returns class logits `(B, num_classes)` (debiased in eval mode, see the class)."""
+        return self.features_and_logits(images)[1]
+
+    def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns the backbone features `(B, D)` and class logits `(B, num_classes)`; in eval
+        mode with a `reference_image`, the logits minus the reference image's."""
+        if self.reference_image is None or self.training:
+            features = self.backbone(images)
+            return features, self.supervised_head(features)
+        features = self.backbone(with_reference_image(images, self.reference_image))
+        return features[:-1], debiased(self.supervised_head(features))
 
     def forward_joined(self, chunks: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
         """Runs several image batches as one batch (one set of BatchNorm statistics) and returns
@@ -52,6 +77,29 @@ class ClassifierNet(nn.Module):
         logits = self.supervised_head(features)
         sizes = [len(c) for c in chunks]
         return list(zip(features.split(sizes), logits.split(sizes), strict=True))
+
+
+def with_reference_image(images: Tensor, values: Sequence[float]) -> Tensor:
+    """`images (B, C, ...)` with the reference image appended: `(B + 1, C, ...)`, the last one
+    `values[c]` at every pixel of channel c, in the batch's dtype, device and memory format."""
+    if len(values) != images.shape[1]:
+        raise ValueError(
+            f"the reference image has {len(values)} channel value(s) but the images have "
+            f"{images.shape[1]} channels; give debias_logits a mean and std per channel"
+        )
+    reference = torch.empty_like(images[:1])
+    reference.copy_(
+        torch.tensor(values, dtype=images.dtype)
+        .view(1, -1, *[1] * (images.ndim - 2))
+        .expand_as(reference)
+    )
+    return torch.cat([images, reference])
+
+
+def debiased(logits: Tensor) -> Tensor:
+    """The logits of a `with_reference_image` batch `(B + 1, K)` -> the first B rows minus the
+    last (the reference image's), `(B, K)`."""
+    return logits[:-1] - logits[-1:]
 
 
 @contextlib.contextmanager

@@ -31,6 +31,9 @@ class HeadContext:
         dataset_sizes: The number of images in each `data.train` loader's whole dataset (over
             all processes), by loader name; loaders of unknown size are absent.
         name: The head's name in the learner (its key in `regularization_loss_heads`).
+        reference_image: The featureless image (normalized value per channel) whose logits
+            pseudo-labels should be debiased by (CDMAD; `sesemi.models.net.ClassifierNet`), or
+            None.
     """
 
     backbones: Mapping[str, nn.Module]
@@ -38,6 +41,7 @@ class HeadContext:
     num_classes: int
     dataset_sizes: Mapping[str, int] = field(default_factory=dict)
     name: str = ""
+    reference_image: tuple[float, ...] | None = None
 
 
 @dataclass

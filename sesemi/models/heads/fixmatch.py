@@ -29,6 +29,7 @@ from torch import Tensor
 
 from sesemi.models.heads.base import SUPERVISED, HeadContext, HeadInputs, LossHead
 from sesemi.models.heads.thresholds import FixedThreshold, FlexMatchThreshold, ThresholdPolicy
+from sesemi.models.net import debiased, with_reference_image
 
 TEACHERS = ("student", "ema")
 
@@ -60,6 +61,10 @@ class FixMatchLossHead(LossHead):
       the pseudo-labels stay hard.
     * The paper uses its EMA model for evaluation only; `teacher="ema"` (pseudo-labels from the
       EMA teacher, which runs in the learner's mode) is an option, not the paper's method.
+
+    With the learner's reference image (CDMAD, arXiv:2403.10391; `method=[fixmatch,cdmad]`),
+    that featureless image joins the weak views' pass and its logits are subtracted from
+    theirs before the softmax: `q = softmax((z_weak - z_ref) / T)`.
 
     Logs `mask_rate` (the mean mask: the share of unlabeled images used), `confidence` (mean max
     probability), when some used images have known targets `pseudo_label_acc` (accuracy of the
@@ -117,6 +122,7 @@ class FixMatchLossHead(LossHead):
         self.joint_forward = joint_forward
         self.teacher_backbone = teacher_backbone
         self.teacher_head = teacher_head
+        self.reference_image: tuple[float, ...] | None = None  # the learner's, once built
 
     @property
     def uses_teacher(self) -> bool:
@@ -127,9 +133,24 @@ class FixMatchLossHead(LossHead):
         """Checks the student (and teacher) exist and builds the threshold policy."""
         super().build(context)
         self.policy.build(context, self.input_data)
+        self.reference_image = context.reference_image
+
+    def _weak_batch(self, weak: Tensor) -> Tensor:
+        """The weak views, with the reference image appended when debiasing."""
+        if self.reference_image is None:
+            return weak
+        return with_reference_image(weak, self.reference_image)
 
     def _logits(self, inputs: HeadInputs, weak: Tensor, strong: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns the weak-view logits (no gradient) and the strong-view student logits."""
+        """Returns the weak-view logits (no gradient; debiased with a reference image) and the
+        strong-view student logits."""
+        weak_logits, strong_logits = self._pass(inputs, self._weak_batch(weak), strong)
+        if self.reference_image is not None:
+            weak_logits = debiased(weak_logits)
+        return weak_logits, strong_logits
+
+    def _pass(self, inputs: HeadInputs, weak: Tensor, strong: Tensor) -> tuple[Tensor, Tensor]:
+        """Runs both views as `joint_forward` and `teacher` say (weak logits without gradient)."""
         if self.uses_teacher:
             return self.logits(inputs, weak, teacher=True), self.logits(inputs, strong)
         if self.joint_forward == "all":  # the learner ran them with the labeled batch
@@ -147,7 +168,7 @@ class FixMatchLossHead(LossHead):
         if self.joint_forward != "all":
             return []
         views = data[self.input_data][0]
-        return [views[0], views[1]]
+        return [self._weak_batch(views[0]), views[1]]
 
     def forward(self, inputs: HeadInputs) -> Tensor:
         """Returns `mask * CE(strong logits, pseudo-label)` for each unlabeled image `(B,)`."""
