@@ -147,6 +147,16 @@ def test_cdmad_switches_on_debiasing_and_its_checkpoint_predicts_debiased(
         raw = model.net(images).softmax(dim=1)
     torch.testing.assert_close(found, expected)
     assert not torch.allclose(found, raw, atol=1e-3)
+    # The exported model subtracts the reference image's logits too.
+    import onnxruntime
+
+    from sesemi.export import export_onnx
+
+    model.net.reference_image = (-1.0, -1.0, -1.0)
+    onnx_file = export_onnx(model, str(tmp_path / "cdmad.onnx"))
+    session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
+    _, probabilities = session.run(None, {"images": images.numpy()})
+    torch.testing.assert_close(torch.from_numpy(probabilities), expected, atol=1e-4, rtol=1e-4)
 
 
 def write_pseudo_labels(folder: Path, images: Path, classes: list[str]) -> Path:
