@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from sesemi.models.ema import EMATeacher
 from sesemi.models.heads.base import SUPERVISED, HeadContext, HeadInputs, LossHead
 from sesemi.models.net import BatchPreparation, ClassifierNet
 from sesemi.schedulers.weight import WeightedTerm
+
+log = logging.getLogger(__name__)
 
 
 def per_sample_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -112,6 +115,13 @@ class Classifier(pl.LightningModule):
                     name,
                     self.net.reference_image,
                 )
+            )
+        if reference_image is not None and not any(
+            h.uses_reference_image for h in self.heads.values()
+        ):
+            log.warning(
+                "debias_logits (method=cdmad) debiases evaluation only: no head pseudo-labels "
+                "with it; add a FixMatch-family method, e.g. 'method=[fixmatch,cdmad]'"
             )
         self.optimizer_factory = optimizer
         self.lr_scheduler = lr_scheduler

@@ -640,3 +640,24 @@ def test_cdmad_reference_image_is_normalized_and_bad_nodes_are_clear_errors(node
     assert reference_image({"debias_logits": None}) is None
     with pytest.raises(ValueError, match=message):
         reference_image({"debias_logits": node})
+
+
+def test_cdmad_without_a_pseudo_labelling_head_warns_that_only_evaluation_is_debiased(caplog):
+    from sesemi.models.heads.fixmatch import FixMatchLossHead
+
+    def build(heads):
+        return Classifier(
+            PyTorchImageModels("test_resnet"),
+            3,
+            functools.partial(torch.optim.SGD, lr=0.1),
+            heads=heads,
+            reference_image=[-1.0, -1.0, -1.0],
+        )
+
+    with caplog.at_level("WARNING", logger="sesemi.learners"):
+        build({})
+    assert "debiases evaluation only" in caplog.text and "method=[fixmatch,cdmad]" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sesemi.learners"):
+        build({"fixmatch": FixMatchLossHead("unlabeled")})
+    assert "debiases evaluation only" not in caplog.text

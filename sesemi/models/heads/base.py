@@ -93,6 +93,8 @@ class LossHead(nn.Module):
 
     #: Whether the head reads the classifier `input_head` (False: backbone features only).
     reads_classifier: ClassVar[bool] = True
+    #: Whether the head debiases its pseudo-labels by `HeadContext.reference_image` (CDMAD).
+    uses_reference_image: ClassVar[bool] = False
     #: An alternative to adding an EMA teacher, named in the missing-teacher error.
     teacher_alternative: ClassVar[str] = ""
     teacher_backbone: str | None = None

@@ -72,6 +72,7 @@ class FixMatchLossHead(LossHead):
     """
 
     teacher_alternative = "teacher=student"
+    uses_reference_image = True
 
     def __init__(
         self,
