@@ -306,7 +306,7 @@ class CheckpointMetadata(Callback):
             "model": {
                 "num_classes": getattr(net, "num_classes", None),
                 "backbone": spec() if callable(spec) else None,
-                "reference_image": getattr(net, "reference_image", None),
+                "reference_image": list(getattr(net, "reference_image", None) or []) or None,
             },
             "world_size": trainer.world_size,  # training processes (resume needs as many)
         }
