@@ -88,11 +88,8 @@ def with_reference_image(images: Tensor, values: Sequence[float]) -> Tensor:
             f"{images.shape[1]} channels; give debias_logits a mean and std per channel"
         )
     reference = torch.empty_like(images[:1])
-    reference.copy_(
-        torch.tensor(values, dtype=images.dtype)
-        .view(1, -1, *[1] * (images.ndim - 2))
-        .expand_as(reference)
-    )
+    for channel, value in enumerate(values):  # scalar fills: no host-to-device copy per step
+        reference[:, channel].fill_(value)
     return torch.cat([images, reference])
 
 
