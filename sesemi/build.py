@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -118,6 +118,7 @@ def build_classifier(
     hparams: Mapping[str, Any],
     dataset_sizes: Mapping[str, int] | None = None,
     cls: type[Classifier] = Classifier,
+    class_counts: Mapping[str, Sequence[int]] | None = None,
 ) -> Classifier:
     """Builds a `Classifier` from resolved `ClassifierHParams`: backbone, losses, heads and
     their weights, EMA, optimizer and scheduler factories, handed to the learner built.
@@ -126,6 +127,7 @@ def build_classifier(
         hparams: Plain, resolved `learner.hparams`.
         dataset_sizes: `data.train` loader name -> dataset length (for heads that need it).
         cls: The class to build (`Classifier` or a subclass with the same constructor).
+        class_counts: `data.train` loader name -> images per class (for heads that need it).
     """
     model = hparams["model"]
     heads, weights = {}, {SUPERVISED: build_term(model["supervised_loss"])}
@@ -147,16 +149,20 @@ def build_classifier(
         lr_scheduler=lr_scheduler_spec(hparams.get("lr_scheduler")),
         ema_decay=ema_decay(model),
         reference_image=reference_image(model),
+        balanced_head=bool(model.get("balanced_head") or False),
         input_normalization=hparams.get("input_normalization"),
         channels_last=bool(hparams.get("channels_last", False)),
         compile=hparams.get("compile") or False,
         dataset_sizes=dataset_sizes,
+        class_counts=class_counts,
         config=hparams,
     )
 
 
 def build_learner(
-    learner: Mapping[str, Any], dataset_sizes: Mapping[str, int] | None = None
+    learner: Mapping[str, Any],
+    dataset_sizes: Mapping[str, int] | None = None,
+    class_counts: Mapping[str, Sequence[int]] | None = None,
 ) -> pl.LightningModule:
     """Builds the learner of a resolved `learner` node.
 
@@ -166,7 +172,7 @@ def build_learner(
     """
     target = get_class(learner["_target_"])
     if isinstance(target, type) and issubclass(target, Classifier):
-        return build_classifier(learner["hparams"], dataset_sizes, target)
+        return build_classifier(learner["hparams"], dataset_sizes, target, class_counts)
     return instantiate(dict(learner), _recursive_=False)
 
 

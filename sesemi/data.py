@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -563,6 +564,21 @@ class SESEMIDataModule(pl.LightningDataModule):
     def dataset_sizes(self) -> dict[str, int]:
         """The length of each training loader's dataset, by loader name."""
         return {name: len(spec.dataset) for name, spec in self.train.items()}
+
+    def class_counts(self) -> dict[str, list[int]]:
+        """The images of each class (by target index) in each training loader's dataset, by
+        loader name, for the loaders whose images all have a class (`targets` >= 0)."""
+        counts = {}
+        for name, spec in self.train.items():
+            targets = getattr(spec.dataset, "targets", None)
+            if targets is None or len(targets) != len(spec.dataset) or len(targets) == 0:
+                continue
+            targets = [int(t) for t in targets]
+            if min(targets) < 0:
+                continue
+            tally = collections.Counter(targets)
+            counts[name] = [tally[c] for c in range(max(targets) + 1)]
+        return counts
 
     def knn_bank_loader(self) -> DataLoader:
         """The labeled training images with the val transform, in order: the kNN memory bank.

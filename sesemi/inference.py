@@ -265,7 +265,12 @@ def load_trained_model(path: str, ema: bool = False) -> TrainedModel:
         isinstance(reference, list | tuple) and all(isinstance(v, int | float) for v in reference)
     ):
         raise ValueError(f"'{path}' records a reference image that is not a list of numbers")
-    net = ClassifierNet(backbone, int(head.shape[0]), reference_image=reference)
+    net = ClassifierNet(
+        backbone,
+        int(head.shape[0]),
+        reference_image=reference,
+        balanced_head="balanced_head.weight" in weights,  # ABC's, which predicts when present
+    )
     try:
         net.load_state_dict(weights)
     except RuntimeError as e:

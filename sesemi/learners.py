@@ -21,6 +21,11 @@ from sesemi.models.net import BatchPreparation, ClassifierNet
 from sesemi.schedulers.weight import WeightedTerm
 
 log = logging.getLogger(__name__)
+UNTRAINED_BALANCED_HEAD = (
+    "learner.hparams.model.balanced_head is set but no loss head trains it, so evaluation would "
+    "predict with an untrained classifier; add method=abc (e.g. 'method=[fixmatch,abc]') or "
+    "drop balanced_head"
+)
 
 
 def per_sample_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -59,10 +64,12 @@ class Classifier(pl.LightningModule):
         lr_scheduler: LRSchedulerSpec | None = None,
         ema_decay: float | None = None,
         reference_image: Sequence[float] | None = None,
+        balanced_head: bool = False,
         input_normalization: Mapping[str, Any] | None = None,
         channels_last: bool = False,
         compile: bool | Mapping[str, Any] = False,
         dataset_sizes: Mapping[str, int] | None = None,
+        class_counts: Mapping[str, Sequence[int]] | None = None,
         config: Mapping[str, Any] | None = None,
     ) -> None:
         """Assembles the learner.
@@ -80,17 +87,21 @@ class Classifier(pl.LightningModule):
                 logits are subtracted from the pseudo-labelling heads' weak-view logits and
                 from every prediction in evaluation (`sesemi.models.net.ClassifierNet`); None:
                 no debiasing.
+            balanced_head: ABC: add a second, class-balanced classifier that evaluation
+                predicts with (`ClassifierNet`); a head must train it (`method=abc`).
             input_normalization: `{mean, std}` for uint8 image batches, applied on the device.
             channels_last: Keep the model and image batches channels-last.
             compile: `torch.compile` the backbone: True, or `torch.compile` arguments.
             dataset_sizes: `data.train` loader name -> dataset length, for heads that need it.
+            class_counts: `data.train` loader name -> images per class, for the loaders whose
+                images all have a class (for heads that need it).
             config: The plain (resolved) hyperparameters that built it, saved in checkpoints as
                 `hyper_parameters["hparams"]` for the record (never executed when loading).
         """
         super().__init__()
         if config is not None:
             self.save_hyperparameters({"hparams": dict(config)})
-        self.net = ClassifierNet(backbone, num_classes, reference_image)
+        self.net = ClassifierNet(backbone, num_classes, reference_image, balanced_head)
         self.num_classes = num_classes
         self.ema = EMATeacher(self.net, ema_decay) if ema_decay is not None else None
         self.supervised_loss = supervised_loss or per_sample_cross_entropy
@@ -105,17 +116,24 @@ class Classifier(pl.LightningModule):
                     f"regularization_loss_heads.{name}.head must build a "
                     f"sesemi.models.heads.LossHead, got {type(head).__name__}"
                 )
-            sizes = dict(dataset_sizes or {})
             head.build(
                 HeadContext(
                     self.backbones,
                     self.classifiers,
                     num_classes,
-                    sizes,
+                    dict(dataset_sizes or {}),
                     name,
                     self.net.reference_image,
+                    {k: tuple(v) for k, v in (class_counts or {}).items()},
                 )
             )
+        # Evaluation runs build no heads (and load the trained balanced head).
+        if (
+            balanced_head
+            and self.heads
+            and not any(h.trains_balanced_head for h in self.heads.values())
+        ):
+            raise ValueError(UNTRAINED_BALANCED_HEAD)
         if reference_image is not None and not any(
             h.uses_reference_image for h in self.heads.values()
         ):
@@ -160,6 +178,8 @@ class Classifier(pl.LightningModule):
     def classifiers(self) -> dict[str, nn.Module]:
         """The classifiers heads may name (see `HeadInputs.heads`)."""
         found = {"supervised_head": self.net.supervised_head}
+        if self.net.balanced_head is not None:
+            found["balanced_head"] = self.net.balanced_head
         if self.ema is not None:
             found["teacher_supervised_head"] = self.ema.net.supervised_head
         return found

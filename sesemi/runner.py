@@ -44,7 +44,7 @@ from sesemi.config.structs import RunMode
 from sesemi.data import LOADER_GROUPS, SESEMIDataModule
 from sesemi.devices import DevicePlan, choose_channels_last, plan_devices
 from sesemi.inference import preprocessing_from_transform
-from sesemi.learners import Classifier
+from sesemi.learners import UNTRAINED_BALANCED_HEAD, Classifier
 from sesemi.threads import ThreadShare
 
 log = logging.getLogger(__name__)
@@ -391,9 +391,13 @@ def run(cfg: DictConfig, run_dir: str) -> RunResult:
     if hparams.get("num_classes") is not None:
         check_classes(data, int(hparams["num_classes"]))
     if mode == RunMode.FIT:
-        check_head_inputs(hparams.get("model", {}).get("regularization_loss_heads"), data)
+        model = hparams.get("model", {})
+        heads = model.get("regularization_loss_heads") or {}
+        check_head_inputs(heads, data)
+        if model.get("balanced_head") and not any(heads.values()):
+            raise ValueError(UNTRAINED_BALANCED_HEAD)
     check_fresh_run_dir(run_dir)
-    learner = build_learner(learner_cfg, data.dataset_sizes())
+    learner = build_learner(learner_cfg, data.dataset_sizes(), data.class_counts())
     loaders = {group: resolve(cfg.data.get(group), attributes) for group in LOADER_GROUPS}
     callbacks = [
         DataEpoch(data),

@@ -219,6 +219,24 @@ def test_class_balanced_on_unlabeled_images_is_refused(image_root):
         SESEMIDataModule(cfg.data, cfg.run.data_root, 4, stages=("train",), seed=0)
 
 
+def test_class_counts_are_given_for_loaders_whose_images_all_have_a_class(image_root):
+    from conftest import write_images
+
+    write_images(image_root / "loose_unlabeled", 5, seed=4)
+    cfg = sesemi.compose(
+        "base",
+        [
+            f"run.data_root={image_root}",
+            "method=[fixmatch,abc]",
+            "data.unlabeled_subset=loose_unlabeled",
+        ],
+    )
+    data = SESEMIDataModule(cfg.data, cfg.run.data_root, 4, stages=("train",), seed=0)
+    classes = sorted(p.name for p in (image_root / "train").iterdir())
+    expected = [len(list((image_root / "train" / c).iterdir())) for c in classes]
+    assert data.class_counts() == {"supervised": expected}  # loose images: no classes
+
+
 def test_a_class_balanced_pass_over_two_processes_is_split_into_disjoint_shares():
     # 6 + 2 images, 4 draws per class: both processes draw the same balanced pass and take
     # every other draw, so together they see it once, 4 of each class.

@@ -661,3 +661,47 @@ def test_cdmad_without_a_pseudo_labelling_head_warns_that_only_evaluation_is_deb
     with caplog.at_level("WARNING", logger="sesemi.learners"):
         build({"fixmatch": FixMatchLossHead("unlabeled")})
     assert "debiases evaluation only" not in caplog.text
+
+
+def test_abc_evaluation_predicts_with_the_balanced_head_and_training_with_the_base_one():
+    from sesemi.models.net import ClassifierNet
+
+    torch.manual_seed(0)
+    net = ClassifierNet(PyTorchImageModels("test_resnet"), 4, balanced_head=True)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        net.eval()
+        features, logits = net.features_and_logits(images)
+        torch.testing.assert_close(logits, net.balanced_head(net.backbone(images)))
+        assert not torch.allclose(logits, net.supervised_head(features))
+        net.train()
+        torch.testing.assert_close(net(images), net.supervised_head(net.backbone(images)))
+    # With CDMAD's reference image too, evaluation debiases the balanced head's logits.
+    debiased = ClassifierNet(net.backbone, 4, reference_image=[-1.0] * 3, balanced_head=True)
+    debiased.balanced_head = net.balanced_head
+    debiased.eval(), net.eval()
+    with torch.no_grad():
+        expected = net(images) - net(torch.full((1, 3, 32, 32), -1.0))
+        torch.testing.assert_close(debiased(images), expected)
+
+
+def test_a_balanced_head_that_no_loss_head_trains_is_a_clear_error():
+    from sesemi.models.heads.abc import ABCLossHead
+    from sesemi.models.heads.fixmatch import FixMatchLossHead
+
+    def build(heads):
+        return Classifier(
+            PyTorchImageModels("test_resnet"),
+            3,
+            functools.partial(torch.optim.SGD, lr=0.1),
+            heads=heads,
+            balanced_head=True,
+            class_counts={"supervised": [3, 2, 1]},
+        )
+
+    with pytest.raises(ValueError, match="no loss head trains it"):
+        build({"fixmatch": FixMatchLossHead("unlabeled")})
+    learner = build({"fixmatch": FixMatchLossHead("unlabeled"), "abc": ABCLossHead("unlabeled", 9)})
+    assert learner.classifiers["balanced_head"] is learner.net.balanced_head
+    torch.testing.assert_close(learner.heads["abc"].keep, torch.tensor([1 / 3, 0.5, 1.0]))
+    assert build({}).net.balanced_head is not None  # evaluation runs build no heads

@@ -37,6 +37,7 @@ HEADS = {
     "openmatch": ["openmatch"],
     "outlier_exposure": ["outlier_exposure"],
     "cdmad": [],  # alone: supervised, evaluated with debiased logits
+    "abc": ["abc"],  # alone: the balanced classifier pseudo-labels for itself
     "rotation_entropy": ["rotation_prediction", "entropy_minimization"],
     "noisy_student_teacher": [],
     "noisy_student": ["pseudo_label"],
@@ -157,6 +158,62 @@ def test_cdmad_switches_on_debiasing_and_its_checkpoint_predicts_debiased(
     session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
     _, probabilities = session.run(None, {"images": images.numpy()})
     torch.testing.assert_close(torch.from_numpy(probabilities), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_abc_adds_a_balanced_classifier_that_its_checkpoint_predicts_with(
+    digits_root, tmp_path, one_thread
+):
+    import torch
+    from PIL import Image
+
+    from sesemi.inference import load_trained_model, predict
+
+    fixmatch = sesemi.compose("demo", ["method=fixmatch"])
+    both = sesemi.compose("demo", ["method=[fixmatch,abc]"])
+    model_node = both.learner.hparams.model
+    assert model_node.balanced_head and not fixmatch.learner.hparams.model.balanced_head
+    assert set(model_node.regularization_loss_heads) == {"fixmatch", "abc"}
+    fixmatch_heads = fixmatch.learner.hparams.model.regularization_loss_heads
+    assert model_node.regularization_loss_heads.fixmatch == fixmatch_heads.fixmatch
+    assert both.data == fixmatch.data
+
+    # ABC reads the labeled set's images per class.
+    cfg = sesemi.compose("demo", ["method=[fixmatch,abc]", f"run.data_root={digits_root}"])
+    train = OmegaConf.to_container(cfg.data.train, resolve=True)
+    data = SESEMIDataModule({"train": train}, digits_root, 4, seed=0)
+    classes = sorted(p.name for p in (digits_root / "train").iterdir())
+    counts = [len(list((digits_root / "train" / c).iterdir())) for c in classes]
+    assert data.class_counts()["supervised"] == counts
+
+    result = _fit("demo", "[fixmatch,abc]", digits_root, tmp_path)
+    assert {"train/abc/labeled_kept", "train/abc/mask_rate"} <= set(
+        (Path(result.run_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    )
+    model = load_trained_model(result.last_checkpoint)
+    assert model.net.balanced_head is not None
+    files = [str(f) for f in sorted((digits_root / "val").glob("*/*"))[:6]]
+    found = torch.stack([p.probabilities for p in predict(model, files)])
+    images = torch.stack([model.transform()(Image.open(f).convert("RGB")) for f in files])
+    with torch.no_grad():
+        features = model.net.backbone(images)
+        expected = model.net.balanced_head(features).softmax(dim=1)
+        base = model.net.supervised_head(features).softmax(dim=1)
+    torch.testing.assert_close(found, expected)
+    assert not torch.allclose(found, base, atol=1e-3)
+
+
+def test_a_balanced_head_with_no_head_to_train_it_stops_before_training(digits_root, tmp_path):
+    cfg = sesemi.compose(
+        "demo",
+        [
+            f"run.data_root={digits_root}",
+            f"run.dir={tmp_path}",
+            "learner.hparams.model.balanced_head=true",
+            *FAST,
+        ],
+    )
+    with pytest.raises(ValueError, match="no loss head trains it"):
+        sesemi.fit(cfg)
 
 
 def write_pseudo_labels(folder: Path, images: Path, classes: list[str]) -> Path:

@@ -250,6 +250,9 @@ class ClassifierModelConfig:
             e.g. 0 for black, normalized by `mean` and `std` per channel) are subtracted from
             the FixMatch-family heads' weak-view logits before pseudo-labelling and from every
             prediction in evaluation (val, test, predict, export). `method=cdmad` sets it.
+        balanced_head: ABC (Lee et al., NeurIPS 2021, arXiv:2110.10368): a second linear
+            classifier on the backbone, trained class-balanced by the `abc` loss head, which
+            evaluation (val, test, predict, export) predicts with. `method=abc` sets it.
     """
 
     backbone: Any = MISSING
@@ -260,6 +263,7 @@ class ClassifierModelConfig:
     ema: Any = None
     # Any, not a dataclass | None, for the same reason as `ema`.
     debias_logits: Any = None
+    balanced_head: bool = False
 
 
 @dataclass

@@ -23,6 +23,10 @@ class ClassifierNet(nn.Module):
     arXiv:2403.10391). The reference image rides in the same batch, so one pass serves both; in
     eval mode each image's output is its own. In training the logits stay as they are (the
     losses read them unchanged).
+
+    With a `balanced_head` (ABC, Lee et al., NeurIPS 2021, arXiv:2110.10368; `method=abc`), a
+    second linear classifier on the same features, trained by `sesemi.models.heads.abc` to be
+    class-balanced, gives the logits in evaluation; training reads `supervised_head`'s.
     """
 
     def __init__(
@@ -30,6 +34,7 @@ class ClassifierNet(nn.Module):
         backbone: nn.Module,
         num_classes: int,
         reference_image: Sequence[float] | None = None,
+        balanced_head: bool = False,
     ) -> None:
         """Puts a linear classifier on the backbone.
 
@@ -38,6 +43,8 @@ class ClassifierNet(nn.Module):
             num_classes: The number of classes.
             reference_image: The featureless image's value per channel, normalized (e.g. black
                 under mean 0.5 and std 0.5: `[-1, -1, -1]`); None: no debiasing.
+            balanced_head: Add a second classifier, `balanced_head`, that evaluation predicts
+                with (ABC).
         """
         super().__init__()
         width = getattr(backbone, "out_features", None)
@@ -51,6 +58,7 @@ class ClassifierNet(nn.Module):
         self.backbone = backbone
         self.supervised_head = nn.Linear(width, num_classes)
         self.reference_image = tuple(map(float, reference_image)) if reference_image else None
+        self.balanced_head = nn.Linear(width, num_classes) if balanced_head else None
 
     @property
     def num_classes(self) -> int:
@@ -63,12 +71,17 @@ class ClassifierNet(nn.Module):
 
     def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Returns the backbone features `(B, D)` and class logits `(B, num_classes)`; in eval
-        mode with a `reference_image`, the logits minus the reference image's."""
-        if self.reference_image is None or self.training:
+        mode, the `balanced_head`'s logits if there is one, minus the reference image's if
+        there is one."""
+        if self.training:
             features = self.backbone(images)
             return features, self.supervised_head(features)
+        head = self.balanced_head if self.balanced_head is not None else self.supervised_head
+        if self.reference_image is None:
+            features = self.backbone(images)
+            return features, head(features)
         features = self.backbone(with_reference_image(images, self.reference_image))
-        return features[:-1], debiased(self.supervised_head(features))
+        return features[:-1], debiased(head(features))
 
     def forward_joined(self, chunks: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
         """Runs several image batches as one batch (one set of BatchNorm statistics) and returns

@@ -1,5 +1,6 @@
 """Loss heads: regularization losses on named training batches, and their threshold policies."""
 
+from sesemi.models.heads.abc import ABCLossHead
 from sesemi.models.heads.base import HeadContext, HeadInputs, LossHead
 from sesemi.models.heads.consistency import (
     EntropyMinimizationLossHead,
@@ -21,6 +22,7 @@ from sesemi.models.heads.thresholds import (
 )
 
 __all__ = [
+    "ABCLossHead",
     "EntropyMinimizationLossHead",
     "FixMatchLossHead",
     "FixedThreshold",

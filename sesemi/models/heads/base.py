@@ -25,8 +25,9 @@ class HeadContext:
     Attributes:
         backbones: Feature extractors by name: "backbone" (the student) and, when the learner
             has an EMA teacher, "teacher_backbone".
-        heads: Prediction heads by name: "supervised_head" (features to class logits) and, with
-            an EMA teacher, "teacher_supervised_head".
+        heads: Prediction heads by name: "supervised_head" (features to class logits), with
+            an EMA teacher "teacher_supervised_head", and with `model.balanced_head`
+            "balanced_head" (ABC's class-balanced classifier, which evaluation predicts with).
         num_classes: The classifier's number of classes.
         dataset_sizes: The number of images in each `data.train` loader's whole dataset (over
             all processes), by loader name; loaders of unknown size are absent.
@@ -34,6 +35,8 @@ class HeadContext:
         reference_image: The featureless image (normalized value per channel) whose logits
             pseudo-labels should be debiased by (CDMAD; `sesemi.models.net.ClassifierNet`), or
             None.
+        class_counts: The number of images of each class in each `data.train` loader's whole
+            dataset, by loader name; loaders with unlabeled images are absent.
     """
 
     backbones: Mapping[str, nn.Module]
@@ -42,6 +45,7 @@ class HeadContext:
     dataset_sizes: Mapping[str, int] = field(default_factory=dict)
     name: str = ""
     reference_image: tuple[float, ...] | None = None
+    class_counts: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,11 +57,13 @@ class HeadInputs:
         backbones: Feature extractors by name: "backbone" is the model being trained; methods
             with a teacher also find "teacher_backbone" (no gradient) here.
         heads: Prediction heads by name: "supervised_head" maps backbone features to class
-            logits; with a teacher, "teacher_supervised_head" too.
+            logits; with a teacher, "teacher_supervised_head" too; with `model.balanced_head`,
+            "balanced_head".
         features: A per-step cache of computed tensors that heads may share (e.g. the supervised
             batch's features under "supervised_backbone", and under "joined/<head name>" the
             student's `(features, logits)` of each batch a head asked to join the supervised
-            forward pass).
+            forward pass; a FixMatch-family head leaves the student's `(weak features, strong
+            features)` of its loader's two views under `views_key(loader)`).
         step: The global optimizer step.
     """
 
@@ -66,6 +72,12 @@ class HeadInputs:
     heads: Mapping[str, nn.Module]
     features: dict[str, Any] = field(default_factory=dict)
     step: int = 0
+
+
+def views_key(loader: str) -> str:
+    """The `HeadInputs.features` key of the student's `(weak, strong)` features of `loader`'s
+    two views, left there by the FixMatch-family head that read them."""
+    return f"views/{loader}"
 
 
 def _require(owner: str, kind: str, name: str, available: Mapping[str, Any], hint: str) -> None:
@@ -95,6 +107,8 @@ class LossHead(nn.Module):
     reads_classifier: ClassVar[bool] = True
     #: Whether the head debiases its pseudo-labels by `HeadContext.reference_image` (CDMAD).
     uses_reference_image: ClassVar[bool] = False
+    #: Whether the head trains the learner's `balanced_head` (ABC).
+    trains_balanced_head: ClassVar[bool] = False
     #: An alternative to adding an EMA teacher, named in the missing-teacher error.
     teacher_alternative: ClassVar[str] = ""
     teacher_backbone: str | None = None

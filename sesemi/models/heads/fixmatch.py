@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sesemi.models.heads.base import SUPERVISED, HeadContext, HeadInputs, LossHead
+from sesemi.models.heads.base import SUPERVISED, HeadContext, HeadInputs, LossHead, views_key
 from sesemi.models.heads.thresholds import FixedThreshold, FlexMatchThreshold, ThresholdPolicy
 from sesemi.models.net import debiased, with_reference_image
 
@@ -151,18 +151,33 @@ class FixMatchLossHead(LossHead):
         return weak_logits, strong_logits
 
     def _pass(self, inputs: HeadInputs, weak: Tensor, strong: Tensor) -> tuple[Tensor, Tensor]:
-        """Runs both views as `joint_forward` and `teacher` say (weak logits without gradient)."""
+        """Runs both views as `joint_forward` and `teacher` say (weak logits without gradient).
+        The student's features of both views are left in `inputs.features` (`views_key`) for
+        other heads (ABC) to reuse."""
         if self.uses_teacher:
             return self.logits(inputs, weak, teacher=True), self.logits(inputs, strong)
+        head = inputs.heads[self.input_head]
         if self.joint_forward == "all":  # the learner ran them with the labeled batch
-            (_, weak_logits), (_, strong_logits) = inputs.features[f"joined/{self.name}"]
-            return weak_logits.detach(), strong_logits
-        if self.joint_forward:
-            logits = self.logits(inputs, torch.cat([weak, strong]))
-            return logits[: len(weak)].detach(), logits[len(weak) :]
-        with torch.no_grad():
-            weak_logits = self.logits(inputs, weak)
-        return weak_logits, self.logits(inputs, strong)
+            (weak_features, weak_logits), (strong_features, strong_logits) = inputs.features[
+                f"joined/{self.name}"
+            ]
+        elif self.joint_forward:
+            features = self.features(inputs, torch.cat([weak, strong]))
+            logits = head(features)
+            weak_features, strong_features = features[: len(weak)], features[len(weak) :]
+            weak_logits, strong_logits = logits[: len(weak)], logits[len(weak) :]
+        else:
+            with torch.no_grad():
+                weak_features = self.features(inputs, weak)
+                weak_logits = head(weak_features)
+            strong_features = self.features(inputs, strong)
+            strong_logits = head(strong_features)
+        # Without the reference image (CDMAD) that may close the weak batch.
+        inputs.features[views_key(self.input_data)] = (
+            weak_features[: len(strong)].detach(),
+            strong_features,
+        )
+        return weak_logits.detach(), strong_logits
 
     def joined_views(self, data: Mapping[str, Any]) -> list[Tensor]:
         """With `joint_forward="all"`, the weak and strong views join the labeled forward pass."""
@@ -193,16 +208,18 @@ class FixMatchLossHead(LossHead):
         if extra is not None:  # a batch-level term on every sample: the mean adds it once
             losses = losses + extra
         self.log_values = {
-            **_stats(mask, confidence, pseudo_labels, targets),
+            **pseudo_label_stats(mask, confidence, pseudo_labels, targets),
             **self.policy.logged,  # the state the weights were computed with
         }
         return losses
 
 
 @torch.no_grad()
-def _stats(
+def pseudo_label_stats(
     mask: Tensor, confidence: Tensor, pseudo_labels: Tensor, targets: Tensor | None
 ) -> dict[str, Tensor]:
+    """`mask_rate`, `confidence` (mean max probability) and, where used images have known
+    targets (>= 0), `pseudo_label_acc` of a batch's hard pseudo-labels."""
     stats = {"mask_rate": mask.mean(), "confidence": confidence.mean()}
     if targets is not None:
         used = (mask > 0) & (targets >= 0)
