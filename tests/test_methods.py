@@ -200,6 +200,15 @@ def test_abc_adds_a_balanced_classifier_that_its_checkpoint_predicts_with(
         base = model.net.supervised_head(features).softmax(dim=1)
     torch.testing.assert_close(found, expected)
     assert not torch.allclose(found, base, atol=1e-3)
+    # The exported model predicts with the balanced classifier too.
+    import onnxruntime
+
+    from sesemi.export import export_onnx
+
+    onnx_file = export_onnx(model, str(tmp_path / "abc.onnx"))
+    session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
+    _, probabilities = session.run(None, {"images": images.numpy()})
+    torch.testing.assert_close(torch.from_numpy(probabilities), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_a_balanced_head_with_no_head_to_train_it_stops_before_training(digits_root, tmp_path):
