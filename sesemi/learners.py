@@ -23,7 +23,7 @@ from sesemi.schedulers.weight import WeightedTerm
 log = logging.getLogger(__name__)
 UNTRAINED_BALANCED_HEAD = (
     "learner.hparams.model.balanced_head is set but no loss head trains it, so evaluation would "
-    "predict with an untrained classifier; add method=abc (e.g. 'method=[fixmatch,abc]') or "
+    "predict with an untrained classifier; add method=abc (e.g. 'method=[fixmatch_da,abc]') or "
     "drop balanced_head"
 )
 

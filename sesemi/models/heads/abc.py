@@ -13,7 +13,7 @@ from torch import Tensor
 from sesemi.models.heads.base import SUPERVISED, HeadContext, HeadInputs, LossHead, views_key
 from sesemi.models.heads.fixmatch import pseudo_label_stats
 
-BALANCED_HINT = "set learner.hparams.model.balanced_head: true ('method=[fixmatch,abc]' does)"
+BALANCED_HINT = "set learner.hparams.model.balanced_head: true ('method=[fixmatch_da,abc]' does)"
 
 
 def keep_probabilities(counts: Tensor) -> Tensor:
@@ -115,7 +115,7 @@ class ABCLossHead(LossHead):
         weak, strong, targets, _ = self.two_views(
             inputs,
             names=("<weak>", "<strong>"),
-            hint=" ('method=[fixmatch,abc]' sets it up)",
+            hint=" ('method=[fixmatch_da,abc]' sets it up)",
         )
         cached = inputs.features.get(views_key(self.input_data))
         if cached is not None:
