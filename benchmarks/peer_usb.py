@@ -1,7 +1,7 @@
-"""Head to head on the digits: sesemi's FixMatch and FlexMatch vs. USB's (`semilearn`).
+"""Head to head on the digits: sesemi's FixMatch, FlexMatch and ABC vs. USB's (`semilearn`).
 
 USB (microsoft/Semi-supervised-learning, PyPI `semilearn`) is the reference implementation of
-both methods. For every seed, both libraries train on the SAME prepared split and are scored on
+these methods. For every seed, both libraries train on the SAME prepared split and are scored on
 the same val images:
 
 * the split is `sesemi.datasets.digits.prepare_digits(<workdir>/digits_l<L>_s<split seed>,
@@ -38,6 +38,17 @@ Both libraries with every labeled batch full (USB's own sampler, sesemi's `full_
 `--set` adds Hydra overrides to sesemi's runs, which the USB runs mirror; the USB runs draw
 sesemi's batches unless the labeled loader has `full_batches` (or `--usb-sampler` says otherwise).
 
+Long-tailed data (`--imbalance R`): both libraries read one long-tailed copy of each seed's split,
+made by `realworld_digits.py`'s imbalance scenario code (`build_imbalanced`, `long_tail_counts`;
+from 10 labels per class by default, class c keeps `R^(-c/9)` of the largest class's labeled and
+unlabeled images, val stays balanced); the report gives balanced accuracy, the worst class's recall
+and every class's recall. Method `abc` is ABC (Lee, Shin & Kim, NeurIPS 2021, arXiv:2110.10368)
+on FixMatch: sesemi's `method=[fixmatch,abc]` (its `balanced_head` predicts), USB's `fixmatch` with
+`imb_algorithm='abc'` (its `logits_aux` predicts, as its evaluate does):
+
+    python benchmarks/peer_usb.py --imbalance 10 --methods abc fixmatch --seeds 0 --steps 600 \
+        --out benchmarks/results/peer_usb_abc.md
+
 A quick check of the whole pipeline (minutes, mostly the USB environment on first use):
 
     python benchmarks/peer_usb.py --seeds 0 --steps 5
@@ -46,7 +57,9 @@ A quick check of the whole pipeline (minutes, mostly the USB environment on firs
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
+import functools
 import importlib
 import importlib.abc
 import importlib.metadata
@@ -69,8 +82,12 @@ from _report import emit  # benchmarks/_report.py (the script's own folder)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LIBRARIES = ("sesemi", "usb")
-METHODS = ("fixmatch", "flexmatch")
-METHOD_LABELS = {"fixmatch": "FixMatch", "flexmatch": "FlexMatch"}
+METHODS = ("fixmatch", "flexmatch", "abc")
+METHOD_LABELS = {"fixmatch": "FixMatch", "flexmatch": "FlexMatch", "abc": "FixMatch + ABC"}
+# sesemi's `method=` value where it is not the method's name (ABC is an add-on to FixMatch).
+SESEMI_METHODS = {"abc": "[fixmatch,abc]"}
+# USB's (algorithm, imb_algorithm) where it is not (the method's name, None).
+USB_ALGORITHMS = {"abc": ("fixmatch", "abc")}
 USB_VERSION = "0.3.2"
 # pip takes these two from this machine's disk; the same builds as the project's environment.
 USB_TORCH = ("torch==2.14.1", "torchvision==0.29.1")
@@ -204,6 +221,7 @@ def make_classifier(num_classes: int, backbone: dict):
                 backbone["name"], pretrained=False, num_classes=0, **options
             )
             width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+            self.num_features = width  # USB's ABCNet reads its backbone's feature width here
             self.classifier = nn.Linear(width, num_classes)
 
         def forward(self, x, only_fc: bool = False, only_feat: bool = False, **kwargs):
@@ -242,6 +260,26 @@ class CycledBatches:
                 done += 1
 
 
+class EpochSlices:
+    """The batches of an iterable, `per_epoch` at a time: each `iter()` (one USB epoch) goes on
+    where the previous one stopped, so the data order is the same whatever the epoch count."""
+
+    def __init__(self, batches, per_epoch: int) -> None:
+        self.batches, self.per_epoch, self.stream = batches, per_epoch, None
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+    def __iter__(self):
+        if self.stream is None:
+            self.stream = iter(self.batches)
+        for _ in range(self.per_epoch):
+            try:
+                yield next(self.stream)
+            except StopIteration:
+                return
+
+
 def build_transform(node: dict, sources: types.SimpleNamespace):
     """Instantiates a `sesemi.transforms.<recipe>` config node."""
     module, _, name = node["_target_"].rpartition(".")
@@ -269,7 +307,7 @@ def usb_strong_transform(node: dict, sources: types.SimpleNamespace):
 
 
 def usb_worker(spec_path: pathlib.Path) -> int:
-    """Trains USB's algorithm as `spec` says and writes its val top-1 to `spec["result"]`."""
+    """Trains USB's algorithm as `spec` says and writes its val scores to `spec["result"]`."""
     start = time.time()
     spec = json.loads(spec_path.read_text())
     stubbed = install_stubs()
@@ -282,10 +320,13 @@ def usb_worker(spec_path: pathlib.Path) -> int:
     patched = patch_torch_amp()
     sources = load_sesemi_sources(pathlib.Path(spec["repo"]))
     from semilearn import BasicDataset, get_algorithm, get_config
+    from semilearn.algorithms import name2alg
     from semilearn.core.hooks import Hook
+    from semilearn.imb_algorithms import name2imbalg
     from torch.utils.data import DataLoader
 
     method, seed, steps = spec["method"], spec["seed"], spec["steps"]
+    algorithm_name, imb_algorithm = spec["algorithm"], spec["imb_algorithm"]
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -297,8 +338,23 @@ def usb_worker(spec_path: pathlib.Path) -> int:
     num_classes = spec["num_classes"]
     loaders = spec["loaders"]
     optimizer_options, schedule = spec["optimizer"], spec["lr_schedule"]
+
+    transforms = spec["transforms"]
+    weak_labeled = build_transform(transforms["labeled"], sources)
+    weak = build_transform(transforms["weak"], sources)
+    if spec["usb_strong"] == "usb":
+        strong = usb_strong_transform(transforms["strong"], sources)
+    else:
+        strong = build_transform(transforms["strong"], sources)
+    evaluation = build_transform(transforms["eval"], sources)
+    alg = algorithm_name
+    lb_set = BasicDataset(alg, lb_x, lb_y, num_classes, weak_labeled, False, None, False)
+    ulb_set = BasicDataset(alg, ulb_x, ulb_y, num_classes, weak, True, strong, False)
+    val_set = BasicDataset(alg, val_x, val_y, num_classes, evaluation, False, None, False)
+
+    epochs = spec["usb_epochs"]
     config = {
-        "algorithm": method,
+        "algorithm": algorithm_name,
         "net": "peer_usb_timm",  # a name for logs; the network comes from net_builder below
         "use_pretrain": False,
         "num_classes": num_classes,
@@ -306,7 +362,7 @@ def usb_worker(spec_path: pathlib.Path) -> int:
         "batch_size": loaders["labeled"]["batch_size"],
         "uratio": loaders["uratio"],
         "eval_batch_size": loaders["val"]["batch_size"],
-        "epoch": 1,
+        "epoch": epochs,
         "num_train_iter": steps,
         "num_eval_iter": steps,  # its LoggingHook's long line, once, at the end
         "num_log_iter": LOG_EVERY,
@@ -339,8 +395,20 @@ def usb_worker(spec_path: pathlib.Path) -> int:
         "ulb_dest_len": len(ulb_y),  # FlexMatch's per-image learning status
         "lb_dest_len": len(lb_y),
     }
-    if method == "flexmatch":
+    if algorithm_name == "flexmatch":
         config["thresh_warmup"] = spec["flexmatch_warmup"]
+    if imb_algorithm == "abc":
+        abc = spec["abc"]
+        config.update(
+            imb_algorithm="abc",
+            abc_p_cutoff=abc["threshold"],
+            abc_loss_ratio=abc["loss_ratio"],
+            # For the record (ImbAlgorithmBase stores them; ABC does not read them).
+            lb_imb_ratio=spec["imbalance"] or 1,
+            ulb_imb_ratio=spec["imbalance"] or 1,
+        )
+    elif imb_algorithm is not None:
+        raise ValueError(f"peer_usb runs USB's imb_algorithm abc only, not {imb_algorithm}")
     args = get_config(config)
 
     def net_builder(num_classes: int, pretrained: bool = False, **kwargs: object):
@@ -348,10 +416,28 @@ def usb_worker(spec_path: pathlib.Path) -> int:
             raise ValueError("peer_usb never loads pretrained weights")
         return make_classifier(num_classes, spec["backbone"])
 
-    algorithm = get_algorithm(args, net_builder, None, None)
+    if imb_algorithm is None:
+        algorithm = get_algorithm(args, net_builder, None, None)
+    else:
+        # USB's get_imb_algorithm's class (the add-on over its base algorithm), handed the
+        # datasets as its get_dataset would: ABC reads the labeled class counts from
+        # dataset_dict["train_lb"].targets while it is built. (The loaders USB then builds from
+        # them are replaced below.)
+        datasets = {"train_lb": lb_set, "train_ulb": ulb_set, "eval": val_set, "test": None}
+
+        class ImbAlgorithm(name2imbalg[imb_algorithm], name2alg[algorithm_name]):
+            def set_dataset(self):
+                return datasets
+
+        algorithm = ImbAlgorithm(args=args, net_builder=net_builder, tb_log=None, logger=None)
+
+    # USB's send_model_cuda with gpu=None wraps both models in DataParallel (ABC reaches its
+    # classifier through model.module); on the CPU DataParallel only calls the module.
+    algorithm.model = torch.nn.DataParallel(algorithm.model)
+    algorithm.ema_model = torch.nn.DataParallel(algorithm.ema_model)
 
     # The CPU: batches stay where they are (USB's process_batch moves them with .cuda()).
-    wanted = list(inspect.signature(algorithm.train_step).parameters)
+    wanted = list(inspect.signature(name2alg[algorithm_name].train_step).parameters)
 
     def process_batch(input_args=None, **kwargs):
         names = input_args if input_args is not None else wanted
@@ -368,6 +454,7 @@ def usb_worker(spec_path: pathlib.Path) -> int:
 
         def after_train_step(self, algorithm):
             algorithm.log_dict["lr"] = self.lr
+            algorithm.log_dict["epoch"] = algorithm.epoch  # ABC's keep rate decays with it
 
     dropped = ("TimerHook", "EvaluationHook", "CheckpointHook")
     algorithm._hooks = [h for h in algorithm._hooks if h.name not in dropped]
@@ -391,25 +478,15 @@ def usb_worker(spec_path: pathlib.Path) -> int:
 
     algorithm.scheduler = torch.optim.lr_scheduler.LambdaLR(algorithm.optimizer, lr_factor)
 
-    transforms = spec["transforms"]
-    weak_labeled = build_transform(transforms["labeled"], sources)
-    weak = build_transform(transforms["weak"], sources)
-    if spec["usb_strong"] == "usb":
-        strong = usb_strong_transform(transforms["strong"], sources)
-    else:
-        strong = build_transform(transforms["strong"], sources)
-    evaluation = build_transform(transforms["eval"], sources)
-    lb_set = BasicDataset(method, lb_x, lb_y, num_classes, weak_labeled, False, None, False)
-    ulb_set = BasicDataset(method, ulb_x, ulb_y, num_classes, weak, True, strong, False)
-    val_set = BasicDataset(method, val_x, val_y, num_classes, evaluation, False, None, False)
-
     batch_size = loaders["labeled"]["batch_size"]
     ulb_batch_size = batch_size * loaders["uratio"]
     if spec["sampler"] == "usb":
         from semilearn.core.utils import get_data_loader
 
-        train_lb = get_data_loader(args, lb_set, batch_size, num_workers=0, num_iters=steps)
-        train_ulb = get_data_loader(args, ulb_set, ulb_batch_size, num_workers=0, num_iters=steps)
+        # One stream of `steps` batches, as in a one-epoch run (cut into epochs below).
+        options = {"num_workers": 0, "num_iters": steps, "num_epochs": 1}
+        train_lb = get_data_loader(args, lb_set, batch_size, **options)
+        train_ulb = get_data_loader(args, ulb_set, ulb_batch_size, **options)
     else:
         labeled = DataLoader(
             lb_set,
@@ -428,37 +505,48 @@ def usb_worker(spec_path: pathlib.Path) -> int:
         epoch_length = max(len(labeled), len(unlabeled))
         train_lb = CycledBatches(labeled, steps, epoch_length)
         train_ulb = CycledBatches(unlabeled, steps, epoch_length)
+    if epochs > 1:  # USB's epochs of steps // epochs steps: the same batches, in order
+        train_lb = EpochSlices(train_lb, steps // epochs)
+        train_ulb = EpochSlices(train_ulb, steps // epochs)
     val_loader = DataLoader(val_set, batch_size=loaders["val"]["batch_size"], shuffle=False)
     algorithm.loader_dict = {"train_lb": train_lb, "train_ulb": train_ulb, "eval": val_loader}
 
     print(
-        f"peer_usb worker: semilearn {importlib.metadata.version('semilearn')}, {method}, "
-        f"seed {seed}, {steps} steps, {len(lb_y)} labeled / {len(ulb_y)} unlabeled / "
-        f"{len(val_y)} val images, stubs {stubbed}, patched {patched}",
+        f"peer_usb worker: semilearn {importlib.metadata.version('semilearn')}, {method} "
+        f"({algorithm_name}, imb_algorithm {imb_algorithm}), seed {seed}, {steps} steps in "
+        f"{epochs} epoch(s), {len(lb_y)} labeled / {len(ulb_y)} unlabeled / {len(val_y)} val "
+        f"images, stubs {stubbed}, patched {patched}",
         flush=True,
     )
     train_start = time.time()
     algorithm.train()
     train_seconds = time.time() - train_start
+    # What USB's evaluate() predicts with: ABC's evaluate asks for the auxiliary (balanced)
+    # classifier's "logits_aux", the others for "logits".
+    out_key = "logits_aux" if imb_algorithm == "abc" else "logits"
 
-    def top1() -> float:
+    def scores() -> tuple[float, list[float]]:
         model = algorithm.model
         model.eval()
-        correct = 0
+        predicted = []
         with torch.no_grad():
             for batch in val_loader:
-                logits = model(batch["x_lb"])["logits"]
-                correct += int((logits.argmax(dim=1) == batch["y_lb"]).sum())
+                predicted.append(model(batch["x_lb"])[out_key].argmax(dim=1))
         model.train()
-        return correct / len(val_y)
+        hits = torch.cat(predicted).numpy() == val_y
+        recalls = [float(hits[val_y == c].mean()) for c in range(num_classes)]
+        return float(hits.mean()), recalls
 
-    final = top1()
+    final, recalls = scores()
     algorithm.ema.apply_shadow()  # what USB's own evaluate() scores
-    ema = top1()
+    ema, ema_recalls = scores()
     algorithm.ema.restore()
     result = {
         "top1": final,
         "ema_top1": ema,
+        "recalls": recalls,
+        "ema_recalls": ema_recalls,
+        "out_key": out_key,
         "train_seconds": train_seconds,
         "worker_seconds": time.time() - start,
         "last_log": {k: float(v) for k, v in algorithm.log_dict.items()},
@@ -466,7 +554,7 @@ def usb_worker(spec_path: pathlib.Path) -> int:
         "patched": patched,
     }
     pathlib.Path(spec["result"]).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"peer_usb worker: val top-1 {final:.4f} (EMA {ema:.4f})", flush=True)
+    print(f"peer_usb worker: val top-1 {final:.4f} (EMA {ema:.4f}), {out_key}", flush=True)
     return 0
 
 
@@ -546,23 +634,63 @@ def split_root(workdir: pathlib.Path, labels: int, split_seed: int) -> pathlib.P
     return workdir / f"digits_l{labels}_s{split_seed}"
 
 
+def data_tag(args: argparse.Namespace) -> str:
+    """The data part of run and log names: labels per class and, long-tailed, the ratio."""
+    return f"l{args.labels}" + (f"_lt{args.imbalance:g}" if args.imbalance else "")
+
+
+def data_root(args: argparse.Namespace, split_seed: int) -> pathlib.Path:
+    """The folder both libraries train on: the split, or (`--imbalance`) its long-tailed copy."""
+    if args.imbalance is None:
+        return split_root(args.workdir, args.labels, split_seed)
+    return args.workdir / f"digits_{data_tag(args)}_s{split_seed}"
+
+
+def long_tailed_split(
+    base: pathlib.Path, root: pathlib.Path, seed: int, ratio: float
+) -> dict[str, list[int]]:
+    """Writes `base`'s long-tailed copy to `root` with `realworld_digits.build_imbalanced` (the
+    imbalance scenario's own code: class c keeps `ratio^(-c/9)` of the largest class's labeled
+    and unlabeled images, val untouched); returns its labeled / unlabeled counts per class.
+
+    `build_imbalanced` draws its counts with `long_tail_counts`' default ratio, 10; another
+    ratio is given to it by binding `long_tail_counts`' ratio while it runs.
+    """
+    import realworld_digits  # benchmarks/ (this script's folder, on sys.path)
+
+    if root.exists():  # rebuilt each time, as realworld_digits does
+        shutil.rmtree(root)
+    counts = realworld_digits.long_tail_counts
+    realworld_digits.long_tail_counts = functools.partial(counts, ratio=ratio)
+    try:
+        return realworld_digits.build_imbalanced(base, root, seed)
+    finally:
+        realworld_digits.long_tail_counts = counts
+
+
 def sesemi_overrides(
     method: str, seed: int, split_seed: int, args: argparse.Namespace, root: pathlib.Path
 ) -> list[str]:
     """The Hydra overrides of sesemi's run (and of the config the USB run mirrors)."""
     from sesemi.config.resolvers import hydra_quoted  # here: this file also runs in USB's venv
 
+    if args.imbalance is None:
+        data = [
+            f"data.prepare.labels_per_class={args.labels}",
+            # The demo's digits.yaml sets no seed: prepare_digits' default (0) whatever run.seed.
+            f"+data.prepare.seed={split_seed}",
+        ]
+    else:
+        data = ["data.prepare=null"]  # the long-tailed folder is ready (as realworld_digits)
     overrides = [
-        f"method={method}",
+        f"method={SESEMI_METHODS.get(method, method)}",
         f"run.seed={seed}",
         f"run.data_root={hydra_quoted(str(root))}",
-        f"data.prepare.labels_per_class={args.labels}",
-        # The demo's digits.yaml sets no seed: prepare_digits' default (0) whatever run.seed is.
-        f"+data.prepare.seed={split_seed}",
+        *data,
         f"run.num_iterations={args.steps}",
         f"trainer.val_check_interval={args.steps}",  # validate once, at the end
         f"run.dir={hydra_quoted(str(args.workdir / 'runs'))}",
-        f"run.id=l{args.labels}_{method}_s{seed}",
+        f"run.id={data_tag(args)}_{method}_s{seed}",
         "++trainer.num_sanity_val_steps=0",
         "++trainer.enable_progress_bar=false",
         "++trainer.enable_model_summary=false",
@@ -609,7 +737,7 @@ def usb_spec(method: str, seed: int, split_seed: int, args: argparse.Namespace) 
     import sesemi
     from sesemi.config.resolvers import SESEMIConfigAttributes, resolve
 
-    root = split_root(args.workdir, args.labels, split_seed)
+    root = data_root(args, split_seed)
     cfg = sesemi.compose("demo", sesemi_overrides(method, seed, split_seed, args, root))
     known = SESEMIConfigAttributes(max_iterations=args.steps, num_gpus=0, num_nodes=1)
     run = resolve(cfg.run, known)
@@ -649,7 +777,33 @@ def usb_spec(method: str, seed: int, split_seed: int, args: argparse.Namespace) 
         f"supervised_loss {supervised}",
     )
     heads = model.get("regularization_loss_heads") or {}
-    _require(set(heads) == {"fixmatch"}, f"loss heads {sorted(heads)}")
+    wanted = {"fixmatch", "abc"} if method == "abc" else {"fixmatch"}
+    _require(set(heads) == wanted, f"loss heads {sorted(heads)} for method {method}")
+    abc = None
+    if method == "abc":
+        _require(
+            bool(model.get("balanced_head")), "ABC without learner.hparams.model.balanced_head"
+        )
+        term = heads["abc"]
+        head = term["head"]
+        _require(head["_target_"].endswith(".ABCLossHead"), f"the ABC head {head['_target_']}")
+        _require(term.get("scheduler") is None, "a weight schedule on the ABC term")
+        _require(term.get("reduction", "mean") == "mean", "the ABC term's reduction")
+        _require(head.get("input_data") == "unlabeled", "ABC on another loader than unlabeled")
+        _require(
+            head.get("input_head", "balanced_head") == "balanced_head"
+            and head.get("input_backbone", "backbone") == "backbone",
+            "ABC on another classifier or backbone",
+        )
+        total_steps = int(head["total_steps"])
+        _require(total_steps == args.steps, f"ABC's total_steps {total_steps} (not the steps)")
+        abc = {
+            "threshold": float(head.get("threshold", 0.95)),
+            "loss_ratio": float(term.get("scale_factor", 1.0)),
+            "total_steps": total_steps,
+        }
+    else:
+        _require(not model.get("balanced_head"), f"a balanced_head for method {method}")
     term = heads["fixmatch"]
     head = dict(term["head"])
     _require(head["_target_"].endswith(".FixMatchLossHead"), f"the head {head['_target_']}")
@@ -671,7 +825,7 @@ def usb_spec(method: str, seed: int, split_seed: int, args: argparse.Namespace) 
         flexmatch_warmup = bool(threshold.get("warmup", True))
         threshold = threshold.get("threshold", 0.95)
     else:
-        _require(method == "fixmatch", f"a fixed threshold for method {method}")
+        _require(method in ("fixmatch", "abc"), f"a fixed threshold for method {method}")
     optimizer = dict(hparams["optimizer"])
     _require(optimizer.pop("_target_") == "torch.optim.SGD", "an optimizer other than SGD")
     optimizer.pop("_partial_", None)
@@ -689,8 +843,16 @@ def usb_spec(method: str, seed: int, split_seed: int, args: argparse.Namespace) 
         views["_target_"] == "sesemi.transforms.MultiView" and len(views["views"]) == 2,
         "the unlabeled loader's transform is not MultiView([weak, strong])",
     )
+    algorithm, imb_algorithm = USB_ALGORITHMS.get(method, (method, None))
     return {
         "method": method,
+        "algorithm": algorithm,
+        "imb_algorithm": imb_algorithm,
+        # ABC's unlabeled keep rate falls with epoch / epochs in USB, with step / total_steps in
+        # sesemi: an epoch of one step makes them the same.
+        "usb_epochs": abc["total_steps"] if abc else 1,
+        "abc": abc,
+        "imbalance": args.imbalance,
         "seed": seed,
         "steps": args.steps,
         "threads": args.threads,
@@ -735,17 +897,28 @@ def thread_env(threads: int) -> dict:
     return env
 
 
+def per_class_recalls(run: pathlib.Path) -> list[float] | None:
+    """A sesemi run's val recall per class (`val_per_class_accuracy.csv`, in class order)."""
+    path = run / "val_per_class_accuracy.csv"
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        rows = {row["class"]: float(row["accuracy"]) for row in csv.DictReader(f)}
+    return [rows[name] for name in sorted(rows)]  # ImageFolder's class order (sorted names)
+
+
 def run_sesemi(method: str, seed: int, split_seed: int, args: argparse.Namespace) -> dict:
-    """One sesemi run; returns its val top-1 (final, EMA or None) and wall seconds."""
-    root = split_root(args.workdir, args.labels, split_seed)
-    parent = args.workdir / "runs" / f"l{args.labels}_{method}_s{seed}"
+    """One sesemi run; returns its val top-1 (final, EMA or None), per-class recalls and wall
+    seconds."""
+    root = data_root(args, split_seed)
+    parent = args.workdir / "runs" / f"{data_tag(args)}_{method}_s{seed}"
     before = set(parent.glob("*")) if parent.is_dir() else set()
     command = [
         sys.executable,
         *("-m", "sesemi", "-cn", "demo"),
         *sesemi_overrides(method, seed, split_seed, args, root),
     ]
-    log = args.workdir / "logs" / f"sesemi_l{args.labels}_{method}_s{seed}.log"
+    log = args.workdir / "logs" / f"sesemi_{data_tag(args)}_{method}_s{seed}.log"
     log.write_text("")
     start = time.time()
     status = run_logged(command, log, thread_env(args.threads))
@@ -758,9 +931,14 @@ def run_sesemi(method: str, seed: int, split_seed: int, args: argparse.Namespace
     shutil.rmtree(summaries[0].parent / "checkpoints", ignore_errors=True)
     if "val/top1" not in metrics:
         raise RuntimeError(f"{summaries[0]} has no val/top1; {tail(log)}")
+    recalls = per_class_recalls(summaries[0].parent)
+    if args.imbalance is not None and recalls is None:
+        raise RuntimeError(f"{summaries[0].parent} has no val_per_class_accuracy.csv")
     return {
         "top1": metrics["val/top1"],
         "ema_top1": metrics.get("val/ema/top1"),
+        "recalls": recalls,
+        "ema_recalls": None,
         "seconds": seconds,
         "log": str(log),
         "command": command,
@@ -770,9 +948,10 @@ def run_sesemi(method: str, seed: int, split_seed: int, args: argparse.Namespace
 def run_usb(
     python: pathlib.Path, method: str, seed: int, split_seed: int, args: argparse.Namespace
 ) -> dict:
-    """One USB run in its own environment; returns its val top-1 (final, EMA) and wall seconds."""
+    """One USB run in its own environment; returns its val top-1 and per-class recalls (final,
+    EMA) and wall seconds."""
     spec = usb_spec(method, seed, split_seed, args)
-    folder = args.workdir / "usb_runs" / f"l{args.labels}_{method}_s{seed}"
+    folder = args.workdir / "usb_runs" / f"{data_tag(args)}_{method}_s{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     result = folder / "result.json"
     result.unlink(missing_ok=True)
@@ -780,7 +959,7 @@ def run_usb(
     (folder / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
     command = [str(python), str(pathlib.Path(__file__).resolve()), "--usb-worker"]
     command.append(str(folder / "spec.json"))
-    log = args.workdir / "logs" / f"usb_l{args.labels}_{method}_s{seed}.log"
+    log = args.workdir / "logs" / f"usb_{data_tag(args)}_{method}_s{seed}.log"
     log.write_text("")
     start = time.time()
     status = run_logged(command, log, thread_env(args.threads))
@@ -803,8 +982,41 @@ def mean_std(values: list[float | None]) -> str:
     return f"{statistics.fmean(a):.1f} ± {statistics.stdev(a) if len(a) > 1 else 0.0:.1f}"
 
 
+def balanced(recalls: list[float] | None) -> float | None:
+    """Balanced accuracy: the mean per-class recall (None without recalls)."""
+    return None if recalls is None else statistics.fmean(recalls)
+
+
+def worst(recalls: list[float] | None) -> float | None:
+    """The worst class's recall (None without recalls)."""
+    return None if recalls is None else min(recalls)
+
+
+def worst_class(recalls: list[float] | None) -> str:
+    """`<recall> (<class>)` of the worst class, or "-"."""
+    if recalls is None:
+        return "-"
+    c = min(range(len(recalls)), key=recalls.__getitem__)
+    return f"{percent(recalls[c])} ({c})"
+
+
+def run_summary(r: dict) -> str:
+    """A run's scores for its progress line."""
+    text = f"val top-1 {percent(r['top1'])} % (EMA {percent(r['ema_top1'])})"
+    if r.get("recalls") is not None:
+        text += (
+            f", balanced {percent(balanced(r['recalls']))} %, worst class "
+            f"{worst_class(r['recalls'])}"
+        )
+        if r.get("ema_recalls") is not None:
+            text += f" (EMA balanced {percent(balanced(r['ema_recalls']))} %)"
+    return text
+
+
 def format_table(results: dict, args: argparse.Namespace) -> str:
     """One row per (library, method, seed), then each (library, method)'s mean ± std."""
+    if args.imbalance is not None:
+        return format_imbalance_table(results, args)
     head = ["library", "method", "seed", "val top-1 (final)", "val top-1 (EMA)", "s/step"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---:|---:|---:|"]
     for (library, method), runs in results.items():
@@ -818,6 +1030,54 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
         row = [f"**{library}**", f"**{METHOD_LABELS[method]}**", "mean ± std"]
         row += [mean_std([r["top1"] for r in values]), mean_std([r["ema_top1"] for r in values])]
         lines.append("| " + " | ".join([*row, f"{per_step:.2f}"]) + " |")
+    return "\n".join(lines)
+
+
+def format_imbalance_table(results: dict, args: argparse.Namespace) -> str:
+    """Long-tailed data: balanced accuracy and the worst class's recall per run (final weights,
+    and USB's EMA weights), each (library, method)'s mean ± std, then every run's per-class
+    recalls."""
+    head = [
+        "library",
+        "method",
+        "seed",
+        "balanced acc. (final)",
+        "worst class (final)",
+        "balanced acc. (EMA)",
+        "worst class (EMA)",
+        "top-1 (final)",
+        "s/step",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * 6]
+    for (library, method), runs in results.items():
+        for seed, r in runs.items():
+            row = [library, METHOD_LABELS[method], str(seed)]
+            row += [percent(balanced(r["recalls"])), worst_class(r["recalls"])]
+            row += [percent(balanced(r["ema_recalls"])), worst_class(r["ema_recalls"])]
+            row += [percent(r["top1"]), f"{r['seconds'] / args.steps:.2f}"]
+            lines.append("| " + " | ".join(row) + " |")
+    for (library, method), runs in results.items():
+        values = list(runs.values())
+        per_step = statistics.fmean(r["seconds"] / args.steps for r in values)
+        row = [f"**{library}**", f"**{METHOD_LABELS[method]}**", "mean ± std"]
+        for key in ("recalls", "ema_recalls"):
+            row += [mean_std([balanced(r[key]) for r in values])]
+            row += [mean_std([worst(r[key]) for r in values])]
+        row += [mean_std([r["top1"] for r in values]), f"{per_step:.2f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    classes = max(len(r["recalls"]) for runs in results.values() for r in runs.values())
+    lines += [
+        "",
+        "Val recall (%) per class (final weights; the classes' labeled images fall from 0 to "
+        f"{classes - 1}):",
+        "",
+        "| library | method | seed | " + " | ".join(map(str, range(classes))) + " |",
+        "|---|---|---:|" + "---:|" * classes,
+    ]
+    for (library, method), runs in results.items():
+        for seed, r in runs.items():
+            cells = [f"{100 * v:.0f}" for v in r["recalls"]]
+            lines.append(f"| {library} | {METHOD_LABELS[method]} | {seed} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -879,6 +1139,31 @@ def unmatched_settings(args: argparse.Namespace, usb_record: dict | None) -> lis
             "Lightning's max_size_cycle); USB's own RandomSampler (labeled batches always full, "
             "shuffling seeded by the epoch, not the seed) is --usb-sampler usb."
         )
+    items.append(
+        "Models: the worker wraps USB's model and EMA model in torch.nn.DataParallel, as USB's "
+        "send_model_cuda does with gpu=None (its ABC reaches its classifier through "
+        "model.module); on the CPU DataParallel only calls the model."
+    )
+    if "abc" in args.methods:
+        items += [
+            "ABC in USB: imb_algorithm='abc' over algorithm='fixmatch', built as USB's "
+            "get_imb_algorithm builds it (a class over both), abc_p_cutoff and abc_loss_ratio "
+            "read from sesemi's ABC head. USB counts the labeled images per class (N_c, whole "
+            "labeled set, as sesemi's class_counts) from dataset_dict['train_lb'].targets while "
+            "it is built, so the worker hands it the datasets through set_dataset (USB builds "
+            "dataset_dict from its own dataset names only); the loaders USB then builds from "
+            "them are replaced as for the other methods.",
+            "ABC's unlabeled keep rate: USB decays it by epoch, 1 - (epoch / epochs) (1 - N_min /"
+            " N_c), sesemi by step, 1 - (step / total_steps) (...). The USB runs have epochs = "
+            "steps (num_iter_per_epoch 1; the worker's loaders hand USB's epoch loop one batch "
+            "per epoch from the batch stream a one-epoch run draws, with either sampler), "
+            "so epoch = step and the decay is the same at every step (USB's own long-tailed "
+            "configs use far fewer epochs than steps: a staircase).",
+            "ABC evaluation: USB's ABC evaluate() predicts with the auxiliary classifier "
+            "('logits_aux') of the EMA weights; the worker scores logits_aux of the final weights"
+            " and of the EMA weights (both in the table); sesemi predicts with balanced_head, "
+            "final weights.",
+        ]
     if usb_record and usb_record.get("stubs"):
         items.append(
             "Stubbed in the USB process (imported by `import semilearn`, used only by its audio, "
@@ -930,6 +1215,16 @@ def shared_settings(specs: dict[str, dict]) -> str:
         if s["flexmatch_warmup"] is not None:
             warmup = "with" if s["flexmatch_warmup"] else "without"
             text += f" (class-wise, convex mapping, per-image status, {warmup} threshold warm-up)"
+        if s["abc"]:
+            abc = s["abc"]
+            text += (
+                f", plus ABC (a second linear classifier on the same backbone features, trained "
+                f"on the FixMatch passes' features: labeled CE kept with probability N_min / N_c,"
+                f" strong-view CE on the weak view's balanced prediction where it is at least "
+                f"{abc['threshold']}, kept with probability 1 - (t / {abc['total_steps']}) "
+                f"(1 - N_min / N_c) of its pseudo-label, t the 0-based step; weight "
+                f"{abc['loss_ratio']}; evaluation predicts with it)"
+            )
         thresholds.append(text)
     transforms = spec["transforms"]
     unlabeled = loaders["unlabeled"]
@@ -993,13 +1288,35 @@ def footer(
             + (f"; {first:.0f} s when created" if first else "")
             + f"): {usb}; installed: {', '.join(usb_record.get('packages', []))}"
         )
+    if args.imbalance is None:
+        data = (
+            f"- data: digits, {args.labels} labeled image(s) per class, split seed = {split} "
+            "(sesemi.datasets.digits.prepare_digits; both libraries read the same PNG folders); "
+            "unlabeled = train + unlabeled images (USB's include_lb_to_ulb); val = the 30% "
+            "stratified val split"
+        )
+        metric = "top-1 (%) on the val split"
+    else:
+        counts = args.split_counts
+        data = (
+            f"- data: long-tailed digits, imbalance ratio {args.imbalance:g}, made as "
+            "benchmarks/realworld_digits.py's imbalance scenario makes them (its build_imbalanced"
+            f" and long_tail_counts): from the split of {args.labels} labeled images per class "
+            f"(prepare_digits, split seed = {split}), class c keeps round(largest x "
+            f"{args.imbalance:g}^(-c/9)) of the labeled and of the unlabeled images, drawn with "
+            f"the split seed; per class 0..9 labeled {counts['labeled']}, unlabeled "
+            f"{counts['unlabeled']} (split seed {args.split_counts_seed}); the demo's unlabeled "
+            "loader reads train + unlabeled (USB's include_lb_to_ulb); val = the balanced 30% "
+            "stratified val split; both libraries read the same PNG folders"
+        )
+        metric = (
+            "balanced accuracy (the mean per-class recall, %) and the worst class's recall (%, "
+            "its digit in brackets) on the val split, top-1 beside them"
+        )
     lines += [
-        f"- data: digits, {args.labels} labeled image(s) per class, split seed = {split} "
-        "(sesemi.datasets.digits.prepare_digits; both libraries read the same PNG folders); "
-        "unlabeled = train + unlabeled images (USB's include_lb_to_ulb); val = the 30% "
-        "stratified val split",
+        data,
         f"- settings shared (read from sesemi's composed demo config): {shared_settings(specs)}",
-        f"- budget: {args.steps} steps per run; metric: top-1 (%) on the val split after the last"
+        f"- budget: {args.steps} steps per run; metric: {metric} after the last"
         " step (final weights; EMA weights where evaluated: USB always, sesemi with --sesemi-ema"
         f"); mean ± sample std (n-1) over seeds {', '.join(map(str, args.seeds))}",
         "- s/step: the run's whole process wall time / steps (without the USB environment's "
@@ -1016,7 +1333,22 @@ def footer(
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--labels", type=int, default=1, help="labeled images per class")
+    parser.add_argument(
+        "--labels",
+        type=int,
+        default=None,
+        help="labeled images per class (of the largest class with --imbalance); default 1, "
+        "with --imbalance 10 (realworld_digits' imbalance scenario)",
+    )
+    parser.add_argument(
+        "--imbalance",
+        type=float,
+        default=None,
+        metavar="R",
+        help="long-tailed labeled and unlabeled sets with imbalance ratio R, as "
+        "realworld_digits.py's imbalance scenario (val stays balanced); reports balanced "
+        "accuracy and the worst class's recall",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300, help="training steps of every run")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -1069,6 +1401,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.methods = list(dict.fromkeys(args.methods))
     args.libraries = [lib for lib in LIBRARIES if lib in args.libraries]
     args.workdir = pathlib.Path(args.workdir).resolve()
+    if args.labels is None:
+        args.labels = 1 if args.imbalance is None else 10
+    if args.imbalance is not None and args.imbalance < 1.0:
+        parser.error("--imbalance must be at least 1")
     if args.steps < 1 or args.labels < 1 or args.threads < 1:
         parser.error("--steps, --labels and --threads must be at least 1")
     if not 0.0 <= args.ema < 1.0:
@@ -1101,6 +1437,15 @@ def main(argv: list[str] | None = None) -> int:
                 labels_per_class=args.labels,
                 seed=split_seed,
             )
+            if args.imbalance is not None:
+                counts = long_tailed_split(
+                    root, data_root(args, split_seed), split_seed, args.imbalance
+                )
+                root = data_root(args, split_seed)
+                if seed == args.seeds[0]:
+                    args.split_counts, args.split_counts_seed = counts, split_seed
+                print(f"[data] {root}: labeled {counts['labeled']}, unlabeled "
+                      f"{counts['unlabeled']} per class", flush=True)  # fmt: skip
             for method in args.methods:
                 for library in args.libraries:
                     if library == "sesemi":
@@ -1109,9 +1454,9 @@ def main(argv: list[str] | None = None) -> int:
                         r = run_usb(python, method, seed, split_seed, args)
                     results[(library, method)][seed] = r
                     print(
-                        f"[{library} {method} seed {seed}] val top-1 {percent(r['top1'])} % "
-                        f"(EMA {percent(r['ema_top1'])}), {r['seconds'] / args.steps:.2f} s/step"
-                        f"; split {root.name}; log {r['log']}",
+                        f"[{library} {method} seed {seed}] {run_summary(r)}, "
+                        f"{r['seconds'] / args.steps:.2f} s/step; split {root.name}; log "
+                        f"{r['log']}",
                         flush=True,
                     )
     except (RuntimeError, ValueError, FileExistsError) as error:
@@ -1121,9 +1466,15 @@ def main(argv: list[str] | None = None) -> int:
     loads = (load_start, os.getloadavg()[0])
     split_seed = args.seeds[0] if args.split_seed is None else args.split_seed
     specs = {m: usb_spec(m, args.seeds[0], split_seed, args) for m in args.methods}
+    if args.imbalance is None:
+        title = f"val top-1 (%) on digits, {args.labels} label(s) per class, {args.steps} steps"
+    else:
+        title = (
+            f"balanced val accuracy (%) on long-tailed digits (imbalance ratio "
+            f"{args.imbalance:g}, {args.labels} labels for the largest class), {args.steps} steps"
+        )
     report = (
-        f"## sesemi vs USB (semilearn {USB_VERSION}): val top-1 (%) on digits, "
-        f"{args.labels} label(s) per class, {args.steps} steps\n\n"
+        f"## sesemi vs USB (semilearn {USB_VERSION}): {title}\n\n"
         + format_table(results, args)
         + "\n\n"
         + footer(argv, args, usb_record, setup_seconds, time.time() - start, loads, specs)
