@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import functools
 import importlib
 import importlib.abc
 import importlib.metadata
@@ -651,21 +650,12 @@ def long_tailed_split(
 ) -> dict[str, list[int]]:
     """Writes `base`'s long-tailed copy to `root` with `realworld_digits.build_imbalanced` (the
     imbalance scenario's own code: class c keeps `ratio^(-c/9)` of the largest class's labeled
-    and unlabeled images, val untouched); returns its labeled / unlabeled counts per class.
-
-    `build_imbalanced` draws its counts with `long_tail_counts`' default ratio, 10; another
-    ratio is given to it by binding `long_tail_counts`' ratio while it runs.
-    """
+    and unlabeled images, val untouched); returns its labeled / unlabeled counts per class."""
     import realworld_digits  # benchmarks/ (this script's folder, on sys.path)
 
     if root.exists():  # rebuilt each time, as realworld_digits does
         shutil.rmtree(root)
-    counts = realworld_digits.long_tail_counts
-    realworld_digits.long_tail_counts = functools.partial(counts, ratio=ratio)
-    try:
-        return realworld_digits.build_imbalanced(base, root, seed)
-    finally:
-        realworld_digits.long_tail_counts = counts
+    return realworld_digits.build_imbalanced(base, root, seed, ratio)
 
 
 def sesemi_overrides(

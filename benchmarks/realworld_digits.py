@@ -78,11 +78,15 @@ def _copy(files: list[pathlib.Path], folder: pathlib.Path) -> None:
         shutil.copyfile(f, folder / f.name)
 
 
-def build_imbalanced(base: pathlib.Path, root: pathlib.Path, seed: int) -> dict[str, list[int]]:
-    """Writes the long-tailed split of `base` to `root`; returns the labeled/unlabeled counts."""
+def build_imbalanced(
+    base: pathlib.Path, root: pathlib.Path, seed: int, ratio: float = 10.0
+) -> dict[str, list[int]]:
+    """Writes the long-tailed split of `base` (imbalance ratio `ratio`) to `root`; returns the
+    labeled/unlabeled counts."""
     rng = np.random.default_rng(seed)
-    labeled_counts = long_tail_counts(len(_images(base / "train" / "0")))
-    unlabeled_counts = long_tail_counts(min(len(_images(base / "unlabeled" / c)) for c in "0123"))
+    labeled_counts = long_tail_counts(len(_images(base / "train" / "0")), ratio)
+    largest_unlabeled = min(len(_images(base / "unlabeled" / c)) for c in "0123")
+    unlabeled_counts = long_tail_counts(largest_unlabeled, ratio)
     for c in range(NUM_CLASSES):
         for split, counts in (("train", labeled_counts), ("unlabeled", unlabeled_counts)):
             files = _images(base / split / str(c))
