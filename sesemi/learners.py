@@ -16,7 +16,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from sesemi.models.ema import EMATeacher
-from sesemi.models.heads.base import SUPERVISED, HeadContext, HeadInputs, LossHead
+from sesemi.models.heads.base import SUPERVISED, HeadContext, HeadInputs, LossHead, link_blenders
 from sesemi.models.net import BatchPreparation, ClassifierNet
 from sesemi.schedulers.weight import WeightedTerm
 
@@ -127,6 +127,7 @@ class Classifier(pl.LightningModule):
                     {k: tuple(v) for k, v in (class_counts or {}).items()},
                 )
             )
+        link_blenders(self.heads)
         # Evaluation runs build no heads (and load the trained balanced head).
         if (
             balanced_head

@@ -28,3 +28,20 @@ def global_class_counts(targets: Tensor, num_classes: int) -> Tensor:
     known = targets[targets >= 0].long()
     (counts,) = global_sums(torch.bincount(known, minlength=num_classes).float())
     return counts
+
+
+def global_concat(tensor: Tensor) -> Tensor:
+    """The rows of `tensor` from every DDP process, in rank order `(sum of B_r, ...)`; unchanged
+    alone. Processes may hold different numbers of rows."""
+    if not distributed():
+        return tensor
+    world = dist.get_world_size()
+    size = torch.tensor([len(tensor)], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: len(tensor)] = tensor
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes, strict=True)])

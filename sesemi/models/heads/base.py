@@ -109,6 +109,11 @@ class LossHead(nn.Module):
     uses_reference_image: ClassVar[bool] = False
     #: Whether the head trains the learner's `balanced_head` (ABC).
     trains_balanced_head: ClassVar[bool] = False
+    #: Whether the head blends other heads' pseudo-labels (DASO: `blend(probs, features, step)`);
+    #: the learner hands it to each head of the same loader that `takes_blends`.
+    blends_pseudo_labels: ClassVar[bool] = False
+    #: Whether the head lets a blending head (DASO) refine its weak-view probabilities.
+    takes_blends: ClassVar[bool] = False
     #: An alternative to adding an EMA teacher, named in the missing-teacher error.
     teacher_alternative: ClassVar[str] = ""
     teacher_backbone: str | None = None
@@ -134,6 +139,9 @@ class LossHead(nn.Module):
         self.input_head = input_head
         self.name = ""  # the learner's name for the head, known once built
         self.log_values: dict[str, Any] = {}
+        # The heads that blend this one's pseudo-labels (`takes_blends`; `link_blenders`): a
+        # plain list, so they are not registered (and saved) a second time under this head.
+        self.blenders: list[LossHead] = []
 
     @property
     def uses_teacher(self) -> bool:
@@ -232,3 +240,34 @@ class LossHead(nn.Module):
     def forward(self, inputs: HeadInputs) -> Tensor:
         """Returns per-sample losses `(N,)` (or a scalar) for the head's batch."""
         raise NotImplementedError
+
+
+def link_blenders(heads: Mapping[str, LossHead]) -> None:
+    """Hands each head that blends pseudo-labels (DASO) to the heads of its loader that take
+    blends (the FixMatch family), which call its `blend` on their weak-view probabilities.
+
+    Raises:
+        ValueError: A blending head with no such head, or one whose pseudo-labels come from the
+            EMA teacher (the blend needs the student's features of the weak views).
+    """
+    for name, head in heads.items():
+        if not head.blends_pseudo_labels:
+            continue
+        bases = {
+            n: h for n, h in heads.items() if h.takes_blends and h.input_data == head.input_data
+        }
+        if not bases:
+            raise ValueError(
+                f"regularization_loss_heads.{name} ({type(head).__name__}) blends the "
+                f"pseudo-labels of a FixMatch-family head reading data.train.{head.input_data}, "
+                "and there is none; add one, e.g. 'method=[fixmatch_da,daso]'"
+            )
+        for base_name, base in bases.items():
+            if base.uses_teacher:
+                raise ValueError(
+                    f"regularization_loss_heads.{name} blends with the student's features of the "
+                    f"weak views, but {base_name} pseudo-labels with the EMA teacher; set "
+                    f"regularization_loss_heads.{base_name}.head.teacher=student"
+                )
+            if head not in base.blenders:
+                base.blenders.append(head)

@@ -64,7 +64,9 @@ class FixMatchLossHead(LossHead):
 
     With the learner's reference image (CDMAD, arXiv:2403.10391; `method=[fixmatch,cdmad]`),
     that featureless image joins the weak views' pass and its logits are subtracted from
-    theirs before the softmax: `q = softmax((z_weak - z_ref) / T)`.
+    theirs before the softmax: `q = softmax((z_weak - z_ref) / T)`. With a DASO head
+    (`sesemi.models.heads.daso`; `method=[fixmatch_da,daso]`), `q` is blended with its
+    similarity-based pseudo-labels before the policy sees it.
 
     Logs `mask_rate` (the mean mask: the share of unlabeled images used), `confidence` (mean max
     probability), when some used images have known targets `pseudo_label_acc` (accuracy of the
@@ -73,6 +75,7 @@ class FixMatchLossHead(LossHead):
 
     teacher_alternative = "teacher=student"
     uses_reference_image = True
+    takes_blends = True
 
     def __init__(
         self,
@@ -199,6 +202,9 @@ class FixMatchLossHead(LossHead):
             self.policy.observe_labeled(labeled[1])  # distribution alignment counts classes
         with torch.no_grad():
             probs = F.softmax(weak_logits.float() / self.temperature, dim=1)  # (B, C)
+            for blender in self.blenders:  # DASO: mixed with similarity-based pseudo-labels
+                weak_features = inputs.features[views_key(self.input_data)][0]
+                probs = blender.blend(probs, weak_features, inputs.step)
             # The policy weighs each pseudo-label in [0, 1] (and moves its state in training).
             label_probs, mask = self.policy(probs, indices)
             confidence, pseudo_labels = label_probs.max(dim=1)
