@@ -38,10 +38,14 @@ HEADS = {
     "outlier_exposure": ["outlier_exposure"],
     "cdmad": [],  # alone: supervised, evaluated with debiased logits
     "abc": ["abc"],  # alone: the balanced classifier pseudo-labels for itself
+    "daso": ["fixmatch", "daso"],  # on FixMatch (ADD_ONS): it blends another head's labels
     "rotation_entropy": ["rotation_prediction", "entropy_minimization"],
     "noisy_student_teacher": [],
     "noisy_student": ["pseudo_label"],
 }
+
+# Add-ons that refine another head's pseudo-labels, trained here on the base method named.
+ADD_ONS = {"daso": "fixmatch"}
 
 
 def test_every_built_in_method_is_covered_here():
@@ -225,6 +229,34 @@ def test_a_balanced_head_with_no_head_to_train_it_stops_before_training(digits_r
         sesemi.fit(cfg)
 
 
+def test_daso_alone_stops_before_training_and_names_a_base_method(digits_root, tmp_path):
+    cfg = sesemi.compose(
+        "demo", ["method=daso", f"run.data_root={digits_root}", f"run.dir={tmp_path}", *FAST]
+    )
+    with pytest.raises(ValueError, match=r"add one, e\.g\. 'method=\[fixmatch_da,daso\]'"):
+        sesemi.fit(cfg)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_daso_adds_its_head_to_any_fixmatch_family_method_and_keeps_the_base():
+    for base in ("fixmatch_da", "freematch"):
+        alone = sesemi.compose("demo", [f"method={base}"])
+        both = sesemi.compose("demo", [f"method=[{base},daso]"])
+        heads = both.learner.hparams.model.regularization_loss_heads
+        assert set(heads) == {"fixmatch", "daso"}
+        assert heads.fixmatch == alone.learner.hparams.model.regularization_loss_heads.fixmatch
+        assert both.data == alone.data
+    # Blending starts after 2 % of the run, the paper's 5k of 250k steps.
+    from sesemi.config.resolvers import SESEMIConfigAttributes, resolve
+
+    cfg = sesemi.compose("demo", ["method=[fixmatch_da,daso]"])
+    attributes = SESEMIConfigAttributes(
+        iterations_per_epoch=6, max_iterations=600, num_gpus=0, num_nodes=1, num_classes=10
+    )
+    head = resolve(cfg.learner.hparams.model.regularization_loss_heads.daso.head, attributes)
+    assert head["pretrain_steps"] == pytest.approx(12)
+
+
 def write_pseudo_labels(folder: Path, images: Path, classes: list[str]) -> Path:
     """A `pseudo_labeled` folder labeling `images/<class>/*` with their folder's class."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -250,6 +282,8 @@ def _trained_terms(result) -> set[str]:
 
 
 def _fit(name: str, method: str, data_root: Path, tmp_path: Path, extra=()):
+    if method in ADD_ONS:
+        method = f"[{ADD_ONS[method]},{method}]"
     overrides = [f"method={method}", f"run.data_root={data_root}", f"run.dir={tmp_path / 'runs'}"]
     if method == "noisy_student":
         classes = sorted(p.name for p in (data_root / "train").iterdir())
