@@ -236,7 +236,9 @@ def test_daso_without_a_fixmatch_family_head_or_with_a_teacher_is_a_clear_error(
     classifier = {"supervised_head": nn.Identity(), "teacher_supervised_head": nn.Identity()}
     daso = DASOLossHead("unlabeled")
     daso.build(HeadContext(backbones, classifier, 3, name="daso"))
-    with pytest.raises(ValueError, match=r"there is none; add one, e\.g\. 'method=\[fixmatch_da"):
+    with pytest.raises(
+        ValueError, match=r"there is none; add one, e\.g\. 'method=\[fixmatch,daso\]'"
+    ):
         link_blenders({"daso": daso})
     other = FixMatchLossHead("other_loader")
     with pytest.raises(ValueError, match="there is none"):

@@ -233,7 +233,7 @@ def test_daso_alone_stops_before_training_and_names_a_base_method(digits_root, t
     cfg = sesemi.compose(
         "demo", ["method=daso", f"run.data_root={digits_root}", f"run.dir={tmp_path}", *FAST]
     )
-    with pytest.raises(ValueError, match=r"add one, e\.g\. 'method=\[fixmatch_da,daso\]'"):
+    with pytest.raises(ValueError, match=r"add one, e\.g\. 'method=\[fixmatch,daso\]'"):
         sesemi.fit(cfg)
     assert not list(tmp_path.rglob("*.ckpt"))
 
@@ -249,7 +249,7 @@ def test_daso_adds_its_head_to_any_fixmatch_family_method_and_keeps_the_base():
     # Blending starts after 2 % of the run, the paper's 5k of 250k steps.
     from sesemi.config.resolvers import SESEMIConfigAttributes, resolve
 
-    cfg = sesemi.compose("demo", ["method=[fixmatch_da,daso]"])
+    cfg = sesemi.compose("demo", ["method=[fixmatch,daso]"])
     attributes = SESEMIConfigAttributes(
         iterations_per_epoch=6, max_iterations=600, num_gpus=0, num_nodes=1, num_classes=10
     )

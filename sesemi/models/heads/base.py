@@ -260,7 +260,7 @@ def link_blenders(heads: Mapping[str, LossHead]) -> None:
             raise ValueError(
                 f"regularization_loss_heads.{name} ({type(head).__name__}) blends the "
                 f"pseudo-labels of a FixMatch-family head reading data.train.{head.input_data}, "
-                "and there is none; add one, e.g. 'method=[fixmatch_da,daso]'"
+                "and there is none; add one, e.g. 'method=[fixmatch,daso]'"
             )
         for base_name, base in bases.items():
             if base.uses_teacher:

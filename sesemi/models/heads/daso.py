@@ -16,7 +16,7 @@ from sesemi.models.heads.base import SUPERVISED, HeadContext, HeadInputs, LossHe
 EMPTY_CLASS = -1e4  # the similarity logit of a class with no labeled features yet
 NO_BASE_HINT = (
     "it blends the pseudo-labels of a FixMatch-family head reading the same loader; add one, "
-    "e.g. 'method=[fixmatch_da,daso]'"
+    "e.g. 'method=[fixmatch,daso]'"
 )
 
 

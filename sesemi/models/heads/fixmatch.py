@@ -65,7 +65,7 @@ class FixMatchLossHead(LossHead):
     With the learner's reference image (CDMAD, arXiv:2403.10391; `method=[fixmatch,cdmad]`),
     that featureless image joins the weak views' pass and its logits are subtracted from
     theirs before the softmax: `q = softmax((z_weak - z_ref) / T)`. With a DASO head
-    (`sesemi.models.heads.daso`; `method=[fixmatch_da,daso]`), `q` is blended with its
+    (`sesemi.models.heads.daso`; `method=[fixmatch,daso]`), `q` is blended with its
     similarity-based pseudo-labels before the policy sees it.
 
     Logs `mask_rate` (the mean mask: the share of unlabeled images used), `confidence` (mean max
