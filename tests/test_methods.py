@@ -257,6 +257,40 @@ def test_daso_adds_its_head_to_any_fixmatch_family_method_and_keeps_the_base():
     assert head["pretrain_steps"] == pytest.approx(12)
 
 
+def test_a_daso_run_resumed_between_epochs_ends_with_the_same_weights_and_queues(
+    digits_root, tmp_path, one_thread
+):
+    import torch
+
+    def fit(name: str, *extra: str):
+        overrides = [
+            "method=[fixmatch,daso]",
+            f"run.data_root={digits_root}",
+            f"run.dir={tmp_path / name}",
+            *FAST,
+            "run.num_iterations=null",
+            "run.seed=3",
+            "data.train.supervised.full_batches=false",
+            "learner.hparams.model.regularization_loss_heads.daso.head.dist_period=5",
+            "learner.hparams.lr_scheduler=null",  # a schedule would follow each run's length
+            *extra,
+        ]
+        return sesemi.fit(sesemi.compose("demo", overrides))
+
+    whole = fit("whole", "run.num_epochs=2")
+    first = fit("first", "run.num_epochs=1")
+    rest = fit("rest", "run.num_epochs=2", f"run.resume_from_checkpoint={first.last_checkpoint}")
+    a, b, c = (torch.load(r.last_checkpoint, weights_only=True) for r in (whole, first, rest))
+    assert a["global_step"] == c["global_step"] == 2 * b["global_step"] > 5
+    assert a["state_dict"].keys() == c["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, c["state_dict"][key]), key
+    # The queues and the pseudo-label counts moved in the second epoch, and were carried over.
+    daso = {k: v for k, v in a["state_dict"].items() if k.startswith("heads.daso.")}
+    assert daso["heads.daso.periods"] > 0 and daso["heads.daso.queue_filled"].sum() > 0
+    assert not torch.equal(daso["heads.daso.queue"], b["state_dict"]["heads.daso.queue"])
+
+
 def write_pseudo_labels(folder: Path, images: Path, classes: list[str]) -> Path:
     """A `pseudo_labeled` folder labeling `images/<class>/*` with their folder's class."""
     folder.mkdir(parents=True, exist_ok=True)
