@@ -1,4 +1,4 @@
-"""Head to head on the digits: sesemi's FixMatch, FlexMatch and ABC vs. USB's (`semilearn`).
+"""Head to head on the digits: sesemi's FixMatch, FlexMatch, ABC and DASO vs. USB's (`semilearn`).
 
 USB (microsoft/Semi-supervised-learning, PyPI `semilearn`) is the reference implementation of
 these methods. For every seed, both libraries train on the SAME prepared split and are scored on
@@ -49,6 +49,13 @@ on FixMatch: sesemi's `method=[fixmatch,abc]` (its `balanced_head` predicts), US
     python benchmarks/peer_usb.py --imbalance 10 --methods abc fixmatch --seeds 0 --steps 600 \
         --out benchmarks/results/peer_usb_abc.md
 
+Method `daso` is DASO (Oh, Kim & Kweon, CVPR 2022, arXiv:2106.05682) on FixMatch: sesemi's
+`method=[fixmatch,daso]`, USB's `fixmatch` with `imb_algorithm='daso'` (its settings read from
+sesemi's DASO head; the linear classifier predicts in both):
+
+    python benchmarks/peer_usb.py --imbalance 10 --methods daso --seeds 0 1 2 --steps 600 \
+        --out benchmarks/results/peer_usb_daso.md
+
 A quick check of the whole pipeline (minutes, mostly the USB environment on first use):
 
     python benchmarks/peer_usb.py --seeds 0 --steps 5
@@ -81,12 +88,18 @@ from _report import emit  # benchmarks/_report.py (the script's own folder)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LIBRARIES = ("sesemi", "usb")
-METHODS = ("fixmatch", "flexmatch", "abc")
-METHOD_LABELS = {"fixmatch": "FixMatch", "flexmatch": "FlexMatch", "abc": "FixMatch + ABC"}
-# sesemi's `method=` value where it is not the method's name (ABC is an add-on to FixMatch).
-SESEMI_METHODS = {"abc": "[fixmatch,abc]"}
+METHODS = ("fixmatch", "flexmatch", "abc", "daso")
+METHOD_LABELS = {
+    "fixmatch": "FixMatch",
+    "flexmatch": "FlexMatch",
+    "abc": "FixMatch + ABC",
+    "daso": "FixMatch + DASO",
+}
+# sesemi's `method=` value where it is not the method's name (ABC and DASO are add-ons to
+# FixMatch).
+SESEMI_METHODS = {"abc": "[fixmatch,abc]", "daso": "[fixmatch,daso]"}
 # USB's (algorithm, imb_algorithm) where it is not (the method's name, None).
-USB_ALGORITHMS = {"abc": ("fixmatch", "abc")}
+USB_ALGORITHMS = {"abc": ("fixmatch", "abc"), "daso": ("fixmatch", "daso")}
 USB_VERSION = "0.3.2"
 # pip takes these two from this machine's disk; the same builds as the project's environment.
 USB_TORCH = ("torch==2.14.1", "torchvision==0.29.1")
@@ -305,6 +318,74 @@ def usb_strong_transform(node: dict, sources: types.SimpleNamespace):
     return v2.Compose(steps)
 
 
+def patch_daso_first_period(hook) -> dict:
+    """Makes USB's `DASOPseudoLabelingHook` read the pseudo-label counts so far while no
+    `num_pl_dist_iter` period has closed yet, as sesemi's DASO head does; returns a record of
+    the steps it did so (filled in during training).
+
+    USB's hook starts from all-zero counts, and `get_pl_dist` normalizes them: 0 / 0 is NaN, the
+    blended probabilities are NaN and every pseudo-label becomes class 0 (argmax of NaN) from
+    `num_pretrain_iter` until the first period closes. USB's defaults (5120 pretraining steps,
+    periods of 100) never get there; a run whose pretraining is shorter than a period does.
+    Once a period has closed, or where no pseudo-label has been counted yet, the hook is USB's.
+    """
+    import torch
+
+    record = {"steps": 0}
+    original = hook.get_pl_dist
+
+    def get_pl_dist(normalize: bool = True):
+        closed = torch.as_tensor(hook.pseudo_label_dist, dtype=torch.float).sum() > 0
+        if closed or not hook.pseudo_label_list:
+            return original(normalize)
+        labels = torch.cat(hook.pseudo_label_list, 0)
+        counts = torch.bincount(labels, minlength=hook.num_classes).float()
+        record["steps"] += 1
+        return counts / counts.sum() if normalize else counts
+
+    hook.get_pl_dist = get_pl_dist
+    return record
+
+
+def patch_daso_current_similarities(algorithm, model) -> None:
+    """Makes USB's DASO blend each weak view with its own similarities of this step
+    (`--usb-daso-similarities current`).
+
+    USB's `DASO.train_step` computes `probs_sim` (the weak views' similarity softmax) after
+    FixMatch's `train_step` has made the pseudo-labels with it, so each blend reads the previous
+    step's `probs_sim`, the previous unlabeled batch's images. Here a forward hook on `model`
+    keeps the features of its last call, which in FixMatch's `train_step` (use_cat=False) is
+    the weak views' pass, and the pseudo-labeling hook sets `probs_sim` from them, with DASO's
+    own prototypes, similarity and T_proto, before it blends; DASO's loss then recomputes the
+    same `probs_sim`.
+    """
+    import torch
+
+    captured = {}
+
+    def keep_features(module, inputs, output) -> None:
+        if isinstance(output, dict) and "feat" in output:
+            captured["feat"] = output["feat"]
+
+    model.register_forward_hook(keep_features)
+    hook = algorithm.hooks_dict["PseudoLabelingHook"]
+    original = hook.gen_ulb_targets
+
+    def gen_ulb_targets(alg, *args, **kwargs):
+        if alg.it >= alg.num_pretrain_iter:
+            feats = captured["feat"].detach()
+            logits = kwargs.get("logits", args[0] if args else None)
+            if logits is not None and len(feats) != len(logits):
+                raise RuntimeError("the last forward pass was not the weak views'")
+            prototypes = alg.queue.prototypes
+            with torch.no_grad():
+                sim = alg.similarity_fn(feats.unsqueeze(1), prototypes.unsqueeze(0))
+                alg.probs_sim = (sim / alg.T_proto).softmax(dim=1)
+        return original(alg, *args, **kwargs)
+
+    hook.gen_ulb_targets = gen_ulb_targets
+
+
 def usb_worker(spec_path: pathlib.Path) -> int:
     """Trains USB's algorithm as `spec` says and writes its val scores to `spec["result"]`."""
     start = time.time()
@@ -406,8 +487,24 @@ def usb_worker(spec_path: pathlib.Path) -> int:
             lb_imb_ratio=spec["imbalance"] or 1,
             ulb_imb_ratio=spec["imbalance"] or 1,
         )
+    elif imb_algorithm == "daso":
+        daso = spec["daso"]
+        config.update(
+            imb_algorithm="daso",
+            daso_queue_len=daso["queue_size"],
+            daso_T_proto=daso["proto_temperature"],
+            daso_T_dist=daso["dist_temperature"],
+            daso_interp_alpha=0.5,  # USB's default; unused with daso_with_dist_aware
+            daso_with_dist_aware=True,
+            daso_assign_loss_ratio=daso["loss_ratio"],
+            daso_num_pl_dist_iter=daso["dist_period"],
+            daso_num_pretrain_iter=daso["pretrain_steps"],
+            # For the record (ImbAlgorithmBase stores them; DASO does not read them).
+            lb_imb_ratio=spec["imbalance"] or 1,
+            ulb_imb_ratio=spec["imbalance"] or 1,
+        )
     elif imb_algorithm is not None:
-        raise ValueError(f"peer_usb runs USB's imb_algorithm abc only, not {imb_algorithm}")
+        raise ValueError(f"peer_usb runs USB's imb_algorithm abc or daso only, not {imb_algorithm}")
     args = get_config(config)
 
     def net_builder(num_classes: int, pretrained: bool = False, **kwargs: object):
@@ -429,6 +526,13 @@ def usb_worker(spec_path: pathlib.Path) -> int:
                 return datasets
 
         algorithm = ImbAlgorithm(args=args, net_builder=net_builder, tb_log=None, logger=None)
+    first_period = None
+    if imb_algorithm == "daso":
+        first_period = patch_daso_first_period(algorithm.hooks_dict["PseudoLabelingHook"])
+        if spec["daso"]["similarities"] == "current":
+            if spec["use_cat"]:
+                raise ValueError("--usb-daso-similarities current needs separate forward passes")
+            patch_daso_current_similarities(algorithm, algorithm.model)
 
     # USB's send_model_cuda with gpu=None wraps both models in DataParallel (ABC reaches its
     # classifier through model.module); on the CPU DataParallel only calls the module.
@@ -552,6 +656,8 @@ def usb_worker(spec_path: pathlib.Path) -> int:
         "stubs": stubbed,
         "patched": patched,
     }
+    if first_period is not None:  # DASO: steps that read the first period's counts so far
+        result["daso_first_period_steps"] = first_period["steps"]
     pathlib.Path(spec["result"]).write_text(json.dumps(result, indent=2) + "\n")
     print(f"peer_usb worker: val top-1 {final:.4f} (EMA {ema:.4f}), {out_key}", flush=True)
     return 0
@@ -767,9 +873,32 @@ def usb_spec(method: str, seed: int, split_seed: int, args: argparse.Namespace) 
         f"supervised_loss {supervised}",
     )
     heads = model.get("regularization_loss_heads") or {}
-    wanted = {"fixmatch", "abc"} if method == "abc" else {"fixmatch"}
+    wanted = {"fixmatch", method} if method in ("abc", "daso") else {"fixmatch"}
     _require(set(heads) == wanted, f"loss heads {sorted(heads)} for method {method}")
-    abc = None
+    abc = daso = None
+    if method == "daso":
+        term = heads["daso"]
+        head = term["head"]
+        _require(head["_target_"].endswith(".DASOLossHead"), f"the DASO head {head['_target_']}")
+        _require(term.get("scheduler") is None, "a weight schedule on the DASO term")
+        _require(term.get("reduction", "mean") == "mean", "the DASO term's reduction")
+        _require(head.get("input_data") == "unlabeled", "DASO on another loader than unlabeled")
+        _require(head.get("input_backbone", "backbone") == "backbone", "DASO on another backbone")
+        daso = {
+            "queue_size": int(head.get("queue_size", 256)),
+            "proto_temperature": float(head.get("proto_temperature", 0.05)),
+            "dist_temperature": float(head.get("dist_temperature", 1.5)),
+            # sesemi's default is 2 % of the run, a float (12.0 at 600 steps); the head casts.
+            "pretrain_steps": int(head.get("pretrain_steps", 0)),
+            "dist_period": int(head.get("dist_period", 100)),
+            "loss_ratio": float(term.get("scale_factor", 1.0)),
+            "similarities": args.usb_daso_similarities,
+        }
+        _require(
+            daso["pretrain_steps"] >= 1,
+            "DASO without pretraining steps (USB's first blend reads a previous step's "
+            "similarities)",
+        )
     if method == "abc":
         _require(
             bool(model.get("balanced_head")), "ABC without learner.hparams.model.balanced_head"
@@ -815,7 +944,7 @@ def usb_spec(method: str, seed: int, split_seed: int, args: argparse.Namespace) 
         flexmatch_warmup = bool(threshold.get("warmup", True))
         threshold = threshold.get("threshold", 0.95)
     else:
-        _require(method in ("fixmatch", "abc"), f"a fixed threshold for method {method}")
+        _require(method in ("fixmatch", "abc", "daso"), f"a fixed threshold for method {method}")
     optimizer = dict(hparams["optimizer"])
     _require(optimizer.pop("_target_") == "torch.optim.SGD", "an optimizer other than SGD")
     optimizer.pop("_partial_", None)
@@ -834,7 +963,7 @@ def usb_spec(method: str, seed: int, split_seed: int, args: argparse.Namespace) 
         "the unlabeled loader's transform is not MultiView([weak, strong])",
     )
     algorithm, imb_algorithm = USB_ALGORITHMS.get(method, (method, None))
-    return {
+    spec = {
         "method": method,
         "algorithm": algorithm,
         "imb_algorithm": imb_algorithm,
@@ -878,6 +1007,9 @@ def usb_spec(method: str, seed: int, split_seed: int, args: argparse.Namespace) 
         "usb_strong": args.usb_strong,
         "sampler": args.usb_sampler,
     }
+    if daso:  # only DASO's specs carry the key (the other methods' specs stay as they were)
+        spec["daso"] = daso
+    return spec
 
 
 def thread_env(threads: int) -> dict:
@@ -1154,6 +1286,55 @@ def unmatched_settings(args: argparse.Namespace, usb_record: dict | None) -> lis
             " and of the EMA weights (both in the table); sesemi predicts with balanced_head, "
             "final weights.",
         ]
+    if "daso" in args.methods:
+        items += [
+            "DASO in USB: imb_algorithm='daso' over algorithm='fixmatch', built as ABC is "
+            "(a class over both); daso_queue_len, daso_T_proto, daso_T_dist, "
+            "daso_assign_loss_ratio, daso_num_pl_dist_iter and daso_num_pretrain_iter read "
+            "from sesemi's DASO head and term (queue_size, proto_temperature, dist_temperature, "
+            "scale_factor, dist_period, int(pretrain_steps)), daso_with_dist_aware=True (so "
+            "daso_interp_alpha is unused). USB's DASO runs on the CPU as it is: its extra "
+            "labeled forward under ema.apply_shadow() and out_dict['feat'] work with the "
+            "worker's model (which returns 'feat') and DataParallel wrapper.",
+            "DASO mask: USB's FixMatch computes the mask (max p >= threshold) on the linear "
+            "probabilities p before its DASO pseudo-labeling hook blends them, so it keeps the "
+            "images the linear classifier is sure of, with the blended pseudo-label's class; "
+            "sesemi thresholds the blended p' (as, its docstring says, the original DASO code "
+            "does).",
+            "DASO semantic pseudo-labels: USB computes the weak views' similarity softmax "
+            "(probs_sim) in DASO.train_step after FixMatch's train_step has already made the "
+            "pseudo-labels, so a step's blend uses the previous step's probs_sim: the "
+            "similarities of the previous unlabeled batch's images (and the previous weights), "
+            "row by row against this batch's linear probabilities. sesemi blends each image's "
+            "own similarities of this step. "
+            + (
+                "The USB runs here (--usb-daso-similarities current) are patched to blend "
+                "each image's own similarities of this step (patch_daso_current_similarities: "
+                "the weak pass's features, kept by a forward hook, against USB's prototypes)."
+                if args.usb_daso_similarities == "current"
+                else "Not changed in the USB runs (USB as installed; --usb-daso-similarities "
+                "current patches it)."
+            ),
+            "DASO prototype queues: USB fills them with the EMA model's features (ema_m "
+            f"{args.ema}: its parameters, in training mode, so the labeled batch's own BatchNorm "
+            "statistics and dropout) from an extra forward pass of the labeled batch each step, "
+            "before the step's pseudo-labels; that extra pass also updates the BatchNorm running"
+            " statistics used at evaluation. sesemi queues the student's features of its "
+            "supervised pass, after the step's pseudo-labels. A class with an empty queue has "
+            "a zero prototype (cosine 0) in USB, a far-below logit in sesemi (here every class "
+            "is normally queued within the first steps, before pretraining ends: batches of "
+            "32 of the labeled images).",
+            "DASO start: USB adds the alignment loss from step num_pretrain_iter - 1 (its "
+            "check is it + 1 < num_pretrain_iter) and blends from step num_pretrain_iter; "
+            "sesemi starts both at step pretrain_steps (0-based steps).",
+            "DASO first period: USB's pseudo-label distribution starts at all zeros, which "
+            "its normalization turns into NaN (every blended pseudo-label class 0) from "
+            "num_pretrain_iter until the first period of num_pl_dist_iter steps closes; USB's "
+            "defaults (5120 and 100) never reach that, these runs do (pretraining shorter than "
+            "a period). The worker's patch (patch_daso_first_period) makes USB's hook read the "
+            "counts so far until then, sesemi's rule; from the first closed period on, both use "
+            "the last period's counts.",
+        ]
     if usb_record and usb_record.get("stubs"):
         items.append(
             "Stubbed in the USB process (imported by `import semilearn`, used only by its audio, "
@@ -1214,6 +1395,19 @@ def shared_settings(specs: dict[str, dict]) -> str:
                 f"{abc['threshold']}, kept with probability 1 - (t / {abc['total_steps']}) "
                 f"(1 - N_min / N_c) of its pseudo-label, t the 0-based step; weight "
                 f"{abc['loss_ratio']}; evaluation predicts with it)"
+            )
+        if s.get("daso"):
+            daso = s["daso"]
+            text += (
+                f", plus DASO (per class a queue of the last {daso['queue_size']} labeled "
+                "features, prototypes = their means; the weak view's probabilities p, argmax k, "
+                "blended with softmax(cos(z, prototypes) / "
+                f"{daso['proto_temperature']}) with weight (m_k / max m)^(1 / "
+                f"{daso['dist_temperature']}), m the pseudo-labels' class counts of the last "
+                f"closed period of {daso['dist_period']} steps; alignment loss (soft CE of the "
+                "strong view's similarity softmax to the weak view's, every unlabeled image) "
+                f"weight {daso['loss_ratio']}; both after {daso['pretrain_steps']} pretraining "
+                "steps; the linear classifier predicts)"
             )
         thresholds.append(text)
     transforms = spec["transforms"]
@@ -1373,6 +1567,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="the USB runs' batches: USB's RandomSampler (labeled batches always full) or drawn "
         "as sesemi draws unfilled ones; default: as sesemi's config (its labeled loader's "
         "full_batches: false unless --set data.train.supervised.full_batches=true)",
+    )
+    parser.add_argument(
+        "--usb-daso-similarities",
+        choices=("previous", "current"),
+        default="previous",
+        help="DASO's semantic pseudo-labels in the USB runs: USB's, computed after the step's "
+        "pseudo-labels, so a blend reads the previous step's (default), or the step's own",
     )
     parser.add_argument(
         "--set",
