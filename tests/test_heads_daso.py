@@ -261,3 +261,20 @@ def test_daso_without_a_fixmatch_family_head_or_with_a_teacher_is_a_clear_error(
 def test_bad_settings_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DASOLossHead("unlabeled", **kwargs)
+
+
+def test_large_queues_warn_with_their_size_and_the_setting_to_lower(caplog, monkeypatch):
+    # ImageNet-sized queues (1,000 classes x 256 x 2,048 floats) would take 2 GiB; here the
+    # threshold is lowered instead of allocating that much.
+    import sesemi.models.heads.daso as daso_module
+
+    monkeypatch.setattr(daso_module, "LARGE_QUEUES", 3 * 4 * 3 * 4 - 1)  # _daso's, minus 1
+    with caplog.at_level("WARNING", logger="sesemi.models.heads.daso"):
+        _daso()
+    assert "3 classes x queue_size 4 x 3 features" in caplog.text
+    assert "daso.head.queue_size" in caplog.text
+    monkeypatch.setattr(daso_module, "LARGE_QUEUES", 3 * 4 * 3 * 4)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sesemi.models.heads.daso"):
+        _daso()
+    assert not caplog.text

@@ -6,6 +6,8 @@ Imbalanced Semi-Supervised Learning", CVPR 2022, arXiv:2106.05682.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -13,7 +15,9 @@ from torch import Tensor
 from sesemi.models.distributed import global_class_counts, global_concat
 from sesemi.models.heads.base import SUPERVISED, HeadContext, HeadInputs, LossHead, views_key
 
+log = logging.getLogger(__name__)
 EMPTY_CLASS = -1e4  # the similarity logit of a class with no labeled features yet
+LARGE_QUEUES = 512 * 2**20  # bytes of queues worth a warning (they live on the device)
 NO_BASE_HINT = (
     "it blends the pseudo-labels of a FixMatch-family head reading the same loader; add one, "
     "e.g. 'method=[fixmatch,daso]'"
@@ -63,7 +67,9 @@ class DASOLossHead(LossHead):
     the counts m gather from the first step (the base head's pseudo-labels then). Until the
     first `dist_period` closes, m is the counts so far. All state (queues, counts) is in
     buffers, saved in checkpoints, and equal on every DDP process (labeled features and counts
-    are gathered over processes).
+    are gathered over processes). The queues hold classes x `queue_size` x the backbone's width
+    floats (5 MiB for 10 classes of ResNet-18's 512 features; 2 GiB for 1,000 classes of 2,048):
+    above 512 MiB the head warns, naming `queue_size`.
 
     Deviations: the queues hold the student's features of the labeled batch (the learner's
     supervised pass), not an EMA model's, and take a step's labeled batch after that step's
@@ -128,6 +134,18 @@ class DASOLossHead(LossHead):
         classes = context.num_classes
         if "queue" in self._buffers:
             return
+        size = classes * self.queue_size * width * 4
+        if size > LARGE_QUEUES:
+            log.warning(
+                "DASO's queues take %.2f GiB (%d classes x queue_size %d x %d features, float32) "
+                "on the device and in every checkpoint; lower "
+                "regularization_loss_heads.%s.head.queue_size to shrink them",
+                size / 2**30,
+                classes,
+                self.queue_size,
+                width,
+                self.name or "daso",
+            )
         self.register_buffer("queue", torch.zeros(classes, self.queue_size, width))
         self.register_buffer("queue_filled", torch.zeros(classes, dtype=torch.long))
         self.register_buffer("queue_next", torch.zeros(classes, dtype=torch.long))
