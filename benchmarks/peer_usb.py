@@ -477,20 +477,19 @@ def usb_worker(spec_path: pathlib.Path) -> int:
     }
     if algorithm_name == "flexmatch":
         config["thresh_warmup"] = spec["flexmatch_warmup"]
-    if imb_algorithm == "abc":
-        abc = spec["abc"]
+    if imb_algorithm is not None:
         config.update(
-            imb_algorithm="abc",
-            abc_p_cutoff=abc["threshold"],
-            abc_loss_ratio=abc["loss_ratio"],
-            # For the record (ImbAlgorithmBase stores them; ABC does not read them).
+            imb_algorithm=imb_algorithm,
+            # For the record (ImbAlgorithmBase stores them; ABC and DASO do not read them).
             lb_imb_ratio=spec["imbalance"] or 1,
             ulb_imb_ratio=spec["imbalance"] or 1,
         )
+    if imb_algorithm == "abc":
+        abc = spec["abc"]
+        config.update(abc_p_cutoff=abc["threshold"], abc_loss_ratio=abc["loss_ratio"])
     elif imb_algorithm == "daso":
         daso = spec["daso"]
         config.update(
-            imb_algorithm="daso",
             daso_queue_len=daso["queue_size"],
             daso_T_proto=daso["proto_temperature"],
             daso_T_dist=daso["dist_temperature"],
@@ -499,9 +498,6 @@ def usb_worker(spec_path: pathlib.Path) -> int:
             daso_assign_loss_ratio=daso["loss_ratio"],
             daso_num_pl_dist_iter=daso["dist_period"],
             daso_num_pretrain_iter=daso["pretrain_steps"],
-            # For the record (ImbAlgorithmBase stores them; DASO does not read them).
-            lb_imb_ratio=spec["imbalance"] or 1,
-            ulb_imb_ratio=spec["imbalance"] or 1,
         )
     elif imb_algorithm is not None:
         raise ValueError(f"peer_usb runs USB's imb_algorithm abc or daso only, not {imb_algorithm}")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # The spec's experiment layout (`defaults: [base]`) made tiny: a 2-class folder at 32 px, the test
@@ -66,6 +67,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class IdentityFeatures(torch.nn.Module):
+    """A stub backbone for head tests: the images are their features (x * 1, with a parameter
+    for gradients); `out_features` 3."""
+
+    out_features = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        return x * self.weight
 
 
 def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:

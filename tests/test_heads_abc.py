@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import IdentityFeatures as Features
 from torch import nn
 
 from sesemi.models.heads.abc import (
@@ -15,19 +16,6 @@ from sesemi.models.heads.abc import (
 )
 from sesemi.models.heads.base import HeadContext, HeadInputs, views_key
 from sesemi.models.heads.fixmatch import FixMatchLossHead
-
-
-class Features(nn.Module):
-    """A stub backbone: the images are their features (x * 1, a parameter for gradients)."""
-
-    out_features = 3
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.tensor(1.0))
-
-    def forward(self, x):
-        return x * self.weight
 
 
 def _modules():

@@ -10,25 +10,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import IdentityFeatures as Features
 from conftest import free_port
 from torch import nn
 
 from sesemi.models.heads.base import HeadContext, HeadInputs, link_blenders, views_key
 from sesemi.models.heads.daso import DASOLossHead, blend_weights, similarity_logits
 from sesemi.models.heads.fixmatch import FixMatchLossHead
-
-
-class Features(nn.Module):
-    """A stub backbone: the images are their features (x * 1, a parameter for gradients)."""
-
-    out_features = 3
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.tensor(1.0))
-
-    def forward(self, x):
-        return x * self.weight
 
 
 def _context(**kwargs) -> HeadContext:
