@@ -820,6 +820,18 @@ def _loader(node: dict, run: dict, root: pathlib.Path, where: str) -> dict:
     }
 
 
+def _add_on_term(heads: dict, name: str, label: str, target: str) -> tuple[dict, dict]:
+    """An add-on's loss term and head (ABC, DASO), checked for what USB can match: its class, no
+    weight schedule, a mean reduction, the unlabeled loader."""
+    term = heads[name]
+    head = term["head"]
+    _require(head["_target_"].endswith(target), f"the {label} head {head['_target_']}")
+    _require(term.get("scheduler") is None, f"a weight schedule on the {label} term")
+    _require(term.get("reduction", "mean") == "mean", f"the {label} term's reduction")
+    _require(head.get("input_data") == "unlabeled", f"{label} on another loader than unlabeled")
+    return term, head
+
+
 def usb_spec(method: str, seed: int, split_seed: int, args: argparse.Namespace) -> dict:
     """The settings of sesemi's run, read from its composed config, as the USB worker's spec.
 
@@ -873,12 +885,7 @@ def usb_spec(method: str, seed: int, split_seed: int, args: argparse.Namespace) 
     _require(set(heads) == wanted, f"loss heads {sorted(heads)} for method {method}")
     abc = daso = None
     if method == "daso":
-        term = heads["daso"]
-        head = term["head"]
-        _require(head["_target_"].endswith(".DASOLossHead"), f"the DASO head {head['_target_']}")
-        _require(term.get("scheduler") is None, "a weight schedule on the DASO term")
-        _require(term.get("reduction", "mean") == "mean", "the DASO term's reduction")
-        _require(head.get("input_data") == "unlabeled", "DASO on another loader than unlabeled")
+        term, head = _add_on_term(heads, "daso", "DASO", ".DASOLossHead")
         _require(head.get("input_backbone", "backbone") == "backbone", "DASO on another backbone")
         daso = {
             "queue_size": int(head.get("queue_size", 256)),
@@ -899,12 +906,7 @@ def usb_spec(method: str, seed: int, split_seed: int, args: argparse.Namespace) 
         _require(
             bool(model.get("balanced_head")), "ABC without learner.hparams.model.balanced_head"
         )
-        term = heads["abc"]
-        head = term["head"]
-        _require(head["_target_"].endswith(".ABCLossHead"), f"the ABC head {head['_target_']}")
-        _require(term.get("scheduler") is None, "a weight schedule on the ABC term")
-        _require(term.get("reduction", "mean") == "mean", "the ABC term's reduction")
-        _require(head.get("input_data") == "unlabeled", "ABC on another loader than unlabeled")
+        term, head = _add_on_term(heads, "abc", "ABC", ".ABCLossHead")
         _require(
             head.get("input_head", "balanced_head") == "balanced_head"
             and head.get("input_backbone", "backbone") == "backbone",

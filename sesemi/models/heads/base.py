@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 # How to give the learner an EMA teacher, for every head that reads one.
 SUPERVISED = "supervised"  # The data.train loader the supervised loss reads, and its term's name.
+# What a head that blends pseudo-labels (DASO) needs beside it.
+BLEND_BASE_HINT = "add one, e.g. 'method=[fixmatch,daso]'"
 EMA_HINT = (
     "set learner.hparams.model.ema: {decay: 0.999} "
     "(on the command line: +learner.hparams.model.ema.decay=0.999)"
@@ -260,7 +262,7 @@ def link_blenders(heads: Mapping[str, LossHead]) -> None:
             raise ValueError(
                 f"regularization_loss_heads.{name} ({type(head).__name__}) blends the "
                 f"pseudo-labels of a FixMatch-family head reading data.train.{head.input_data}, "
-                "and there is none; add one, e.g. 'method=[fixmatch,daso]'"
+                f"and there is none; {BLEND_BASE_HINT}"
             )
         for base_name, base in bases.items():
             if base.uses_teacher:

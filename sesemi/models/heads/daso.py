@@ -13,14 +13,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sesemi.models.distributed import global_class_counts, global_concat
-from sesemi.models.heads.base import SUPERVISED, HeadContext, HeadInputs, LossHead, views_key
+from sesemi.models.heads.base import (
+    BLEND_BASE_HINT,
+    SUPERVISED,
+    HeadContext,
+    HeadInputs,
+    LossHead,
+    views_key,
+)
 
 log = logging.getLogger(__name__)
 EMPTY_CLASS = -1e4  # the similarity logit of a class with no labeled features yet
 LARGE_QUEUES = 512 * 2**20  # bytes of queues worth a warning (they live on the device)
 NO_BASE_HINT = (
-    "it blends the pseudo-labels of a FixMatch-family head reading the same loader; add one, "
-    "e.g. 'method=[fixmatch,daso]'"
+    f"it blends the pseudo-labels of a FixMatch-family head reading the same loader; "
+    f"{BLEND_BASE_HINT}"
 )
 
 
@@ -124,6 +131,8 @@ class DASOLossHead(LossHead):
         self.pretrain_steps = int(pretrain_steps)
         self.dist_period = int(dist_period)
         self.blend_values: dict[str, Tensor] = {}
+        # `blend`'s (weak features, semantic pseudo-labels) of the step, reused by `forward`.
+        self.weak_semantic: tuple[Tensor, Tensor] | None = None
 
     def build(self, context: HeadContext) -> None:
         """Creates the queues (classes x `queue_size` x the backbone's width) and the counts."""
@@ -188,9 +197,10 @@ class DASOLossHead(LossHead):
         """The base head's weak probabilities `(B, C)`, blended with the semantic pseudo-labels
         of their features `(B, D)` (unchanged before `pretrain_steps`); in training, counts the
         final pseudo-labels' classes."""
-        self.blend_values = {}
+        self.blend_values, self.weak_semantic = {}, None
         if step >= self.pretrain_steps:
             semantic = self.semantic_logits(weak_features).softmax(dim=1)
+            self.weak_semantic = (weak_features, semantic)  # the alignment loss's target
             linear = probs.argmax(dim=1)
             weight = blend_weights(self.counts(), self.dist_temperature)[linear].unsqueeze(1)
             probs = (1.0 - weight) * probs + weight * semantic.to(probs)
@@ -213,8 +223,11 @@ class DASOLossHead(LossHead):
         weak_features, strong_features = cached
         self.log_values = dict(self.blend_values)
         if inputs.step >= self.pretrain_steps:
-            with torch.no_grad():
-                target = self.semantic_logits(weak_features).softmax(dim=1)
+            if self.weak_semantic is not None and self.weak_semantic[0] is weak_features:
+                target = self.weak_semantic[1]  # `blend`'s, of these features and prototypes
+            else:
+                with torch.no_grad():
+                    target = self.semantic_logits(weak_features).softmax(dim=1)
             log_probs = F.log_softmax(self.semantic_logits(strong_features), dim=1)
             losses = -(target * log_probs).sum(dim=1)
             if targets is not None and (targets >= 0).any():
@@ -223,6 +236,7 @@ class DASOLossHead(LossHead):
                 self.log_values["semantic_acc"] = hits.float().mean()
         else:
             losses = strong_features.new_zeros(len(strong))
+        self.weak_semantic = None
         labeled = inputs.data.get(SUPERVISED)
         if self.training and labeled is not None and "supervised_backbone" in inputs.features:
             labels = labeled[1].argmax(dim=1) if labeled[1].ndim == 2 else labeled[1]

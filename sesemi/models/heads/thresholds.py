@@ -9,7 +9,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sesemi.models.distributed import distributed, global_class_counts, global_sums
+from sesemi.models.distributed import (
+    distributed,
+    global_class_counts,
+    global_concat,
+    global_sums,
+)
 from sesemi.models.heads.base import HeadContext
 
 
@@ -297,16 +302,9 @@ class FlexMatchThreshold(ThresholdPolicy):
             )
         indices = indices.to(self.selected_label.device).long()
         labels = torch.where(confident, pseudo_labels, torch.full_like(pseudo_labels, -1))
-        packed = torch.stack([indices, labels.to(indices.device)])  # (2, B)
-        if distributed():
-            size = torch.tensor([packed.shape[1]], device=packed.device)
-            dist.all_reduce(size, op=dist.ReduceOp.MAX)
-            padded = packed.new_full((2, int(size)), -1)
-            padded[:, : packed.shape[1]] = packed
-            gathered = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
-            dist.all_gather(gathered, padded)
-            packed = torch.cat(gathered, dim=1)
-        indices, labels = packed[0], packed[1]
+        packed = torch.stack([indices, labels.to(indices.device)], dim=1)  # (B, 2)
+        packed = global_concat(packed)  # every process's images, in rank order
+        indices, labels = packed[:, 0], packed[:, 1]
         keep = (indices >= 0) & (labels >= 0)
         if keep.any() and int(indices[keep].max()) >= self.unlabeled_size:
             raise ValueError(
