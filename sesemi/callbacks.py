@@ -280,19 +280,31 @@ class CheckpointMetadata(Callback):
     `checkpoint["sesemi"]` holds the class names (in target order), the eval preprocessing
     (`center_crop_transforms` arguments) and a plain description of the network (its class
     count and, for `sesemi.PyTorchImageModels`, the timm name and arguments), so `predict`,
-    `export` and `load_classifier` rebuild it from data alone; and the number of training
-    processes, which a resumed run must match.
+    `export` and `load_classifier` rebuild it from data alone; the hand-labeled training images
+    of each class (`pseudo-label --balance crest` rates the classes by them); and the number of
+    training processes, which a resumed run must match.
     """
 
-    def __init__(self, class_names: list[str] | None, preprocessing: Mapping | None) -> None:
+    def __init__(
+        self,
+        class_names: list[str] | None,
+        preprocessing: Mapping | None,
+        labeled_class_counts: list[int] | None = None,
+    ) -> None:
         """Initializes the callback.
 
         Args:
             class_names: The class names in target order (from the labeled image folders).
             preprocessing: `center_crop_transforms` arguments that prepare an image.
+            labeled_class_counts: The hand-labeled training images of each class, for
+                `pseudo-label --balance crest`; None when unknown.
         """
         self.class_names = list(class_names) if class_names is not None else None
         self.preprocessing = dict(preprocessing) if preprocessing is not None else None
+        counts = [int(n) for n in labeled_class_counts or []]
+        # Classes past the last labeled one have no images (the tally stops at the last).
+        counts += [0] * (len(self.class_names or []) - len(counts))
+        self.labeled_class_counts = counts if labeled_class_counts is not None else None
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -308,6 +320,7 @@ class CheckpointMetadata(Callback):
                 "backbone": spec() if callable(spec) else None,
                 "reference_image": list(getattr(net, "reference_image", None) or []) or None,
             },
+            "labeled_class_counts": self.labeled_class_counts,
             "world_size": trainer.world_size,  # training processes (resume needs as many)
         }
 

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from sesemi.errors import reporting_user_errors
 
@@ -139,8 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--balance",
         choices=BALANCE,
         default="none",
-        help="class balancing (Noisy Student): drop keeps each class's most confident images, "
-        "duplicate also repeats those of smaller classes, to --per-class images each",
+        help="class balancing. Noisy Student's: drop keeps each class's most confident images, "
+        "duplicate also repeats those of smaller classes, to --per-class images each. CReST's: "
+        "crest keeps the most confident share (N_rev / N_max)^alpha of each class's images, "
+        "rarer classes (by the run's labeled images) more; train again with them added to the "
+        "labeled set: data.train.supervised.dataset.pseudo_labels=<this -o folder>",
+    )
+    label.add_argument(
+        "--crest-alpha",
+        type=float,
+        default=1 / 3,
+        help="--balance crest: the exponent alpha of CReST's rates (1/3, USB's default; 0 keeps "
+        "every image)",
     )
     label.add_argument(
         "--per-class",
@@ -360,22 +370,49 @@ def run_export(args: argparse.Namespace) -> str:
     )
 
 
-BALANCE = ("none", "drop", "duplicate")
+BALANCE = ("none", "drop", "duplicate", "crest")
 
 
-def balance_rows(rows: list[list], mode: str, per_class: int | None = None) -> list[list]:
+def crest_rates(counts: Sequence[int], alpha: float) -> list[float]:
+    """CReST's share of each class's pseudo-labeled images to keep (Wei et al., arXiv:2102.09559).
+
+    With the classes ranked by their labeled images, `N_1 >= ... >= N_L` (ties in class order),
+    the class of rank l keeps `(N_{L+1-l} / N_1) ** alpha`: the rarest class all of its images,
+    the most frequent the share `(N_L / N_1) ** alpha`. Returned in class order.
+    """
+    if alpha < 0:
+        raise ValueError(f"--crest-alpha must be at least 0, got {alpha}")
+    if not counts or max(counts) <= 0 or min(counts) < 0:
+        raise ValueError(f"CReST needs a labeled image count per class, got {list(counts)}")
+    order = sorted(range(len(counts)), key=lambda c: -counts[c])
+    ranked = [counts[c] for c in order]
+    rates = [0.0] * len(counts)
+    for rank, c in enumerate(order):
+        rates[c] = (ranked[len(counts) - 1 - rank] / ranked[0]) ** alpha
+    return rates
+
+
+def balance_rows(
+    rows: list[list],
+    mode: str,
+    per_class: int | None = None,
+    rates: Mapping[str, float] | None = None,
+) -> list[list]:
     """Balances pseudo-labeled rows `[file, label, confidence, ...]` over their labels.
 
     Noisy Student's class balancing (Xie et al., arXiv:1911.04252): "drop" keeps each class's
     `per_class` most confident images (default: the smallest class's count); "duplicate" also
     repeats the images of smaller classes, most confident first, until each class has
-    `per_class` (default: the largest class's count). "none" returns the rows as they are.
-    Rows come back grouped by label, each class most confident first.
+    `per_class` (default: the largest class's count). CReST's: "crest" keeps each label's
+    `int(rates[label] * its images)` most confident images (`crest_rates`). "none" returns the
+    rows as they are. Rows come back grouped by label, each class most confident first.
     """
     if mode not in BALANCE:
         raise ValueError(f"--balance must be one of {', '.join(BALANCE)}, got '{mode}'")
     if mode == "none" or not rows:
         return rows
+    if mode == "crest" and rates is None:
+        raise ValueError("--balance crest needs a rate per class")
     by_label: dict[str, list[list]] = {}
     for row in rows:
         by_label.setdefault(row[1], []).append(row)
@@ -383,11 +420,30 @@ def balance_rows(rows: list[list], mode: str, per_class: int | None = None) -> l
     target = per_class or (min(counts) if mode == "drop" else max(counts))
     balanced = []
     for label in sorted(by_label):
-        group = sorted(by_label[label], key=lambda r: -float(r[2]))[:target]
+        group = sorted(by_label[label], key=lambda r: -float(r[2]))
+        if mode == "crest":
+            balanced += group[: int(rates[label] * len(group))]
+            continue
+        group = group[:target]
         if mode == "duplicate":
             group = [group[i % len(group)] for i in range(target)]
         balanced += group
     return balanced
+
+
+def _crest_rates(model, rows: list[list], alpha: float) -> list[float]:
+    """`crest_rates` by the checkpoint's labeled images per class; a checkpoint that records
+    none (written by an older sesemi) is rated by its pseudo-labels' classes, with a note."""
+    counts = model.labeled_class_counts
+    if counts is None:
+        print(
+            "open_sesemi pseudo-label: the checkpoint records no labeled images per class; "
+            "--balance crest rates the classes by the pseudo-labels' counts",
+            file=sys.stderr,
+        )
+        labels = [row[1] for row in rows]
+        counts = [labels.count(name) for name in model.class_names]
+    return crest_rates(counts, alpha)
 
 
 def run_pseudo_label(args: argparse.Namespace) -> str:
@@ -398,6 +454,8 @@ def run_pseudo_label(args: argparse.Namespace) -> str:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.per_class is not None and args.per_class < 1:
         raise ValueError(f"--per-class must be at least 1, got {args.per_class}")
+    if args.crest_alpha < 0:
+        raise ValueError(f"--crest-alpha must be at least 0, got {args.crest_alpha}")
     csv_path = os.path.join(args.output, CSV_NAME)
     _refuse_overwrite(csv_path, args.overwrite)
     model = _load(args)
@@ -416,7 +474,11 @@ def run_pseudo_label(args: argparse.Namespace) -> str:
         probs = [f"{v:.6f}" for v in p.probabilities.tolist()]
         rows.append([rel, model.class_names[int(index)], f"{float(confidence):.6f}", *probs])
     kept = len(rows)
-    rows = balance_rows(rows, args.balance, args.per_class)
+    rates = None
+    if args.balance == "crest":
+        rates = _crest_rates(model, rows, args.crest_alpha)
+        rates = dict(zip(model.class_names, rates, strict=True))
+    rows = balance_rows(rows, args.balance, args.per_class, rates)
     with _atomic_output(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "label", "confidence", *[f"p:{c}" for c in model.class_names]])
@@ -427,6 +489,7 @@ def run_pseudo_label(args: argparse.Namespace) -> str:
         "threshold": args.threshold,
         "balance": args.balance,
         "per_class": args.per_class,
+        **({"crest_alpha": args.crest_alpha, "crest_rates": rates} if rates else {}),
         "tta": args.tta,
         "checkpoint": os.path.abspath(args.checkpoint),
         "ema": args.ema,

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from sesemi.datasets import dataset as build_dataset_by_name
+from sesemi.datasets.pseudo_labeled import WithPseudoLabels
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,31 @@ def build_dataset(
             "train_transforms, ...}; to change one option of the data's transform, set it in "
             "data.transforms (e.g. +data.transforms.train.uint8_output=true)"
         )
-    return build_dataset_by_name(
+    image_transform = instantiate(transform) if transform is not None else None
+    dataset = build_dataset_by_name(
         node["name"],
         root=resolve_root(node.get("root"), data_root),
         subset=node.get("subset"),
-        image_transform=instantiate(transform) if transform is not None else None,
+        image_transform=image_transform,
         **(node.get("kwargs") or {}),
     )
+    pseudo_labels = node.get("pseudo_labels")
+    if pseudo_labels is None:
+        return dataset
+    folder = resolve_root(pseudo_labels, data_root)
+    return WithPseudoLabels(dataset, folder, image_transform, f"{where}.pseudo_labels")
+
+
+def _tally(dataset: Dataset) -> list[int] | None:
+    """Images per class index of a dataset whose images all have a class (`targets` >= 0)."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None or len(targets) != len(dataset) or len(targets) == 0:
+        return None
+    targets = [int(t) for t in targets]
+    if min(targets) < 0:
+        return None
+    tally = collections.Counter(targets)
+    return [tally[c] for c in range(max(targets) + 1)]
 
 
 def _maybe_call(node: Any, dataset: Dataset) -> Any:
@@ -570,15 +589,19 @@ class SESEMIDataModule(pl.LightningDataModule):
         loader name, for the loaders whose images all have a class (`targets` >= 0)."""
         counts = {}
         for name, spec in self.train.items():
-            targets = getattr(spec.dataset, "targets", None)
-            if targets is None or len(targets) != len(spec.dataset) or len(targets) == 0:
-                continue
-            targets = [int(t) for t in targets]
-            if min(targets) < 0:
-                continue
-            tally = collections.Counter(targets)
-            counts[name] = [tally[c] for c in range(max(targets) + 1)]
+            tally = _tally(spec.dataset)
+            if tally is not None:
+                counts[name] = tally
         return counts
+
+    def hand_labeled_counts(self) -> list[int] | None:
+        """The images of each class in the supervised loader's dataset, without the images a
+        `pseudo_labels` folder added (CReST's rates are those of the hand-labeled set)."""
+        spec = self.train.get("supervised")
+        if spec is None:
+            return None
+        dataset = spec.dataset
+        return _tally(dataset.labeled if isinstance(dataset, WithPseudoLabels) else dataset)
 
     def knn_bank_loader(self) -> DataLoader:
         """The labeled training images with the val transform, in order: the kNN memory bank.

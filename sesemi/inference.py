@@ -88,6 +88,8 @@ class TrainedModel:
         checkpoint: The checkpoint path.
         ova: The one-vs-all outlier detectors of a `method=openmatch` run (features -> 2K
             logits), or None.
+        labeled_class_counts: The run's hand-labeled training images of each class, or None
+            (older checkpoints, and runs without labeled images).
     """
 
     net: ClassifierNet
@@ -95,6 +97,7 @@ class TrainedModel:
     preprocessing: dict[str, Any]
     checkpoint: str
     ova: nn.Module | None = None
+    labeled_class_counts: list[int] | None = None
 
     def transform(self) -> v2.Compose:
         """The eval preprocessing: PIL image to a normalized `(3, H, W)` tensor."""
@@ -286,7 +289,21 @@ def load_trained_model(path: str, ema: bool = False) -> TrainedModel:
     if preprocessing is None:
         log.warning("'%s' records no preprocessing; using center_crop_transforms()", path)
         preprocessing = preprocessing_from_transform({"input_h": 224})
-    return TrainedModel(net, list(class_names), dict(preprocessing), path, _ova(state, path))
+    counts = meta.get("labeled_class_counts")
+    if counts is not None and (
+        not isinstance(counts, list | tuple)
+        or len(counts) != net.num_classes
+        or not all(isinstance(n, int) and n >= 0 for n in counts)
+    ):
+        raise ValueError(f"'{path}' records labeled class counts that are not one count per class")
+    return TrainedModel(
+        net,
+        list(class_names),
+        dict(preprocessing),
+        path,
+        _ova(state, path),
+        list(counts) if counts is not None else None,
+    )
 
 
 def _ova(state: Mapping[str, Tensor], path: str) -> nn.Module | None:

@@ -313,7 +313,7 @@ def _callbacks(
     names = class_names(data)
     preprocessing = eval_preprocessing(loaders, hparams.get("input_normalization"))
     callbacks: list = [
-        CheckpointMetadata(names, preprocessing),
+        CheckpointMetadata(names, preprocessing, data.hand_labeled_counts()),
         ConfusionReport(run_dir, names, learner.num_classes),
     ]
     knn = knn_options(hparams)

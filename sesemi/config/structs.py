@@ -74,6 +74,10 @@ class DatasetConfig:
             every subfolder.
         image_transform: The image transform, usually a `_target_` node.
         kwargs: Any other keyword arguments for the dataset builder.
+        pseudo_labels: An optional folder written by `open_sesemi pseudo-label` (relative to
+            `run.data_root` like `root`): its images join this labeled dataset with their top
+            class, through the same transform. CReST's expanded labeled set
+            (`pseudo-label --balance crest`, then train again with this set).
     """
 
     name: str = MISSING
@@ -81,6 +85,7 @@ class DatasetConfig:
     subset: Any = None
     image_transform: Any = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    pseudo_labels: str | None = None
 
 
 @dataclass

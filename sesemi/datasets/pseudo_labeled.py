@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from sesemi.datasets._registry import register_dataset
 from sesemi.datasets.image_folder import SkipUnreadable, load_image
@@ -88,6 +88,54 @@ class PseudoLabeledImages(Dataset):
         image = load_image(path)
         image = self.transform(image) if self.transform else image
         return image, (self.probabilities[index] if self.soft else target)
+
+
+class WithPseudoLabels(ConcatDataset):
+    """A labeled dataset followed by the images of a pseudo-label folder with their top class:
+    the expanded labeled set of CReST (Wei et al., arXiv:2102.09559), a `DatasetConfig`'s
+    `pseudo_labels`.
+
+    Attributes:
+        labeled: The dataset of hand-labeled images.
+        pseudo: The pseudo-labeled images (`PseudoLabeledImages`, hard labels).
+        classes: The class names, the same in both.
+        targets: The class index of every image, the labeled ones first.
+    """
+
+    def __init__(
+        self, labeled: Dataset, folder: str, transform: Callable | None, where: str
+    ) -> None:
+        """Reads the pseudo-labels (no image is opened).
+
+        Args:
+            labeled: The labeled dataset; it needs `classes` and `targets` (an image folder).
+            folder: The folder `open_sesemi pseudo-label -o` wrote.
+            transform: The image transform for the pseudo-labeled images (the labeled ones').
+            where: The config key of `folder`, for errors.
+        """
+        classes = getattr(labeled, "classes", None)
+        targets = getattr(labeled, "targets", None)
+        if not classes or targets is None:
+            raise ValueError(
+                f"{where} adds pseudo-labeled images to a dataset without class names and "
+                f"targets ({type(labeled).__name__}); use it on a labeled image folder"
+            )
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"{where}: '{folder}' does not exist; make it with open_sesemi pseudo-label "
+                "<checkpoint> <unlabeled folder> -o <folder> --balance crest"
+            )
+        pseudo = PseudoLabeledImages(folder, transform, soft=False)
+        if list(pseudo.classes) != list(classes):
+            raise ValueError(
+                f"{where}: the pseudo-labels in '{folder}' name the classes {pseudo.classes}, "
+                f"the labeled images {list(classes)}; label with a model of these classes"
+            )
+        super().__init__([labeled, pseudo])
+        self.labeled, self.pseudo = labeled, pseudo
+        self.classes = list(classes)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.targets = [int(t) for t in targets] + list(pseudo.targets)
 
 
 @register_dataset
