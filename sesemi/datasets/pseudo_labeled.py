@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset, Dataset, IterableDataset
 
 from sesemi.datasets._registry import register_dataset
 from sesemi.datasets.image_folder import SkipUnreadable, load_image
@@ -115,6 +115,11 @@ class WithPseudoLabels(ConcatDataset):
         """
         classes = getattr(labeled, "classes", None)
         targets = getattr(labeled, "targets", None)
+        if isinstance(labeled, IterableDataset):
+            raise ValueError(
+                f"{where} adds pseudo-labeled images to a stream ({type(labeled).__name__}); "
+                "write the pseudo-labeled images into the shards instead (open_sesemi shards)"
+            )
         if not classes or targets is None:
             raise ValueError(
                 f"{where} adds pseudo-labeled images to a dataset without class names and "
