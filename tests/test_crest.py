@@ -153,3 +153,20 @@ def test_a_next_generation_trains_on_the_expanded_labeled_set(run, tmp_path):
     # One epoch of batches of 4: 16 labeled images, then 16 + 16 pseudo-labeled ones.
     assert (first["global_step"], second["global_step"]) == (4, 8)
     assert second["sesemi"]["labeled_class_counts"] == [8, 8]  # the hand-labeled ones only
+
+
+def test_a_stream_or_a_dataset_without_classes_takes_no_pseudo_labels(tmp_path):
+    from torch.utils.data import IterableDataset, TensorDataset
+
+    from sesemi.datasets.pseudo_labeled import WithPseudoLabels
+
+    class Stream(IterableDataset):
+        classes, targets = ["cat", "dog"], [0, 1]
+
+        def __iter__(self):
+            return iter([])
+
+    with pytest.raises(ValueError, match="to a stream"):
+        WithPseudoLabels(Stream(), str(tmp_path), None, "data.train.supervised.pseudo_labels")
+    with pytest.raises(ValueError, match="without class names"):
+        WithPseudoLabels(TensorDataset(torch.zeros(2)), str(tmp_path), None, "pseudo_labels")
