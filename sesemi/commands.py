@@ -503,10 +503,13 @@ def run_pseudo_label(args: argparse.Namespace) -> str:
         json.dump(meta, f, indent=2)
     share = kept / max(len(files) - failed, 1)
     balanced = f", {len(rows)} rows after --balance {args.balance}" * (args.balance != "none")
+    root = os.path.abspath(args.output)
+    use = f"train on them with dataset name: pseudo_labeled, root: {root}"
+    if args.balance == "crest":  # CReST's next generation: the same run, more labeled images
+        use = f"train the next generation with data.train.supervised.dataset.pseudo_labels={root}"
     return (
         f"pseudo-labeled {kept} of {len(files) - failed} image(s) ({share:.0%} at confidence >= "
-        f"{args.threshold}){balanced} into {csv_path}; train on them with dataset name: "
-        f"pseudo_labeled, root: {os.path.abspath(args.output)}"
+        f"{args.threshold}){balanced} into {csv_path}; {use}"
         + (f"; {failed} unreadable file(s) skipped" if failed else "")
     )
 

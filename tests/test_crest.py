@@ -142,6 +142,7 @@ def test_a_next_generation_trains_on_the_expanded_labeled_set(run, tmp_path):
     args = ("pseudo-label", str(run["checkpoint"]), str(unlabeled), "-o", str(out))
     result = open_sesemi(*args, "--balance", "crest", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"data.train.supervised.dataset.pseudo_labels={out}" in result.stdout
     added = len(_rows(out / "pseudo_labels.csv"))
     assert added == 16  # both classes had 8 labeled images: every pseudo-label is kept
     overrides = (f"data.train.supervised.dataset.pseudo_labels={out}", "run.id=generation1")
