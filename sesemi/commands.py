@@ -435,6 +435,8 @@ def _crest_rates(model, rows: list[list], alpha: float) -> list[float]:
     """`crest_rates` by the checkpoint's labeled images per class; a checkpoint that records
     none (written by an older sesemi) is rated by its pseudo-labels' classes, with a note."""
     counts = model.labeled_class_counts
+    if counts is None and not rows:
+        return [1.0] * len(model.class_names)  # nothing to keep a share of
     if counts is None:
         print(
             "open_sesemi pseudo-label: the checkpoint records no labeled images per class; "
