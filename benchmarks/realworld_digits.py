@@ -236,11 +236,16 @@ def crest_labels(
     return dest, f"added (right/added) {per_class}"
 
 
+def crest_name(method: str, generation: int) -> str:
+    """A method's row name for a CReST generation (generation 0: the method itself)."""
+    return f"{method} (CReST generation {generation})" if generation else method
+
+
 def run_imbalance(args, workdir: pathlib.Path) -> tuple[str, str]:
     """Trains every method on every seed's long-tailed split (and, with --crest-generations,
     again on CReST's expanded labeled sets); returns the table and notes."""
     generations = range(args.crest_generations + 1)
-    names = [f"{m} (CReST generation {g})" if g else m for m in args.methods for g in generations]
+    names = [crest_name(m, g) for m in args.methods for g in generations]
     balanced = {m: [] for m in names}
     worst = {m: [] for m in names}
     added_notes = []
@@ -252,7 +257,7 @@ def run_imbalance(args, workdir: pathlib.Path) -> tuple[str, str]:
         for method in args.methods:
             extra, previous = [], None
             for g in generations:
-                name = f"{method} (CReST generation {g})" if g else method
+                name = crest_name(method, g)
                 started = time.time()
                 suffix = f"_crest{g}" if g else ""
                 run_dir = workdir / "runs" / f"imbalance_{slug(method)}{suffix}_s{seed}"

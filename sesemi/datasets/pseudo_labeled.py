@@ -113,13 +113,13 @@ class WithPseudoLabels(ConcatDataset):
             transform: The image transform for the pseudo-labeled images (the labeled ones').
             where: The config key of `folder`, for errors.
         """
-        classes = getattr(labeled, "classes", None)
-        targets = getattr(labeled, "targets", None)
         if isinstance(labeled, IterableDataset):
             raise ValueError(
                 f"{where} adds pseudo-labeled images to a stream ({type(labeled).__name__}); "
                 "write the pseudo-labeled images into the shards instead (open_sesemi shards)"
             )
+        classes = getattr(labeled, "classes", None)
+        targets = getattr(labeled, "targets", None)
         if not classes or targets is None:
             raise ValueError(
                 f"{where} adds pseudo-labeled images to a dataset without class names and "

@@ -202,9 +202,10 @@ class FixMatchLossHead(LossHead):
             self.policy.observe_labeled(labeled[1])  # distribution alignment counts classes
         with torch.no_grad():
             probs = F.softmax(weak_logits.float() / self.temperature, dim=1)  # (B, C)
-            for blender in self.blenders:  # DASO: mixed with similarity-based pseudo-labels
+            if self.blenders:  # DASO: mixed with similarity-based pseudo-labels
                 weak_features = inputs.features[views_key(self.input_data)][0]
-                probs = blender.blend(probs, weak_features, inputs.step)
+                for blender in self.blenders:
+                    probs = blender.blend(probs, weak_features, inputs.step)
             # The policy weighs each pseudo-label in [0, 1] (and moves its state in training).
             label_probs, mask = self.policy(probs, indices)
             confidence, pseudo_labels = label_probs.max(dim=1)
